@@ -1,0 +1,23 @@
+"""Pure PyTorch TinySAM / SAM networks and checkpoint loading (knows nothing of napari)."""
+
+from .build import (
+    CheckpointError,
+    architecture_config,
+    build_sam,
+    infer_config,
+    read_checkpoint,
+    sam_from_checkpoint,
+    save_checkpoint,
+)
+from .sam import Sam
+
+__all__ = [
+    "CheckpointError",
+    "Sam",
+    "architecture_config",
+    "build_sam",
+    "infer_config",
+    "read_checkpoint",
+    "sam_from_checkpoint",
+    "save_checkpoint",
+]

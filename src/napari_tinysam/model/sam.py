@@ -1,0 +1,129 @@
+"""The ``Sam`` container: image encoder + prompt encoder + mask decoder, pixel
+normalisation, padding and mask upscaling."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) float64 matrix of a 1D bilinear resize with
+    ``align_corners=False`` and no antialiasing (torch's ``F.interpolate`` semantics)."""
+    scale = in_size / out_size
+    src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    lam = src - i0
+    m = np.zeros((out_size, in_size))
+    rows = np.arange(out_size)
+    np.add.at(m, (rows, i0), 1.0 - lam)
+    np.add.at(m, (rows, i1), lam)
+    return m
+
+
+@lru_cache(maxsize=32)
+def _upscale_matrix(low: int, padded: int, valid: int, original: int) -> torch.Tensor:
+    """One axis of SAM's mask postprocessing as a single (original, low) matrix:
+    resize low -> padded, crop to the valid (unpadded) part, resize to the original size."""
+    up = bilinear_matrix(low, padded)[:valid]
+    down = bilinear_matrix(valid, original)
+    return torch.from_numpy(down @ up).float()
+
+
+class Sam(nn.Module):
+    """Segment Anything model.
+
+    ``config`` is the plain-data description the model was built from (see
+    ``napari_tinysam.model.build``); it is saved with project checkpoints.
+    """
+
+    mask_threshold: float = 0.0
+
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.config = config or {}
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
+
+    @property
+    def img_size(self) -> int:
+        """Side of the square model input in pixels (1024 for official weights)."""
+        return int(self.image_encoder.img_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, h, w) RGB in [0, 255], longest side <= img_size -> normalised and
+        zero-padded (bottom/right) to (B, 3, img_size, img_size)."""
+        x = (x - self.pixel_mean) / self.pixel_std
+        h, w = x.shape[-2:]
+        return torch.nn.functional.pad(x, (0, self.img_size - w, 0, self.img_size - h))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Image embedding of a resized RGB image (B, 3, h, w) in [0, 255]:
+        (B, 256, img_size/16, img_size/16)."""
+        return self.image_encoder(self.preprocess(x))
+
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts in model-input pixels -> low-resolution logits (B, 4, s/4, s/4) and
+        IoU predictions (B, 4) for all four mask tokens."""
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        return self.mask_decoder(
+            image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense
+        )
+
+    @staticmethod
+    def select_masks(
+        masks: torch.Tensor, iou: torch.Tensor, multimask_output: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens 1..3 when ``multimask_output`` (TinySAM's outputs), token 0 otherwise."""
+        if multimask_output:
+            return masks[:, 1:], iou[:, 1:]
+        return masks[:, :1], iou[:, :1]
+
+    def postprocess_masks(
+        self,
+        masks: torch.Tensor,
+        input_size: tuple[int, int],
+        original_size: tuple[int, int],
+    ) -> torch.Tensor:
+        """Upscale low-resolution logits (B, T, s/4, s/4) to the original image (B, T, H, W).
+
+        Numerically the reference's two bilinear resizes (to the padded input size, crop to
+        the valid region, to the original size), done as one separable matrix product per
+        axis so that no padded full-size intermediate is ever built.
+        """
+        low_h, low_w = masks.shape[-2:]
+        ry = _upscale_matrix(low_h, self.img_size, input_size[0], original_size[0])
+        rx = _upscale_matrix(low_w, self.img_size, input_size[1], original_size[1])
+        ry = ry.to(masks.device, masks.dtype)
+        rx = rx.to(masks.device, masks.dtype)
+        return ry @ masks @ rx.T
