@@ -347,3 +347,43 @@ class SamPredictor:
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks.cpu().numpy(), iou[0].cpu().numpy(), low[0].cpu().numpy()
+
+
+def _batch_prompts_to_model(pred: SamPredictor, point_coords, point_labels, boxes):
+    dev = pred.model.device
+    pts = None
+    if point_coords is not None:
+        c = torch.as_tensor(pred.transform_coords(np.asarray(point_coords)), dtype=torch.float32)
+        pts = (c.to(dev), torch.as_tensor(np.asarray(point_labels), dtype=torch.float32, device=dev))
+    bx = None
+    if boxes is not None:
+        b = np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2)
+        bx = torch.as_tensor(pred.transform_coords(b).reshape(-1, 4), dtype=torch.float32, device=dev)
+    return pts, bx
+
+
+@torch.no_grad()
+def predict_batch(
+    predictor: SamPredictor,
+    point_coords: np.ndarray | None = None,
+    point_labels: np.ndarray | None = None,
+    boxes: np.ndarray | None = None,
+    mask_input: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode B prompt sets at once on the predictor's current image, without upscaling.
+
+    point_coords (B, N, 2) (x, y) pixels with point_labels (B, N); boxes (B, 4) XYXY;
+    mask_input (B, 1, s/4, s/4). Inputs are trusted (no validation: this is the engine's
+    bulk path, used by everything mode and evaluation).
+    Returns low-resolution logits (B, 4, s/4, s/4) and IoU predictions (B, 4) of all four
+    mask tokens; use ``Sam.select_masks`` and ``upscale_logits`` on the result.
+    """
+    emb = predictor._require_embedding()
+    pts, bx = _batch_prompts_to_model(predictor, point_coords, point_labels, boxes)
+    return predictor.model.decode(emb.features, pts, bx, mask_input)
+
+
+def upscale_logits(predictor: SamPredictor, low: torch.Tensor) -> torch.Tensor:
+    """Low-resolution logits (B, T, s/4, s/4) -> full-size logits (B, T, H, W)."""
+    emb = predictor._require_embedding()
+    return predictor.model.postprocess_masks(low, emb.input_size, emb.original_size)

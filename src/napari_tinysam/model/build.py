@@ -306,4 +306,5 @@ def sam_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "c
     model = build_sam(ckpt["config"])
     load_state_dict_strict(model, ckpt["state_dict"], source=str(path))
     model.meta = ckpt["meta"]
+    model.requires_grad_(False)  # an inference model; training builds its own
     return model.to(device).eval()

@@ -112,6 +112,7 @@ class PromptEncoder(nn.Module):
         points: tuple[torch.Tensor, torch.Tensor] | None,
         boxes: torch.Tensor | None,
         masks: torch.Tensor | None,
+        dense_size: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed prompts.
 
@@ -120,6 +121,8 @@ class PromptEncoder(nn.Module):
                 (B, N): 1 positive, 0 negative, -1 padding.
             boxes: (B, 4) XYXY in model-input pixels.
             masks: (B, 1, 4h, 4w) low-resolution mask logits.
+            dense_size: (h, w) of the dense output when no mask is given (default: the
+                image embedding grid; training on crops uses a smaller grid).
 
         Returns:
             sparse (B, N', embed_dim) and dense (B, embed_dim, h, w) embeddings.
@@ -142,6 +145,6 @@ class PromptEncoder(nn.Module):
         if masks is not None:
             dense = self.mask_downscaling(masks)
         else:
-            h, w = self.image_embedding_size
+            h, w = dense_size or self.image_embedding_size
             dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(bs, -1, h, w)
         return sparse, dense

@@ -1,0 +1,9 @@
+"""napari-tinysam: TinySAM for microscopy in napari, Python and the command line."""
+
+from .model import CheckpointError, Sam
+from .predictor import EmbeddingCache, SamPredictor
+from .weights import load_model
+
+__version__ = "0.1.0"
+
+__all__ = ["CheckpointError", "EmbeddingCache", "Sam", "SamPredictor", "load_model", "__version__"]

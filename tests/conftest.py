@@ -1,0 +1,66 @@
+"""Shared fixtures: shared data folders (from environment variables), a temporary model
+cache, and small models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFORMANCE_DIR = Path(os.environ.get("TINYSAM_CONFORMANCE_DIR", ROOT.parent / "shared" / "conformance"))
+DATA_DIR = Path(os.environ.get("TINYSAM_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Tests never read or write the user's real model cache."""
+    monkeypatch.setenv("TINYSAM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def conformance_dir() -> Path:
+    if not CONFORMANCE_DIR.is_dir():
+        pytest.skip(f"conformance fixtures not found at {CONFORMANCE_DIR} (set TINYSAM_CONFORMANCE_DIR)")
+    return CONFORMANCE_DIR
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"shared data not found at {DATA_DIR} (set TINYSAM_DATA_DIR)")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def vit_t_model(conformance_dir):
+    """The conformance vit_t weights (random values, official layout), img_size 1024."""
+    from napari_tinysam import load_model
+
+    return load_model(conformance_dir / "vit_t_perturbed_fp16.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A small random TinySAM-layout model at img_size 256 for fast plumbing tests."""
+    from napari_tinysam.model import architecture_config, build_sam
+
+    cfg = architecture_config("vit_t", 256)
+    cfg["image_encoder"].update(embed_dims=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_heads=[1, 2, 3, 4])
+    torch.manual_seed(0)
+    return build_sam(cfg).eval()
+
+
+@pytest.fixture
+def blobs_image() -> tuple[np.ndarray, np.ndarray]:
+    """A 96x128 uint16 image with four bright discs and their labels."""
+    yy, xx = np.mgrid[:96, :128]
+    labels = np.zeros((96, 128), np.int32)
+    for i, (cy, cx, r) in enumerate([(20, 20, 10), (30, 80, 14), (70, 40, 12), (70, 100, 9)], 1):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i
+    image = (200 + 3000 * (labels > 0)).astype(np.uint16)
+    return image, labels

@@ -1,0 +1,127 @@
+"""Model construction, architecture inference and checkpoint loading."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from napari_tinysam import CheckpointError, load_model
+from napari_tinysam.model import (
+    architecture_config,
+    build_sam,
+    infer_config,
+    read_checkpoint,
+    sam_from_checkpoint,
+    save_checkpoint,
+)
+
+
+def test_vit_t_keys_match_official_layout(conformance_dir):
+    official = torch.load(conformance_dir / "vit_t_perturbed_fp16.pt", weights_only=True)
+    model = build_sam(architecture_config("vit_t"))
+    assert set(model.state_dict()) == set(official)
+    assert len(official) == 439
+    for k, v in model.state_dict().items():
+        assert tuple(v.shape) == tuple(official[k].shape), k
+
+
+def test_infer_config_vit_t_and_vit_mini(conformance_dir):
+    sd = torch.load(conformance_dir / "vit_t_perturbed_fp16.pt", weights_only=True)
+    cfg = infer_config(sd)
+    assert cfg["image_encoder"]["embed_dims"] == [64, 128, 160, 320]
+    assert cfg["image_encoder"]["num_heads"][1:] == [4, 5, 10]
+    assert cfg["image_encoder"]["window_sizes"][1:] == [7, 14, 7]
+    assert cfg["img_size"] == 1024
+    sd = torch.load(conformance_dir / "vit_mini_perturbed_fp16.pt", weights_only=True)
+    enc = infer_config(sd)["image_encoder"]
+    assert (enc["embed_dim"], enc["depth"], enc["num_heads"]) == (192, 4, 4)
+    assert enc["global_attn_indexes"] == [1, 3] and enc["window_size"] == 14
+
+
+@pytest.mark.parametrize("name", ["vit_b", "vit_l", "vit_h"])
+def test_infer_config_roundtrip_official_vit_sizes(name):
+    # shapes only: build on the meta device, infer back, compare
+    cfg = architecture_config(name)
+    with torch.device("meta"):
+        sd = build_sam(cfg).state_dict()
+    inferred = infer_config(sd)["image_encoder"]
+    for key in ("embed_dim", "depth", "num_heads", "global_attn_indexes", "window_size"):
+        assert inferred[key] == cfg["image_encoder"][key], key
+
+
+def test_attention_biases_never_stale(conformance_dir):
+    """A model put in eval mode before its weights load must use the loaded biases."""
+    sd = torch.load(conformance_dir / "vit_t_perturbed_fp16.pt", weights_only=True)
+    a = build_sam(architecture_config("vit_t", 256)).eval()
+    a.load_state_dict({k: v.float() for k, v in sd.items()})
+    b = build_sam(architecture_config("vit_t", 256))
+    b.load_state_dict({k: v.float() for k, v in sd.items()})
+    b.eval()
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        ya, yb = a.image_encoder(x), b.image_encoder(x)
+        blk = a.image_encoder.layers[1].blocks[0].attn
+        blk.attention_biases.add_(3 * torch.randn_like(blk.attention_biases))  # changed after eval()
+        yc = a.image_encoder(x)
+    assert torch.allclose(ya, yb, atol=1e-5)
+    assert not torch.allclose(ya, yc, atol=1e-3)
+
+
+def test_encoder_accepts_any_multiple_of_16(tiny_model):
+    with torch.no_grad():
+        out = tiny_model.image_encoder(torch.randn(1, 3, 128, 192))
+    assert out.shape == (1, 256, 8, 12)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        tiny_model.image_encoder(torch.randn(1, 3, 100, 128))
+
+
+def test_project_checkpoint_roundtrip(tmp_path, tiny_model):
+    path = tmp_path / "m.pt"
+    save_checkpoint(tiny_model, path, meta={"steps": 3}, half=True)
+    ckpt = read_checkpoint(path)
+    assert ckpt["meta"] == {"steps": 3}
+    model = load_model(path)
+    assert model.img_size == 256 and model.meta["steps"] == 3
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        ref = tiny_model.half().float().image_encoder(x)
+        assert torch.allclose(model.image_encoder(x), ref, atol=1e-4)
+
+
+def test_bad_checkpoints(tmp_path, conformance_dir):
+    with pytest.raises(CheckpointError, match="neither a registry name"):
+        load_model(tmp_path / "missing.pt")
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes((conformance_dir / "vit_t_perturbed_fp16.pt").read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(trunc)
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError):
+        load_model(text)
+    # a pickled module (like the official Q-TinySAM file) is refused, not executed
+    pickled = tmp_path / "module.pt"
+    torch.save(torch.nn.Linear(2, 2), pickled)
+    with pytest.raises(CheckpointError, match="pickled"):
+        load_model(pickled)
+    # another architecture: keys named
+    sd = torch.load(conformance_dir / "vit_t_perturbed_fp16.pt", weights_only=True)
+    del sd["mask_decoder.iou_token.weight"]
+    sd["extra.weight"] = torch.zeros(1)
+    broken = tmp_path / "broken.pt"
+    torch.save(sd, broken)
+    with pytest.raises(CheckpointError, match=r"missing keys: mask_decoder\.iou_token\.weight.*unexpected keys: extra\.weight"):
+        sam_from_checkpoint(broken)
+    # not a SAM at all
+    other = tmp_path / "other.pt"
+    torch.save({"conv.weight": torch.zeros(3, 3)}, other)
+    with pytest.raises(CheckpointError, match="not a SAM-family state dict"):
+        load_model(other)
+    assert pickle  # the module under test never unpickles objects
+
+
+def test_registry_names_without_files_say_where_to_put_them():
+    with pytest.raises(CheckpointError, match=r"tinysam_42\.3\.pth.*TINYSAM_CACHE_DIR"):
+        load_model("tinysam")
