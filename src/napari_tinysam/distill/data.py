@@ -1,0 +1,138 @@
+"""Training data: folders of images with optional instance labels, augmentation and
+random crops at the model's input scale."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..io import read_image
+from ..predictor import to_uint8_rgb
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy")
+
+
+@dataclass
+class Sample:
+    """One 2D training field: uint8-ready raw image (H, W) or (H, W, 3) and optional
+    instance labels (H, W) int32 (0 = background)."""
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray | None
+
+
+def _find_labels(image_path: Path, labels_dir: Path | None) -> Path | None:
+    if labels_dir is None:
+        return None
+    for suffix in IMAGE_SUFFIXES:
+        cand = labels_dir / (image_path.stem + suffix)
+        if cand.is_file():
+            return cand
+    return None
+
+
+def load_folder(
+    images: str | os.PathLike, labels: str | os.PathLike | None = None, limit: int | None = None
+) -> list[Sample]:
+    """Load every image of a folder (2D, RGB, or 3D stacks split into slices), with the
+    instance label image of the same name from ``labels`` when there is one.
+
+    With ``labels=None`` a sibling folder named ``labels`` next to an ``images`` folder is
+    used when it exists (the BBBC039 layout: ``train/images``, ``train/labels``).
+    """
+    images = Path(images)
+    if not images.is_dir():
+        raise FileNotFoundError(f"image folder not found: {images}")
+    if labels is None and images.name == "images" and (images.parent / "labels").is_dir():
+        labels = images.parent / "labels"
+    labels_dir = Path(labels) if labels is not None else None
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {images}")
+    out: list[Sample] = []
+    for path in files[:limit]:
+        img = read_image(path)
+        lab_path = _find_labels(path, labels_dir)
+        lab = read_image(lab_path).astype(np.int32) if lab_path is not None else None
+        rgb = img.ndim == 3 and img.shape[-1] in (3, 4)
+        if img.ndim == 2 or rgb:
+            out.append(Sample(path.stem, img, lab))
+        elif img.ndim == 3:  # a stack: one sample per slice
+            for z in range(img.shape[0]):
+                out.append(Sample(f"{path.stem}[{z}]", img[z], None if lab is None else lab[z]))
+        else:
+            raise ValueError(f"{path}: expected 2D, RGB or 3D data, got shape {img.shape}")
+    return out
+
+
+def _resize(arr: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
+    h, w = size
+    if arr.ndim == 2:
+        mode = "I" if nearest else "F"
+        im = Image.fromarray(arr.astype(np.int32 if nearest else np.float32), mode=mode)
+        return np.asarray(im.resize((w, h), Image.NEAREST if nearest else Image.BILINEAR))
+    return np.stack([_resize(arr[..., c], size, nearest) for c in range(arr.shape[-1])], -1)
+
+
+@dataclass
+class Augment:
+    """Augmentation settings. ``scale`` is the base factor that brings training images to
+    the scale they are seen at by the model (e.g. 512 / 696 for BBBC039 at img_size 512)."""
+
+    scale: float = 1.0
+    scale_jitter: float = 0.25  # factor drawn log-uniformly in [1/(1+j), 1+j]
+    gamma_jitter: float = 0.3
+    contrast_jitter: float = 2.0  # percentile offsets, in percent
+    noise: float = 0.03  # std of additive Gaussian noise, fraction of 255
+    flips: bool = True
+
+
+def augment_crop(
+    sample: Sample, crop: int, aug: Augment, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """A random augmented crop: uint8 RGB (crop, crop, 3) and labels (crop, crop) int32.
+    Images smaller than the crop are zero-padded (as the model pads its input)."""
+    img, lab = sample.image, sample.labels
+    lo = max(0.0, 0.5 + rng.uniform(-1, 1) * aug.contrast_jitter / 2)
+    hi = min(100.0, 99.5 + rng.uniform(-1, 1) * aug.contrast_jitter / 2)
+    rgb = to_uint8_rgb(img, percentiles=(lo, hi)) if img.dtype != np.uint8 or img.ndim == 2 else img[..., :3]
+    f = aug.scale * float(np.exp(rng.uniform(-1, 1) * np.log1p(aug.scale_jitter)))
+    h, w = rgb.shape[:2]
+    nh, nw = max(2, int(round(h * f))), max(2, int(round(w * f)))
+    # Crop first in original pixels (with margin), then resize: cheaper than resizing all.
+    ch, cw = min(h, int(np.ceil(crop / f)) + 2), min(w, int(np.ceil(crop / f)) + 2)
+    y0 = int(rng.integers(0, h - ch + 1))
+    x0 = int(rng.integers(0, w - cw + 1))
+    rgb = rgb[y0 : y0 + ch, x0 : x0 + cw]
+    if lab is not None:
+        lab = lab[y0 : y0 + ch, x0 : x0 + cw]
+    nh, nw = max(2, int(round(ch * f))), max(2, int(round(cw * f)))
+    rgb = np.clip(_resize(rgb.astype(np.float32), (nh, nw), False), 0, 255)
+    if lab is not None:
+        lab = _resize(lab, (nh, nw), True)
+    rgb, lab = rgb[:crop, :crop], None if lab is None else lab[:crop, :crop]
+    if aug.gamma_jitter:
+        g = float(np.exp(rng.uniform(-1, 1) * aug.gamma_jitter))
+        rgb = 255.0 * (rgb / 255.0) ** g
+    if aug.noise:
+        rgb = rgb + rng.normal(0, aug.noise * 255 * rng.uniform(0, 1), rgb.shape)
+    rgb = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    if aug.flips:
+        k = int(rng.integers(0, 4))
+        rgb = np.rot90(rgb, k)
+        lab = None if lab is None else np.rot90(lab, k)
+        if rng.random() < 0.5:
+            rgb = rgb[:, ::-1]
+            lab = None if lab is None else lab[:, ::-1]
+    out = np.zeros((crop, crop, 3), np.uint8)
+    out[: rgb.shape[0], : rgb.shape[1]] = rgb
+    out_lab = None
+    if lab is not None:
+        out_lab = np.zeros((crop, crop), np.int32)
+        out_lab[: lab.shape[0], : lab.shape[1]] = lab
+    return out, out_lab

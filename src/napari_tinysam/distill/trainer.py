@@ -1,0 +1,331 @@
+"""The training loop: ground truth and/or full-stage distillation with online hard
+prompt sampling, checkpoints with resume, validation and model selection."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..evaluation import evaluate_prompts
+from ..model import Sam, architecture_config, build_sam, save_checkpoint
+from ..model.build import read_checkpoint
+from .data import Augment, Sample, augment_crop, load_folder
+from .losses import (
+    dice_loss,
+    embedding_l1,
+    focal_loss,
+    hard_mask_weight,
+    mask_iou,
+    token_l1,
+    weighted_logit_l1,
+)
+from .prompts import boxes_from_masks, jitter_boxes, sample_error_points, sample_points_in
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in checkpoints and ``meta``)."""
+
+    train_images: str
+    out_dir: str
+    val_images: str | None = None
+    teacher: str | None = None  # checkpoint path/name, or None for ground truth only
+    student: str | dict = "vit_t"  # architecture name, config dict, or checkpoint to start from
+    img_size: int = 512
+    crop: int = 256
+    scale: float = 1.0  # base resize of training images (e.g. img_size / longest side)
+    batch_crops: int = 4
+    objects_per_crop: int = 12
+    min_object_area: int = 12
+    max_rounds: int = 9  # hard-prompt rounds drawn from 0..max_rounds per step
+    box_fraction: float = 0.5
+    steps: int = 2000
+    lr: float = 4e-4
+    weight_decay: float = 0.05
+    warmup: int = 100
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 2
+    checkpoint_minutes: float = 3.0
+    val_every: int = 200
+    val_fields: int = 6
+    val_objects: int = 15
+    hard_prompts: bool = True
+    # loss weights
+    w_focal: float = 20.0
+    w_dice: float = 1.0
+    w_iou: float = 1.0
+    w_embedding: float = 1.0
+    w_tokens: float = 1.0
+    w_logits: float = 1.0
+    augment: dict = field(default_factory=dict)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up then cosine decay to 1% of the peak."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def make_student(cfg: TrainConfig) -> Sam:
+    if isinstance(cfg.student, dict):
+        return build_sam(cfg.student)
+    if cfg.student in ("vit_t", "vit_b", "vit_l", "vit_h"):
+        return build_sam(architecture_config(cfg.student, cfg.img_size))
+    ckpt = read_checkpoint(cfg.student)
+    model = build_sam(ckpt["config"])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()})
+    return model
+
+
+class Trainer:
+    """Runs ``TrainConfig``; ``run()`` resumes from ``out_dir/last.pt`` when present."""
+
+    def __init__(self, cfg: TrainConfig, teacher: Sam | None = None, log=print) -> None:
+        self.cfg = cfg
+        self.log = log
+        torch.manual_seed(cfg.seed)
+        self.model = make_student(cfg)
+        self.model.train()
+        self.teacher = teacher
+        self.train_samples = [s for s in load_folder(cfg.train_images) if s.labels is not None or teacher]
+        self.val_samples = load_folder(cfg.val_images)[: cfg.val_fields] if cfg.val_images else []
+        self.aug = Augment(scale=cfg.scale, **cfg.augment)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.rng = np.random.default_rng(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.best: dict[str, Any] = {"score": -1.0}
+        self.history: list[dict[str, Any]] = []
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    # -- state --------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format": "napari-tinysam-train",
+            "config": asdict(self.cfg),
+            "model_config": self.model.config,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "step": self.step,
+            "rng": json.dumps(self.rng.bit_generator.state),
+            "torch_rng": self.gen.get_state(),
+            "best": json.dumps(self.best),
+            "history": json.dumps(self.history),
+        }
+
+    def save_state(self) -> None:
+        path = self.out / "last.pt"
+        tmp = path.with_name("last.pt.partial")
+        torch.save(self._state(), tmp)
+        os.replace(tmp, path)
+
+    def try_resume(self) -> bool:
+        path = self.out / "last.pt"
+        if not path.is_file():
+            return False
+        st = torch.load(path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.step = int(st["step"])
+        self.rng.bit_generator.state = json.loads(st["rng"])
+        self.gen.set_state(st["torch_rng"])
+        self.best = json.loads(st["best"])
+        self.history = json.loads(st["history"])
+        self.log(f"resumed from {path} at step {self.step}")
+        return True
+
+    # -- one step -----------------------------------------------------------------------
+    def _crop_batch(self) -> tuple[torch.Tensor, list[np.ndarray]]:
+        imgs, labs = [], []
+        while len(imgs) < self.cfg.batch_crops:
+            s: Sample = self.train_samples[int(self.rng.integers(len(self.train_samples)))]
+            img, lab = augment_crop(s, self.cfg.crop, self.aug, self.rng)
+            if lab is not None and lab.max() == 0:
+                continue
+            imgs.append(img)
+            labs.append(lab)
+        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
+        return x, labs
+
+    def _objects(self, lab: np.ndarray) -> torch.Tensor | None:
+        ids, counts = np.unique(lab, return_counts=True)
+        keep = ids[(ids > 0) & (counts >= self.cfg.min_object_area)]
+        if len(keep) == 0:
+            return None
+        if len(keep) > self.cfg.objects_per_crop:
+            keep = self.rng.choice(keep, self.cfg.objects_per_crop, replace=False)
+        return torch.from_numpy(lab[None] == keep[:, None, None])
+
+    def _mask_losses(self, logits: torch.Tensor, iou_pred: torch.Tensor, gt: torch.Tensor):
+        """logits (N, T, h, w) low-res, gt (N, H, W) bool -> per-mask loss (N, T), IoU loss
+        (N, T) and actual IoU (N, T)."""
+        up = F.interpolate(logits, size=gt.shape[-2:], mode="bilinear", align_corners=False)
+        target = gt[:, None].float().expand_as(up)
+        seg = self.cfg.w_focal * focal_loss(up, target) + self.cfg.w_dice * dice_loss(up, target)
+        actual = mask_iou(up.detach() > 0, target > 0.5)
+        iou_l = (iou_pred - actual) ** 2
+        return seg, iou_l, actual, up
+
+    def train_step(self) -> dict[str, float]:
+        cfg, model = self.cfg, self.model
+        x, labs = self._crop_batch()
+        xn = (x - model.pixel_mean) / model.pixel_std
+        emb = model.image_encoder(xn)
+        grid = cfg.crop // 16
+        full_pe = model.prompt_encoder.get_dense_pe()
+        n_cells = model.img_size // 16 - grid
+        terms: dict[str, torch.Tensor] = {}
+
+        def add(name: str, value: torch.Tensor) -> None:
+            terms[name] = terms.get(name, 0.0) + value
+
+        teacher_emb = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_emb = self.teacher.image_encoder(xn)
+            add("embedding", cfg.w_embedding * embedding_l1(emb, teacher_emb))
+        rounds = int(self.rng.integers(0, cfg.max_rounds + 1)) if cfg.hard_prompts else 0
+        n_masks = 0
+        for b, lab in enumerate(labs):
+            gt = self._objects(lab) if lab is not None else None
+            if gt is None:
+                continue
+            # Place the crop at a random cell offset of the model's canvas, so that the
+            # decoder sees the positional encodings of a full-size input.
+            oy, ox = (int(v) for v in self.rng.integers(0, n_cells + 1, size=2))
+            pe = full_pe[:, :, oy : oy + grid, ox : ox + grid]
+            offset = torch.tensor([ox * 16.0, oy * 16.0])
+            n = gt.shape[0]
+            use_box = torch.rand(n, generator=self.gen) < cfg.box_fraction
+            for group, is_box in ((~use_box, False), (use_box, True)):
+                if not group.any():
+                    continue
+                g = gt[group]
+                coords = torch.zeros(g.shape[0], 0, 2)
+                labels = torch.zeros(g.shape[0], 0)
+                boxes = None
+                if is_box:
+                    boxes = jitter_boxes(boxes_from_masks(g), g.shape[-2:], generator=self.gen) + offset.repeat(2)
+                else:
+                    coords = (sample_points_in(g, self.gen) + offset)[:, None]
+                    labels = torch.ones(g.shape[0], 1)
+                mask_in = None
+                for r in range(rounds + 1):
+                    pts = (coords, labels) if coords.shape[1] else None
+                    sparse, dense = model.prompt_encoder(pts, boxes, mask_in, (grid, grid))
+                    dec = model.mask_decoder(emb[b : b + 1], pe, sparse, dense, return_tokens=True)
+                    logits, iou_pred, tokens = dec
+                    single = is_box or r > 0
+                    sel = slice(0, 1) if single else slice(1, None)
+                    seg, iou_l, actual, up = self._mask_losses(logits[:, sel], iou_pred[:, sel], g)
+                    best = seg.detach().argmin(1)
+                    ar = torch.arange(g.shape[0])
+                    add("mask", seg[ar, best].sum())
+                    add("iou", cfg.w_iou * iou_l.mean(1).sum())
+                    n_masks += g.shape[0]
+                    if self.teacher is not None:
+                        with torch.no_grad():
+                            t_logits, _, t_tokens = self.teacher.mask_decoder(
+                                teacher_emb[b : b + 1], pe, *self.teacher.prompt_encoder(pts, boxes, mask_in, (grid, grid)),
+                                return_tokens=True,
+                            )
+                            t_up = F.interpolate(t_logits[:, sel], size=g.shape[-2:], mode="bilinear", align_corners=False)
+                            t_iou = mask_iou(t_up > 0, g[:, None].expand_as(t_up))
+                            h = hard_mask_weight(t_iou, actual)
+                        add("tokens", cfg.w_tokens * token_l1(tokens, t_tokens) * g.shape[0])
+                        add("logits", cfg.w_logits * weighted_logit_l1(logits[:, sel], t_logits[:, sel], h) * g.shape[0])
+                    if r == rounds:
+                        break
+                    chosen_low = logits[ar, (best if not single else torch.zeros_like(best)) + sel.start]
+                    pred = up[ar, best].detach() > 0
+                    new_c, new_l = sample_error_points(pred, g, self.gen)
+                    coords = torch.cat([coords, (new_c + offset)[:, None]], 1)
+                    labels = torch.cat([labels, new_l[:, None]], 1)
+                    mask_in = chosen_low.detach()[:, None]
+        loss = sum(v / max(1, n_masks) if k != "embedding" else v for k, v in terms.items())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, cfg)
+        self.opt.step()
+        self.step += 1
+        out = {k: float(v.detach() if torch.is_tensor(v) else v) / (1 if k == "embedding" else max(1, n_masks)) for k, v in terms.items()}
+        out["loss"] = float(loss)
+        out["rounds"] = rounds
+        return out
+
+    # -- validation ---------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        self.model.eval()
+        try:
+            res = evaluate_prompts(self.model, self.val_samples, max_objects=self.cfg.val_objects,
+                                   corrective_clicks=0)
+        finally:
+            self.model.train()
+        res["step"] = self.step
+        self.history.append(res)
+        score = (res["click"] + res["box"]) / 2
+        if score > self.best["score"]:
+            self.best = {"score": score, **res}
+            self.export(self.out / "best.pt")
+        return res
+
+    def export(self, path: Path, half: bool = False) -> None:
+        meta = {
+            "train_images": self.cfg.train_images,
+            "val_images": self.cfg.val_images,
+            "steps": self.step,
+            "teacher": self.cfg.teacher,
+            "recipe": asdict(self.cfg),
+            "validation": self.history[-1] if self.history else None,
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        was_training = self.model.training
+        self.model.eval()
+        save_checkpoint(self.model, path, meta=meta, half=half)
+        self.model.train(was_training)
+
+    # -- loop ---------------------------------------------------------------------------
+    def run(self, progress: bool = True, stop_after: int | None = None) -> Sam:
+        torch.set_num_threads(self.cfg.threads)
+        self.try_resume()
+        last_ckpt = time.time()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", mininterval=5)
+        done_here = 0
+        while self.step < self.cfg.steps:
+            terms = self.train_step()
+            done_here += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items() if k != "rounds"}, refresh=False)
+            if self.val_samples and (self.step % self.cfg.val_every == 0 or self.step == self.cfg.steps):
+                res = self.validate()
+                self.log(f"step {self.step}: val click {res['click']:.3f} box {res['box']:.3f}")
+            if time.time() - last_ckpt > 60 * self.cfg.checkpoint_minutes or self.step == self.cfg.steps:
+                self.save_state()
+                last_ckpt = time.time()
+            if stop_after is not None and done_here >= stop_after:
+                self.save_state()
+                break
+        if bar is not None:
+            bar.close()
+        self.export(self.out / "final.pt")
+        return self.model
