@@ -1,0 +1,94 @@
+"""Speed measurements printed as tables (``napari-tinysam bench``; ``benchmarks/``)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import Sam, architecture_config, build_sam
+from .predictor import SamPredictor, compute_embedding, to_uint8_rgb
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> tuple[float, list[float]]:
+    """Median wall time of ``fn`` in seconds over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def print_table(rows: list[dict], columns: list[str]) -> str:
+    """Format rows as a Markdown table (also returned)."""
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)) + " |")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def reference_postprocess(model: Sam, low: torch.Tensor, input_size, original_size) -> torch.Tensor:
+    """The reference's mask upscaling (baseline): resize to the padded input, crop,
+    resize to the original size."""
+    s = model.img_size
+    masks = F.interpolate(low, (s, s), mode="bilinear", align_corners=False)
+    masks = masks[..., : input_size[0], : input_size[1]]
+    return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def core_benchmark(
+    image: np.ndarray, model_1024: Sam | None = None, default_model: Sam | None = None, repeats: int = 5
+) -> list[dict]:
+    """Embedding time at 1024x1024 and click latency (prompt -> full-size masks) on
+    ``image``, with the reference's mask upscaling as the in-run baseline."""
+    torch.set_grad_enabled(False)
+    rows = []
+    model = model_1024 or build_sam(architecture_config("vit_t", 1024)).eval()
+    rgb = to_uint8_rgb(image)
+    square = np.ascontiguousarray(np.resize(rgb, (1024, 1024, 3)))
+    t, _ = median_time(lambda: compute_embedding(model, square), repeats)
+    rows.append({"measure": "embedding 1024x1024 (vit_t, fp32)", "median_ms": f"{t * 1e3:.0f}",
+                 "reference_ms": "1310", "ratio": f"{1.31 / t:.2f}x"})
+    pred = SamPredictor(model)
+    pred.set_image(rgb)
+    h, w = rgb.shape[:2]
+    pt = np.array([[w * 0.4, h * 0.6]])
+    lab = np.array([1])
+    t_click, _ = median_time(lambda: pred.predict(pt, lab), repeats * 4)
+    emb = pred._embedding
+
+    def ref_click():
+        pts = torch.as_tensor(pred.transform_coords(pt), dtype=torch.float32)[None]
+        low, iou = model.decode(emb.features, (pts, torch.ones(1, 1)), None, None)
+        low, iou = model.select_masks(low, iou, True)
+        masks = reference_postprocess(model, low, emb.input_size, emb.original_size) > 0
+        return masks.numpy()
+
+    t_ref, _ = median_time(ref_click, repeats * 4)
+    rows.append({"measure": f"click {h}x{w}, reference upscaling (baseline, same run)",
+                 "median_ms": f"{t_ref * 1e3:.1f}", "reference_ms": "74", "ratio": "1.00x"})
+    rows.append({"measure": f"click {h}x{w}, ours", "median_ms": f"{t_click * 1e3:.1f}",
+                 "reference_ms": "74", "ratio": f"{t_ref / t_click:.2f}x"})
+    if default_model is not None:
+        pred_d = SamPredictor(default_model)
+        t_emb, _ = median_time(lambda: compute_embedding(default_model, rgb), repeats)
+        pred_d.set_image(rgb)
+        t_c, _ = median_time(lambda: pred_d.predict(pt, lab), repeats * 4)
+        s = default_model.img_size
+        rows.append({"measure": f"default model: embedding {h}x{w} at {s}", "median_ms": f"{t_emb * 1e3:.0f}"})
+        rows.append({"measure": f"default model: click {h}x{w}", "median_ms": f"{t_c * 1e3:.1f}"})
+    return rows

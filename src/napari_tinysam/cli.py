@@ -1,0 +1,167 @@
+"""The ``napari-tinysam`` console script: argument parsing only; the work is done by
+the engine (``napari_tinysam.*``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import samples
+    from .demo import run_demo
+
+    _threads(args.threads)
+    torch.set_grad_enabled(False)
+    run_demo(args.model, Path(args.output), image=samples.nuclei_2d(), labels=samples.nuclei_2d_labels())
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .weights import REGISTRY, model_path
+
+    if args.action == "list":
+        from .bench import print_table
+
+        rows = []
+        for name, info in REGISTRY.items():
+            path = model_path(name)
+            rows.append({
+                "name": name,
+                "description": info.description,
+                "local": "yes" if path.is_file() else "no",
+                "hash": info.hash or "-",
+                "source": "bundled" if info.bundled else info.url,
+            })
+        print_table(rows, ["name", "local", "description", "hash", "source"])
+        return 0
+    if args.action == "path":
+        if not args.name:
+            raise SystemExit("models path: give a model name, e.g. `napari-tinysam models path tinysam`")
+        print(model_path(args.name))
+        return 0
+    raise SystemExit(f"unknown action {args.action!r}")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import samples
+    from .bench import core_benchmark, print_table
+    from .model import sam_from_checkpoint
+    from .weights import load_model
+
+    _threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, repeats {args.repeats}")
+    model_1024 = sam_from_checkpoint(args.weights_1024) if args.weights_1024 else None
+    default = None
+    try:
+        default = load_model(args.model)
+    except Exception as exc:  # the core numbers do not need the default model
+        print(f"(skipping default-model rows: {exc})")
+    rows = core_benchmark(samples.nuclei_2d(), model_1024, default, repeats=args.repeats)
+    print()
+    print_table(rows, ["measure", "median_ms", "reference_ms", "ratio"])
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .distill import TrainConfig, Trainer
+    from .weights import load_model
+
+    teacher = None if args.teacher in (None, "none") else load_model(args.teacher).eval()
+    cfg = TrainConfig(
+        train_images=args.images,
+        out_dir=args.out,
+        val_images=args.val,
+        teacher=None if teacher is None else args.teacher,
+        student=args.student,
+        img_size=args.img_size,
+        crop=args.crop,
+        scale=args.scale,
+        batch_crops=args.batch,
+        objects_per_crop=args.objects,
+        max_rounds=args.max_rounds,
+        hard_prompts=not args.no_hard_prompts,
+        steps=args.steps,
+        lr=args.lr,
+        warmup=args.warmup,
+        seed=args.seed,
+        threads=args.threads,
+        val_every=args.val_every,
+        checkpoint_minutes=args.checkpoint_minutes,
+    )
+    trainer = Trainer(cfg, teacher=teacher)
+    trainer.run()
+    print(f"wrote {Path(args.out) / 'final.pt'} (best on validation: {Path(args.out) / 'best.pt'})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="napari-tinysam", description="TinySAM for microscopy")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="segment the bundled sample headless and write an overlay")
+    d.add_argument("--model", default="default", help="registry name or checkpoint path")
+    d.add_argument("-o", "--output", default="outputs/demo", help="output folder")
+    d.add_argument("--threads", type=int, default=2)
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("models", help="list models, or print where a model file belongs")
+    m.add_argument("action", choices=["list", "path"])
+    m.add_argument("name", nargs="?")
+    m.set_defaults(func=cmd_models)
+
+    b = sub.add_parser("bench", help="embedding and click latency table")
+    b.add_argument("--model", default="default")
+    b.add_argument("--weights-1024", default=None,
+                   help="vit_t checkpoint for the 1024 rows (default: random vit_t weights; speed does not depend on values)")
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--threads", type=int, default=2)
+    b.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("distill", help="train a TinySAM student (distillation or ground truth)")
+    t.add_argument("images", help="folder of training images (labels in a sibling 'labels' folder)")
+    t.add_argument("-o", "--out", required=True, help="run folder (checkpoints; resumes if present)")
+    t.add_argument("--val", default=None, help="folder of validation images with labels")
+    t.add_argument("--teacher", default="none", help="teacher model name/path, or 'none' (ground truth only)")
+    t.add_argument("--student", default="vit_t", help="architecture name or checkpoint to start from")
+    t.add_argument("--img-size", type=int, default=512)
+    t.add_argument("--crop", type=int, default=256)
+    t.add_argument("--scale", type=float, default=1.0, help="resize factor applied to training images")
+    t.add_argument("--batch", type=int, default=4, help="crops per step")
+    t.add_argument("--objects", type=int, default=12, help="objects per crop")
+    t.add_argument("--max-rounds", type=int, default=9, help="hard-prompt rounds drawn from 0..N")
+    t.add_argument("--no-hard-prompts", action="store_true")
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--lr", type=float, default=4e-4)
+    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--val-every", type=int, default=200)
+    t.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    t.set_defaults(func=cmd_distill)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
