@@ -1,0 +1,366 @@
+"""Automatic "segment everything": SAM's grid mode and TinySAM's hierarchical mode, for
+2D images and, slice by slice, for 3D stacks.
+
+Both modes prompt the model with a grid of single positive points, keep the masks whose
+predicted IoU and stability score pass the thresholds, remove duplicates with box NMS
+and optionally clean small islands and holes. Candidate masks are filtered on their
+low-resolution logits first; only survivors are upscaled, and only inside their own
+bounding box, so no full-size logits of a whole batch are ever held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .masks import box_nms, build_point_grid, paint_labels, remove_small_regions, stitch_pair
+from .model import Sam
+from .predictor import SamPredictor, predict_batch, to_uint8_rgb
+
+Progress = Callable[[int, int], None]
+
+
+class Cancelled(Exception):
+    """Raised when a run is cancelled; nothing partial is returned."""
+
+
+@dataclass
+class _Masks:
+    """Candidate masks as tight crops: ``crops[i]`` is a bool array placed at
+    ``places[i] = (y0, x0, y1, x1)`` (exclusive ends) of the image."""
+
+    crops: list[np.ndarray] = field(default_factory=list)
+    places: list[tuple[int, int, int, int]] = field(default_factory=list)
+    iou: list[float] = field(default_factory=list)
+    stability: list[float] = field(default_factory=list)
+    points: list[tuple[float, float]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def extend(self, other: _Masks) -> None:
+        for name in ("crops", "places", "iou", "stability", "points"):
+            getattr(self, name).extend(getattr(other, name))
+
+    def select(self, idx) -> _Masks:
+        out = _Masks()
+        for name in ("crops", "places", "iou", "stability", "points"):
+            seq = getattr(self, name)
+            setattr(out, name, [seq[i] for i in idx])
+        return out
+
+    def boxes_xyxy(self) -> np.ndarray:
+        """Inclusive XYXY boxes of the masks (crops are tight)."""
+        if not self.places:
+            return np.zeros((0, 4))
+        p = np.array(self.places, dtype=np.float64)
+        return np.stack([p[:, 1], p[:, 0], p[:, 3] - 1, p[:, 2] - 1], 1)
+
+
+def _tight(mask: np.ndarray, y0: int, x0: int) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
+    rows = np.flatnonzero(mask.any(1))
+    if len(rows) == 0:
+        return None
+    cols = np.flatnonzero(mask.any(0))
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    return mask[r0:r1, c0:c1], (y0 + r0, x0 + c0, y0 + r1, x0 + c1)
+
+
+def _support(valid: torch.Tensor, nonzero: torch.Tensor) -> torch.Tensor:
+    """Which output rows (K, H) receive weight from the low-resolution rows in ``valid``
+    (K, s), given the upscaling matrix's nonzero pattern (H, s)."""
+    return (valid.float() @ nonzero.T) > 0
+
+
+def _candidates_from_points(
+    predictor: SamPredictor,
+    points: np.ndarray,
+    params: dict[str, Any],
+    coverage: np.ndarray | None,
+) -> _Masks:
+    """Decode single-point prompts in batches and keep the masks that pass the filters.
+
+    points: (N, 2) (x, y) pixels. When ``coverage`` (H, W) bool is given, pixels where a
+    kept mask's logits exceed ``high_score_thresh`` are marked in it.
+    """
+    model = predictor.model
+    emb = predictor._embedding
+    h, w = emb.original_size
+    out = _Masks()
+    thr, off = model.mask_threshold, params["stability_score_offset"]
+    low_thr = thr - off
+    ry = rx = None
+    for start in range(0, len(points), params["points_per_batch"]):
+        pts = points[start : start + params["points_per_batch"]]
+        low, iou = predict_batch(predictor, pts[:, None, :], np.ones((len(pts), 1)))
+        low, iou = Sam.select_masks(low, iou, True)
+        b, t = iou.shape
+        low = low.reshape(b * t, *low.shape[-2:])
+        iou = iou.reshape(-1)
+        keep = torch.nonzero(iou > params["pred_iou_thresh"]).flatten()
+        if len(keep) == 0:
+            continue
+        if ry is None:
+            from .model.sam import _upscale_matrix
+
+            s = model.img_size
+            ry = _upscale_matrix(low.shape[-2], s, emb.input_size[0], h)
+            rx = _upscale_matrix(low.shape[-1], s, emb.input_size[1], w)
+            nz_y, nz_x = (ry != 0).float(), (rx != 0).float()
+        sel = low[keep]
+        above = sel > low_thr
+        rows = _support(above.any(2), nz_y)  # (K, H)
+        cols = _support(above.any(1), nz_x)  # (K, W)
+        for j, k in enumerate(keep.tolist()):
+            r = torch.nonzero(rows[j]).flatten()
+            c = torch.nonzero(cols[j]).flatten()
+            if len(r) == 0 or len(c) == 0:
+                continue
+            y0, y1, x0, x1 = int(r[0]), int(r[-1]) + 1, int(c[0]), int(c[-1]) + 1
+            crop = ry[y0:y1] @ sel[j] @ rx[x0:x1].T  # exact full-size logits in the box
+            union = int((crop > low_thr).sum())
+            inter = int((crop > thr + off).sum())
+            stab = inter / union if union else 0.0
+            if stab < params["stability_score_thresh"]:
+                continue
+            tight = _tight((crop > thr).numpy(), y0, x0)
+            if tight is None:
+                continue
+            if coverage is not None:
+                coverage[y0:y1, x0:x1] |= (crop > params["high_score_thresh"]).numpy()
+            out.crops.append(tight[0])
+            out.places.append(tight[1])
+            out.iou.append(float(iou[k]))
+            out.stability.append(stab)
+            px, py = pts[k // t]
+            out.points.append((float(px), float(py)))
+    return out
+
+
+def _postprocess(masks: _Masks, params: dict[str, Any]) -> _Masks:
+    """NMS, then (when ``min_mask_region_area`` > 0) removal of small islands and holes
+    followed by a second NMS that prefers unchanged masks, as SAM does."""
+    if len(masks) == 0:
+        return masks
+    keep = box_nms(masks.boxes_xyxy(), np.array(masks.iou), params["box_nms_thresh"])
+    masks = masks.select(keep)
+    area = params["min_mask_region_area"]
+    if area <= 0:
+        return masks
+    cleaned = _Masks()
+    unchanged = []
+    for i in range(len(masks)):
+        y0, x0, _, _ = masks.places[i]
+        m = np.pad(masks.crops[i], 1)
+        m, ch1 = remove_small_regions(m, area, "holes")
+        m, ch2 = remove_small_regions(m, area, "islands")
+        tight = _tight(m, y0 - 1, x0 - 1)
+        if tight is None:
+            continue
+        cleaned.crops.append(tight[0])
+        cleaned.places.append(tight[1])
+        cleaned.iou.append(masks.iou[i])
+        cleaned.stability.append(masks.stability[i])
+        cleaned.points.append(masks.points[i])
+        unchanged.append(0.0 if (ch1 or ch2) else 1.0)
+    if len(cleaned) == 0:
+        return cleaned
+    keep = box_nms(cleaned.boxes_xyxy(), np.array(unchanged), params["box_nms_thresh"])
+    return cleaned.select(sorted(keep.tolist()))
+
+
+def _check_params(mode: str, params: dict[str, Any]) -> None:
+    if mode not in ("hierarchical", "grid"):
+        raise ValueError(f"mode must be 'hierarchical' or 'grid', got {mode!r}")
+    n = params["points_per_side"]
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"points_per_side must be a positive integer, got {n!r}")
+    if mode == "hierarchical" and n < 4:
+        raise ValueError(
+            f"hierarchical mode needs points_per_side >= 4 (its first round uses "
+            f"points_per_side / 4 per side), got {n}; use mode='grid' for coarser grids"
+        )
+    if params["points_per_batch"] < 1:
+        raise ValueError("points_per_batch must be >= 1")
+    for name in ("pred_iou_thresh", "stability_score_thresh"):
+        if not 0.0 <= params[name] <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {params[name]}")
+    if not 0.0 < params["box_nms_thresh"] <= 1.0:
+        raise ValueError(f"box_nms_thresh must be in (0, 1], got {params['box_nms_thresh']}")
+    if params["stability_score_offset"] <= 0:
+        raise ValueError("stability_score_offset must be > 0")
+    if params["min_mask_region_area"] < 0:
+        raise ValueError("min_mask_region_area must be >= 0")
+
+
+def segment_everything(
+    model_or_predictor: Sam | SamPredictor,
+    image: np.ndarray,
+    mode: str = "hierarchical",
+    points_per_side: int = 32,
+    points_per_batch: int = 64,
+    pred_iou_thresh: float = 0.88,
+    stability_score_thresh: float = 0.95,
+    stability_score_offset: float = 1.0,
+    high_score_thresh: float = 8.5,
+    box_nms_thresh: float = 0.7,
+    min_mask_region_area: int = 0,
+    return_records: bool = False,
+    contrast_limits: tuple[float, float] | None = None,
+):
+    """Segment every object of a 2D image.
+
+    Args:
+        model_or_predictor: a ``Sam`` or a ``SamPredictor`` (whose embedding cache is used).
+        image: (H, W) or (H, W, 3), any real dtype (scaled as ``SamPredictor.set_image``).
+        mode: ``"grid"`` is SAM's automatic mask generator without crop layers: one
+            positive point at every cell centre ((i + 0.5) / n) of an n x n grid, the
+            three multimask outputs of each. ``"hierarchical"`` is TinySAM's strategy:
+            round 1 prompts a sparse grid with n / 4 points per side; masks that pass the
+            filters mark as covered the pixels where their logits exceed
+            ``high_score_thresh``; round 2 prompts only the points of the dense n x n grid
+            that are not covered; both rounds are merged before NMS and postprocessing.
+            Unlike the reference, round 2 uses the dense grid's own points (the
+            reference's sit at sparse points +/- a stride, off the grid), an image fully
+            covered after round 1 simply has no round 2 (the reference crashes), and
+            masks are filtered before they are upscaled (the reference upscales every
+            mask of every batch to full resolution first).
+        pred_iou_thresh, stability_score_thresh, stability_score_offset: SAM's filters.
+        box_nms_thresh: IoU above which the lower-scored of two boxes is dropped.
+        min_mask_region_area: islands and holes smaller than this (pixels) are removed.
+        return_records: also return SAM-style records.
+
+    Returns:
+        An (H, W) int32 label image, 0 = background, ids 1..N in order of decreasing
+        predicted IoU. Where masks overlap, the mask with the higher predicted IoU wins
+        the pixel. With ``return_records``: (labels, records), one record per id, each
+        with segmentation (H, W) bool (the mask before overlaps were resolved), area,
+        bbox (XYWH), predicted_iou, stability_score, point_coords and label.
+    """
+    params = dict(
+        points_per_side=points_per_side,
+        points_per_batch=points_per_batch,
+        pred_iou_thresh=pred_iou_thresh,
+        stability_score_thresh=stability_score_thresh,
+        stability_score_offset=stability_score_offset,
+        high_score_thresh=high_score_thresh,
+        box_nms_thresh=box_nms_thresh,
+        min_mask_region_area=min_mask_region_area,
+    )
+    _check_params(mode, params)
+    predictor = (
+        model_or_predictor if isinstance(model_or_predictor, SamPredictor) else SamPredictor(model_or_predictor)
+    )
+    rgb = to_uint8_rgb(image, contrast_limits)
+    h, w = rgb.shape[:2]
+    if rgb.min() == rgb.max():  # a constant image holds no objects
+        labels = np.zeros((h, w), np.int32)
+        return (labels, []) if return_records else labels
+    with torch.no_grad():
+        predictor.set_image(rgb)
+        scale = np.array([w, h], dtype=np.float64)
+        dense = build_point_grid(points_per_side) * scale
+        if mode == "grid":
+            masks = _candidates_from_points(predictor, dense, params, None)
+        else:
+            coverage = np.zeros((h, w), bool)
+            sparse = build_point_grid(max(1, points_per_side // 4)) * scale
+            masks = _candidates_from_points(predictor, sparse, params, coverage)
+            xi = np.clip(dense[:, 0].astype(np.int64), 0, w - 1)
+            yi = np.clip(dense[:, 1].astype(np.int64), 0, h - 1)
+            remaining = dense[~coverage[yi, xi]]
+            if len(remaining):
+                masks.extend(_candidates_from_points(predictor, remaining, params, None))
+        masks = _postprocess(masks, params)
+    labels, ids = paint_labels(masks.crops, masks.places, np.array(masks.iou), (h, w))
+    if not return_records:
+        return labels
+    records = []
+    for i in np.argsort([-v for v in masks.iou], kind="stable"):
+        if ids[i] == 0:
+            continue
+        y0, x0, y1, x1 = masks.places[i]
+        seg = np.zeros((h, w), bool)
+        seg[y0:y1, x0:x1] = masks.crops[i]
+        records.append(
+            {
+                "segmentation": seg,
+                "area": int(masks.crops[i].sum()),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "predicted_iou": masks.iou[i],
+                "stability_score": masks.stability[i],
+                "point_coords": [list(masks.points[i])],
+                "label": ids[i],
+            }
+        )
+    return labels, records
+
+
+def volume_contrast_limits(stack: np.ndarray, percentiles=(0.5, 99.5), max_samples: int = 2_000_000):
+    """Contrast limits for a whole stack (a subsample's percentiles), so that every
+    slice is scaled the same way."""
+    flat = stack.reshape(-1) if stack.size <= max_samples else stack.reshape(-1)[:: stack.size // max_samples + 1]
+    lo, hi = np.percentile(flat, percentiles)
+    return float(lo), float(hi)
+
+
+def check_volume(stack: np.ndarray) -> bool:
+    """Validate a (Z, H, W) or RGB (Z, H, W, 3) stack; returns whether it is RGB."""
+    if stack.ndim == 4 and stack.shape[-1] in (3, 4):
+        return True
+    if stack.ndim == 3:
+        return False
+    raise ValueError(
+        f"expected a (Z, H, W) stack or an RGB (Z, H, W, 3) stack, got shape {stack.shape}; "
+        "for data with more axes (time, channels) pass one 3D stack, e.g. data[t] or data[:, c]"
+    )
+
+
+def segment_volume(
+    model: Sam | SamPredictor,
+    stack: np.ndarray,
+    mode: str = "hierarchical",
+    stitch: bool = True,
+    stitch_iou: float = 0.5,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+    contrast_limits: tuple[float, float] | None = None,
+    **kwargs,
+) -> np.ndarray:
+    """Everything mode on every 2D slice of a (Z, H, W) or (Z, H, W, 3) stack.
+
+    Slices are scaled with the same contrast limits (given, or the stack's 0.5 / 99.5
+    percentiles). With ``stitch=True`` objects of neighbouring slices are linked by
+    one-to-one matching (Hungarian, IoU >= ``stitch_iou``), so an object spanning several
+    slices has one id; otherwise ids are unique per volume but not linked.
+    ``progress(done, total)`` is called after each slice; ``cancel()`` is checked before
+    each slice and a ``True`` raises :class:`Cancelled` (nothing partial is returned).
+    Extra keyword arguments go to :func:`segment_everything`.
+    Returns (Z, H, W) int32 labels.
+    """
+    stack = np.asarray(stack)
+    check_volume(stack)
+    if not 0.0 < stitch_iou <= 1.0:
+        raise ValueError(f"stitch_iou must be in (0, 1], got {stitch_iou}")
+    predictor = model if isinstance(model, SamPredictor) else SamPredictor(model)
+    limits = contrast_limits or volume_contrast_limits(stack)
+    z = stack.shape[0]
+    out = np.zeros(stack.shape[:3], np.int32)
+    next_id = 1
+    for i in range(z):
+        if cancel is not None and cancel():
+            raise Cancelled(f"cancelled before slice {i} of {z}")
+        lab = segment_everything(predictor, stack[i], mode=mode, contrast_limits=limits, **kwargs)
+        if stitch and i > 0:
+            lab, next_id = stitch_pair(out[i - 1], lab, next_id, stitch_iou)
+        else:
+            lab = np.where(lab > 0, lab + next_id - 1, 0).astype(np.int32)
+            next_id = int(lab.max()) + 1 if lab.max() > 0 else next_id
+        out[i] = lab
+        if progress is not None:
+            progress(i + 1, z)
+    return out

@@ -1,0 +1,182 @@
+"""Everything mode: algorithm on a fake predictor, real network end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fakes import FakeSam
+
+from napari_tinysam import SamPredictor
+from napari_tinysam.everything import Cancelled, segment_everything, segment_volume
+from napari_tinysam.masks import box_nms, build_point_grid, paint_labels, stitch_pair
+
+
+def _scene(side: int = 128) -> np.ndarray:
+    yy, xx = np.mgrid[:side, :side]
+    labels = np.zeros((side, side), np.int32)
+    for i, (cy, cx, r) in enumerate([(24, 24, 14), (30, 90, 18), (90, 40, 20), (95, 100, 12)], 1):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i
+    return labels
+
+
+def _iou(a, b):
+    return np.logical_and(a, b).sum() / np.logical_or(a, b).sum()
+
+
+def test_point_grid_at_cell_centres():
+    g = build_point_grid(4)
+    assert g.shape == (16, 2)
+    np.testing.assert_allclose(np.unique(g[:, 0]), [0.125, 0.375, 0.625, 0.875])
+    assert tuple(g[1]) == (0.375, 0.125)  # x varies fastest
+
+
+def test_box_nms_keeps_best_of_overlapping():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]], float)
+    keep = box_nms(boxes, np.array([0.5, 0.9, 0.7]), 0.7)
+    assert keep.tolist() == [1, 2]
+
+
+def test_paint_labels_higher_score_wins_and_ids_by_score():
+    a = np.ones((4, 4), bool)
+    b = np.ones((2, 2), bool)
+    labels, ids = paint_labels([a, b], [(0, 0, 4, 4), (1, 1, 3, 3)], np.array([0.8, 0.9]), (5, 5))
+    assert ids == [2, 1]
+    assert (labels[1:3, 1:3] == 1).all() and labels[0, 0] == 2 and labels[4, 4] == 0
+    # a mask entirely hidden by a better one gets no id
+    labels, ids = paint_labels([b, a], [(1, 1, 3, 3), (0, 0, 4, 4)], np.array([0.5, 0.9]), (5, 5))
+    assert ids == [0, 1] and labels.max() == 1
+
+
+@pytest.mark.parametrize("mode", ["grid", "hierarchical"])
+def test_fake_scene_every_object_once(mode):
+    truth = _scene()
+    fake = FakeSam(truth)
+    labels, records = segment_everything(SamPredictor(fake), (truth > 0).astype(np.uint8) * 200 + 10,
+                                         mode=mode, points_per_side=16, return_records=True)
+    assert labels.dtype == np.int32 and labels.shape == truth.shape
+    assert labels.max() == 4 and len(records) == 4
+    for k in range(1, 5):
+        best = max(_iou(labels == j, truth == k) for j in range(1, 5))
+        assert best > 0.75  # the fake's masks are 4x coarser than the image
+    for r in records:
+        assert set(r) >= {"segmentation", "area", "bbox", "predicted_iou", "stability_score", "point_coords"}
+        assert r["predicted_iou"] == pytest.approx(0.95)  # the duplicate (0.9) lost NMS
+        x, y, w, h = r["bbox"]
+        assert r["segmentation"][y : y + h, x : x + w].sum() == r["area"]
+
+
+def test_hierarchical_round_two_skips_covered_points():
+    truth = _scene()
+    image = (truth > 0).astype(np.uint8) * 200 + 10
+    fake = FakeSam(truth)
+    segment_everything(SamPredictor(fake), image, mode="grid", points_per_side=16)
+    grid_prompts = fake.prompts_seen
+    fake.prompts_seen = 0
+    segment_everything(SamPredictor(fake), image, mode="hierarchical", points_per_side=16)
+    pts = build_point_grid(16) * 128
+    on_objects = sum(truth[int(y), int(x)] > 0 for x, y in pts)
+    # round 1: 4x4 sparse points; round 2: only dense points outside the objects that
+    # round 1 found with high confidence (the 4x4 grid does not hit every object)
+    assert grid_prompts == 256
+    second_round = fake.prompts_seen - 16
+    assert 256 - on_objects <= second_round < 256 - 0.4 * on_objects
+
+
+def test_hierarchical_all_covered_has_no_second_round():
+    truth = np.ones((64, 64), np.int32)
+    truth[:, :32] = 2
+    image = truth.astype(np.uint8) * 50
+    fake = FakeSam(truth)
+    labels = segment_everything(SamPredictor(fake), image, mode="hierarchical", points_per_side=8)
+    assert labels.max() == 2
+    assert fake.prompts_seen < 4 + 64  # most dense points skipped, no crash
+
+
+def test_constant_and_bad_input():
+    fake = FakeSam(_scene())
+    assert segment_everything(SamPredictor(fake), np.full((128, 128), 7, np.uint16)).max() == 0
+    with pytest.raises(ValueError, match="too small"):
+        segment_everything(SamPredictor(fake), np.zeros((1, 1)))
+    with pytest.raises(ValueError, match="points_per_side >= 4"):
+        segment_everything(SamPredictor(fake), _scene(), points_per_side=3)
+    with pytest.raises(ValueError, match="pred_iou_thresh"):
+        segment_everything(SamPredictor(fake), _scene(), pred_iou_thresh=1.5)
+    with pytest.raises(ValueError, match="mode"):
+        segment_everything(SamPredictor(fake), _scene(), mode="dense")
+    with pytest.raises(ValueError, match=r"\(Z, H, W\) stack"):
+        segment_volume(SamPredictor(fake), np.zeros((2, 3, 128, 128)))
+
+
+def test_min_mask_region_area_removes_islands():
+    truth = _scene()
+    labels_island = truth.copy()
+    labels_island[60:62, 60:62] = 1  # a tiny island belonging to object 1
+    fake = FakeSam(labels_island)
+    image = (labels_island > 0).astype(np.uint8) * 200 + 10
+    kept = segment_everything(SamPredictor(fake), image, mode="grid", points_per_side=16,
+                              min_mask_region_area=50)
+    assert not (kept[58:64, 58:64] > 0).any()
+
+
+def test_stitch_pair_links_one_to_one():
+    prev = np.zeros((10, 10), np.int32)
+    prev[2:6, 2:6] = 5
+    cur = np.zeros((10, 10), np.int32)
+    cur[2:6, 2:5] = 1  # overlaps 5 well
+    cur[2:6, 5:8] = 2  # touching neighbour: must stay a separate object
+    out, nxt = stitch_pair(prev, cur, 6, 0.5)
+    assert set(np.unique(out)) == {0, 5, 6} and nxt == 7
+    assert (out[2:6, 2:5] == 5).all() and (out[2:6, 5:8] == 6).all()
+
+
+def _volume():
+    """Z=10 stack: a disc on slices 3..7, two touching discs on every slice."""
+    side = 64
+    yy, xx = np.mgrid[:side, :side]
+    vol = np.zeros((10, side, side), np.int32)
+    for z in range(10):
+        vol[z][(yy - 16) ** 2 + (xx - 14) ** 2 <= 64] = 1
+        vol[z][(yy - 16) ** 2 + (xx - 30) ** 2 <= 64] = 2
+        if 3 <= z <= 7:
+            vol[z][(yy - 46) ** 2 + (xx - 40) ** 2 <= 100] = 3
+    return vol
+
+
+class _SliceFakes:
+    """A predictor whose fake model follows the slice being segmented."""
+
+    def __init__(self, vol):
+        self.vol = vol
+
+
+def test_segment_volume_stitches_and_reports_progress(monkeypatch):
+    vol = _volume()
+    import napari_tinysam.everything as ev
+
+    calls = []
+    z_of = iter(range(10))
+
+    def fake_everything(predictor, image, **kw):
+        z = next(z_of)
+        return segment_everything(SamPredictor(FakeSam(vol[z])), (vol[z] > 0).astype(np.uint8) * 200 + 10,
+                                  points_per_side=16, mode=kw.get("mode", "hierarchical"))
+
+    monkeypatch.setattr(ev, "segment_everything", fake_everything)
+    out = segment_volume(SamPredictor(FakeSam(vol[0])), (vol > 0).astype(np.uint16),
+                         progress=lambda d, t: calls.append((d, t)))
+    assert calls[-1] == (10, 10) and len(calls) == 10
+    ids_3 = {int(out[z][46, 40]) for z in range(3, 8)}
+    assert len(ids_3) == 1 and 0 not in ids_3  # one id across slices 3..7
+    assert out[2][46, 40] == 0 and out[8][46, 40] == 0
+    left = {int(out[z][16, 14]) for z in range(10)}
+    right = {int(out[z][16, 30]) for z in range(10)}
+    assert len(left) == 1 and len(right) == 1 and left != right  # touching objects stay two
+
+
+def test_segment_volume_cancel_returns_nothing():
+    vol = _volume()
+    seen = []
+    with pytest.raises(Cancelled):
+        segment_volume(SamPredictor(FakeSam(vol[0])), (vol > 0).astype(np.uint16),
+                       progress=lambda d, t: seen.append(d), cancel=lambda: len(seen) >= 2)
+    assert seen == [1, 2]
