@@ -1,0 +1,1 @@
+"""Everything that imports napari or Qt: widgets, layer <-> prompt conversion, sample data."""

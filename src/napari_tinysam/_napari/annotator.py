@@ -1,0 +1,416 @@
+"""The "TinySAM Annotator" dock widget: click points / draw boxes -> instant mask preview
+-> commit into a Labels layer, slice by slice, with undo."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton, SpinBox
+from napari.layers import Image, Labels
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QTimer
+
+from ..annotate import (
+    Candidates,
+    UndoRecord,
+    commit_mask,
+    is_embedded,
+    segment_prompts,
+    slice_rgb,
+    undo_commit,
+)
+from ..predictor import EmbeddingCache, SamPredictor, compute_embedding, image_key
+from .layers import check_slice, image_ndim, prompts_on_slice, slice_of, to_image_coords
+from .models import get_model, model_choices
+
+POSITIVE_COLOR = "#2ecc40"
+NEGATIVE_COLOR = "#ff4136"
+NEW_LAYER = "(new layer)"
+KEYS = {"commit": "Shift-C", "clear": "Shift-X", "next": "Shift-M", "polarity": "Shift-N", "undo": "Shift-U"}
+
+
+class AnnotatorWidget(Container):
+    """Interactive segmentation of the displayed slice of an image layer.
+
+    A click in the points layer adds a positive point (negative while "negative points"
+    is on, toggled by Shift-N); a rectangle in the boxes layer is a box prompt. Every
+    change segments the slice the prompt lies on. Shift-C commits, Shift-X clears,
+    Shift-M shows the next candidate mask, Shift-U undoes the last commit.
+    """
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self.image_combo = ComboBox(label="image", choices=self._image_layers, nullable=True)
+        self.model_combo = ComboBox(label="model", choices=model_choices(), value="default")
+        self.model_file = FileEdit(label="or checkpoint", mode="r", filter="*.pt *.pth")
+        self.labels_combo = ComboBox(label="labels", choices=self._labels_choices)
+        self.overwrite = CheckBox(text="overwrite existing objects", value=False)
+        self.negative = CheckBox(text=f"negative points ({KEYS['polarity']})", value=False)
+        self.cache_mb = SpinBox(label="cache (MB)", min=16, max=65536, value=512)
+        self.commit_btn = PushButton(text=f"Commit ({KEYS['commit']})")
+        self.clear_btn = PushButton(text=f"Clear ({KEYS['clear']})")
+        self.next_btn = PushButton(text=f"Next mask ({KEYS['next']})")
+        self.undo_btn = PushButton(text=f"Undo ({KEYS['undo']})")
+        self.status = Label(value="")
+        self.extend([
+            self.image_combo, self.model_combo, self.model_file, self.labels_combo,
+            self.overwrite, self.negative, self.cache_mb, self.commit_btn, self.clear_btn,
+            self.next_btn, self.undo_btn, self.status,
+        ])
+        self.predictor: SamPredictor | None = None
+        self.cache = EmbeddingCache(self.cache_mb.value * 2**20)
+        self.points_layer = None
+        self.boxes_layer = None
+        self.preview_layer = None
+        self.candidates: Candidates | None = None
+        self.candidate_index = 0
+        self.preview_slice: tuple[int, ...] | None = None
+        self.undo_stack: list[tuple[Labels, UndoRecord]] = []
+        self._jobs: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (index, rgb, priority)
+        self._running = None
+        self._pending_update: tuple[int, ...] | None = None
+        self._model_worker = None
+        self._contrast_timer = QTimer()
+        self._contrast_timer.setSingleShot(True)
+        self._contrast_timer.setInterval(300)
+        self._contrast_timer.timeout.connect(self._contrast_changed)
+        self._watched_image = None
+
+        self.image_combo.changed.connect(self._image_changed)
+        self.model_combo.changed.connect(lambda v: self.load_model(v))
+        self.model_file.changed.connect(lambda v: self.load_model(str(v)) if str(v) not in ("", ".") else None)
+        self.cache_mb.changed.connect(lambda v: self.cache.set_max_bytes(v * 2**20))
+        self.commit_btn.clicked.connect(self.commit)
+        self.clear_btn.clicked.connect(self.clear)
+        self.next_btn.clicked.connect(self.next_candidate)
+        self.undo_btn.clicked.connect(self.undo)
+        self.negative.changed.connect(self._polarity_changed)
+        self.viewer.layers.events.inserted.connect(self._reset_choices)
+        self.viewer.layers.events.removed.connect(self._reset_choices)
+        self.load_model(self.model_combo.value)
+        images = self._image_layers()
+        if images:
+            self.image_combo.value = images[-1]
+        self._image_changed(self.image_combo.value)
+
+    # -- choices --------------------------------------------------------------------------
+    def _image_layers(self, _=None):
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _labels_choices(self, _=None):
+        names = [
+            layer.name for layer in self.viewer.layers
+            if isinstance(layer, Labels) and layer is not self.preview_layer
+        ]
+        return [*names, NEW_LAYER]
+
+    def _reset_choices(self, event=None) -> None:
+        self.image_combo.reset_choices()
+        self.labels_combo.reset_choices()
+        if self.image_combo.value is None and self._image_layers():
+            self.image_combo.value = self._image_layers()[-1]
+
+    @property
+    def busy(self) -> bool:
+        """True while a model load or an embedding is running or queued."""
+        return self._running is not None or bool(self._jobs) or self._model_worker is not None
+
+    # -- model ----------------------------------------------------------------------------
+    def load_model(self, name: str) -> None:
+        self.status.value = f"loading model {name}…"
+        worker = create_worker(get_model, name, _ignore_errors=True)
+
+        def done(model):
+            self._model_worker = None
+            self.predictor = SamPredictor(model, cache=self.cache)
+            self.cache.clear()
+            self.status.value = f"model: {name}"
+            self._refresh()
+
+        def failed(exc):
+            self._model_worker = None
+            self.status.value = "model failed to load"
+            show_error(f"TinySAM: could not load model {name!r}: {exc}")
+
+        worker.returned.connect(done)
+        worker.errored.connect(failed)
+        self._model_worker = worker
+        worker.start()
+
+    # -- layers ---------------------------------------------------------------------------
+    def _image_changed(self, layer) -> None:
+        if self._watched_image is not None:
+            try:
+                self._watched_image.events.contrast_limits.disconnect(self._contrast_event)
+            except (TypeError, ValueError, RuntimeError):
+                pass
+        self._watched_image = layer
+        if layer is None:
+            return
+        layer.events.contrast_limits.connect(self._contrast_event)
+        self._make_prompt_layers(layer)
+
+    def _make_prompt_layers(self, image) -> None:
+        nd = image_ndim(image)
+        for old in (self.points_layer, self.boxes_layer, self.preview_layer):
+            if old is not None and old in self.viewer.layers:
+                self.viewer.layers.remove(old)
+        geo = {"scale": image.scale, "translate": image.translate}
+        shape = image.data.shape[:nd]
+        self.preview_layer = self.viewer.add_labels(
+            np.zeros(shape, np.uint8), name="TinySAM preview", opacity=0.55, **geo
+        )
+        self.boxes_layer = self.viewer.add_shapes(
+            ndim=nd, name="TinySAM boxes", edge_color="#ffdc00", face_color="transparent",
+            edge_width=2, **geo,
+        )
+        self.points_layer = self.viewer.add_points(
+            np.zeros((0, nd)), ndim=nd, name="TinySAM points", features={"positive": np.zeros(0, bool)},
+            size=max(4.0, min(shape[-2:]) / 60), border_color="white", **geo,
+        )
+        self.points_layer.feature_defaults["positive"] = not self.negative.value
+        self.points_layer.mode = "add"
+        self.points_layer.events.data.connect(self._points_event)
+        self.boxes_layer.events.data.connect(self._boxes_event)
+        for layer in (self.points_layer, self.boxes_layer):
+            layer.bind_key(KEYS["commit"], lambda _layer: self.commit(), overwrite=True)
+            layer.bind_key(KEYS["clear"], lambda _layer: self.clear(), overwrite=True)
+            layer.bind_key(KEYS["next"], lambda _layer: self.next_candidate(), overwrite=True)
+            layer.bind_key(KEYS["undo"], lambda _layer: self.undo(), overwrite=True)
+            layer.bind_key(KEYS["polarity"], lambda _layer: self._toggle_polarity(), overwrite=True)
+        self.boxes_layer.mode = "add_rectangle"
+        self.viewer.layers.selection.active = self.points_layer
+        self.labels_combo.reset_choices()
+
+    def _toggle_polarity(self) -> None:
+        self.negative.value = not self.negative.value
+
+    def _polarity_changed(self, negative: bool) -> None:
+        if self.points_layer is not None:
+            self.points_layer.feature_defaults["positive"] = not negative
+
+    def _restyle_points(self) -> None:
+        layer = self.points_layer
+        if layer is None or len(layer.data) == 0:
+            return
+        pos = np.asarray(layer.features["positive"], bool)
+        layer.face_color = [POSITIVE_COLOR if p else NEGATIVE_COLOR for p in pos]
+        layer.symbol = ["disc" if p else "x" for p in pos]
+
+    # -- prompt events --------------------------------------------------------------------
+    def _points_event(self, event) -> None:
+        action = str(getattr(event, "action", "changed"))
+        if action.endswith("ing"):
+            return
+        self._restyle_points()
+        index = None
+        if action.endswith("added") and len(self.points_layer.data):
+            index = self._slice_of_layer_coords(self.points_layer, self.points_layer.data[-1])
+        self._refresh(index)
+
+    def _boxes_event(self, event) -> None:
+        action = str(getattr(event, "action", "changed"))
+        if action.endswith("ing"):
+            return
+        index = None
+        if action.endswith("added") and len(self.boxes_layer.data):
+            index = self._slice_of_layer_coords(self.boxes_layer, self.boxes_layer.data[-1].mean(0))
+        self._refresh(index)
+
+    def _slice_of_layer_coords(self, layer, coords) -> tuple[int, ...]:
+        image = self.image_combo.value
+        return slice_of(to_image_coords(layer, image, np.asarray(coords)[None])[0])
+
+    def current_slice(self) -> tuple[int, ...]:
+        """The slice of the image shown in the viewer."""
+        image = self.image_combo.value
+        nd = image_ndim(image)
+        pos = image.world_to_data(self.viewer.dims.point[-nd:] if len(self.viewer.dims.point) >= nd else self.viewer.dims.point)
+        return slice_of(np.asarray(pos))
+
+    def _refresh(self, index: tuple[int, ...] | None = None) -> None:
+        """Segment the slice ``index`` (default: the previewed or displayed slice)."""
+        image = self.image_combo.value
+        if image is None or self.points_layer is None:
+            return
+        if index is None:
+            index = self.preview_slice if self.preview_slice is not None else self.current_slice()
+        try:
+            check_slice(index, image.data.shape)
+        except ValueError as exc:
+            show_error(f"TinySAM: {exc}")
+            return
+        if self.predictor is None:
+            self._pending_update = index
+            return
+        prompts = self._prompts(index)
+        if prompts.empty:
+            self._show(None, index)
+            return
+        rgb = slice_rgb(np.asarray(image.data[index]), tuple(image.contrast_limits))
+        if is_embedded(self.predictor, rgb):
+            try:
+                self.candidates = segment_prompts(self.predictor, rgb, prompts)
+            except ValueError as exc:
+                show_error(f"TinySAM: {exc}")
+                return
+            self.candidate_index = self.candidates.best
+            self._show(self.candidates.masks[self.candidate_index], index)
+            self._prefetch_neighbours(index)
+        else:
+            self._pending_update = index
+            self._request_embedding(index, rgb, priority=True)
+
+    def _prompts(self, index):
+        image = self.image_combo.value
+        pts = to_image_coords(self.points_layer, image, self.points_layer.data)
+        positive = np.asarray(self.points_layer.features["positive"], bool) if len(pts) else np.zeros(0, bool)
+        boxes = [
+            to_image_coords(self.boxes_layer, image, verts)
+            for verts, kind in zip(self.boxes_layer.data, self.boxes_layer.shape_type)
+            if kind == "rectangle"
+        ]
+        return prompts_on_slice(pts, positive, boxes, index)
+
+    def _show(self, mask: np.ndarray | None, index: tuple[int, ...]) -> None:
+        layer = self.preview_layer
+        if self.preview_slice is not None:
+            layer.data[self.preview_slice] = 0
+        if mask is not None:
+            layer.data[index] = mask.astype(np.uint8)
+            self.preview_slice = index
+        else:
+            self.preview_slice = None
+            self.candidates = None
+        layer.refresh()
+
+    # -- embeddings off the GUI thread -------------------------------------------------------
+    def _request_embedding(self, index, rgb, priority: bool) -> None:
+        key = image_key(self.predictor.model, rgb)
+        if priority:
+            self._jobs.pop(key, None)
+            self._jobs[key] = (index, rgb)
+            self._jobs.move_to_end(key, last=False)
+            self.status.value = f"embedding slice {index or '(2D)'}…"
+        elif key not in self._jobs:
+            self._jobs[key] = (index, rgb)
+        self._start_next_job()
+
+    def _start_next_job(self) -> None:
+        if self._running is not None or not self._jobs:
+            return
+        key, (index, rgb) = self._jobs.popitem(last=False)
+        if key in self.cache:
+            self._start_next_job()
+            return
+        model = self.predictor.model
+        worker = create_worker(compute_embedding, model, rgb, _ignore_errors=True)
+
+        def done(emb):
+            self.cache.put(key, emb)
+            self._running = None
+            if self._pending_update == index:
+                self._pending_update = None
+                self.status.value = ""
+                self._refresh(index)
+            self._start_next_job()
+
+        def failed(exc):
+            self._running = None
+            show_error(f"TinySAM: embedding failed: {exc}")
+            self._start_next_job()
+
+        worker.returned.connect(done)
+        worker.errored.connect(failed)
+        self._running = worker
+        worker.start()
+
+    def _prefetch_neighbours(self, index: tuple[int, ...]) -> None:
+        """Queue the embeddings of the neighbouring slices (z - 1, z + 1), low priority."""
+        image = self.image_combo.value
+        if not index:
+            return
+        for dz in (1, -1):
+            nb = (*index[:-1], index[-1] + dz)
+            if 0 <= nb[-1] < image.data.shape[len(index) - 1]:
+                rgb = slice_rgb(np.asarray(image.data[nb]), tuple(image.contrast_limits))
+                if not is_embedded(self.predictor, rgb):
+                    self._request_embedding(nb, rgb, priority=False)
+
+    def _contrast_event(self, event=None) -> None:
+        self._contrast_timer.start()  # debounce: act 300 ms after the last change
+
+    def _contrast_changed(self) -> None:
+        """Contrast limits changed (debounced): the model must see the new view."""
+        self.cache.clear()
+        self._jobs.clear()
+        if self.preview_slice is not None:
+            self._refresh(self.preview_slice)
+
+    # -- actions ----------------------------------------------------------------------------
+    def next_candidate(self) -> None:
+        if self.candidates is None or self.preview_slice is None:
+            return
+        self.candidate_index = (self.candidate_index + 1) % len(self.candidates.masks)
+        self._show(self.candidates.masks[self.candidate_index], self.preview_slice)
+
+    def _target_labels(self) -> Labels:
+        image = self.image_combo.value
+        name = self.labels_combo.value
+        shape = image.data.shape[: image_ndim(image)]
+        if name == NEW_LAYER or name not in self.viewer.layers:
+            layer = self.viewer.add_labels(
+                np.zeros(shape, np.int32), name="TinySAM labels", scale=image.scale, translate=image.translate
+            )
+            self.labels_combo.reset_choices()
+            self.labels_combo.value = layer.name
+            self.viewer.layers.selection.active = self.points_layer
+            return layer
+        layer = self.viewer.layers[name]
+        if tuple(layer.data.shape) != tuple(shape):
+            raise ValueError(
+                f"Labels layer {name!r} has shape {tuple(layer.data.shape)} but the image has "
+                f"shape {tuple(shape)}; choose another Labels layer or '{NEW_LAYER}'"
+            )
+        return layer
+
+    def commit(self) -> None:
+        """Write the previewed mask into the target Labels layer under a new id."""
+        if self.candidates is None or self.preview_slice is None:
+            show_info("TinySAM: nothing to commit; add a point or a box first")
+            return
+        try:
+            target = self._target_labels()
+            record = commit_mask(
+                target.data, self.preview_slice, self.candidates.masks[self.candidate_index], self.overwrite.value
+            )
+        except ValueError as exc:
+            show_error(f"TinySAM: {exc}")
+            return
+        if record is not None:
+            self.undo_stack.append((target, record))
+            target.refresh()
+        self.clear()
+
+    def clear(self) -> None:
+        """Remove the current object's prompts and its preview."""
+        if self.points_layer is None:
+            return
+        index = self.preview_slice
+        with self.points_layer.events.data.blocker(), self.boxes_layer.events.data.blocker():
+            self.points_layer.data = np.zeros((0, self.points_layer.ndim))
+            self.boxes_layer.data = []
+        if index is not None:
+            self._show(None, index)
+
+    def undo(self) -> None:
+        """Restore the Labels layer exactly as it was before the last commit."""
+        if not self.undo_stack:
+            show_info("TinySAM: nothing to undo")
+            return
+        layer, record = self.undo_stack.pop()
+        undo_commit(layer.data, record)
+        layer.refresh()

@@ -1,0 +1,60 @@
+"""Layer <-> prompt conversion: world and data coordinates, slices, points and boxes.
+
+Coordinates go data (prompt layer) -> world -> data (image layer), so layer scale and
+translate are respected. The last two axes of the image are the segmented plane; the
+leading axes (z, time, ...) select the slice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..annotate import Prompts
+
+
+def image_ndim(layer) -> int:
+    """Spatial dimensionality of an image layer (RGB's channel axis excluded)."""
+    return layer.data.ndim - (1 if getattr(layer, "rgb", False) else 0)
+
+
+def to_image_coords(prompt_layer, image_layer, coords: np.ndarray) -> np.ndarray:
+    """(N, D) prompt-layer data coordinates -> (N, D) image-layer data coordinates."""
+    coords = np.asarray(coords, dtype=np.float64)
+    if len(coords) == 0:
+        return coords.reshape(0, image_ndim(image_layer))
+    world = np.array([prompt_layer.data_to_world(c) for c in coords])
+    return np.array([image_layer.world_to_data(w) for w in world])
+
+
+def slice_of(coords: np.ndarray) -> tuple[int, ...]:
+    """The slice index (leading axes) of one point in image data coordinates."""
+    return tuple(int(np.round(v)) for v in coords[:-2])
+
+
+def check_slice(index: tuple[int, ...], shape: tuple[int, ...]) -> None:
+    for axis, (i, n) in enumerate(zip(index, shape)):
+        if not 0 <= i < n:
+            raise ValueError(
+                f"the prompt lies on index {i} of axis {axis}, outside the image (0..{n - 1}); "
+                "move it onto the image"
+            )
+
+
+def prompts_on_slice(
+    points: np.ndarray, positive: np.ndarray, boxes: list[np.ndarray], index: tuple[int, ...]
+) -> Prompts:
+    """Collect the prompts of one slice.
+
+    points: (N, D) image data coordinates with ``positive`` (N,) bool; boxes: list of
+    (4, D) rectangle vertices in image data coordinates. The last rectangle drawn on the
+    slice is the box prompt. Returns pixel coordinates (x = last axis, y = second last).
+    """
+    sel = [i for i, p in enumerate(points) if slice_of(p) == index]
+    pts = points[sel][:, [-1, -2]] if sel else np.zeros((0, 2))
+    labels = positive[sel].astype(np.int64) if sel else np.zeros((0,), np.int64)
+    box = None
+    for verts in boxes:
+        if slice_of(verts.mean(0)) == index:
+            ys, xs = verts[:, -2], verts[:, -1]
+            box = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
+    return Prompts(pts, labels, box)

@@ -1,0 +1,126 @@
+"""Interactive annotation logic, independent of napari: prompts on one slice -> mask
+candidates, committing a mask into a label volume under a new id, and exact undo.
+
+The napari widgets translate layers and events into these calls; scripts can use them
+directly on arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .predictor import SamPredictor, image_key, to_uint8_rgb
+
+
+@dataclass
+class Prompts:
+    """The prompts of one object on one 2D slice, in that slice's pixel coordinates.
+
+    points: (N, 2) as (x, y) = (column, row); labels: (N,) 1 positive / 0 negative;
+    box: (4,) XYXY or None.
+    """
+
+    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    box: np.ndarray | None = None
+
+    @property
+    def empty(self) -> bool:
+        return len(self.points) == 0 and self.box is None
+
+
+@dataclass
+class Candidates:
+    """Mask candidates for one prompt set: masks (C, H, W) bool, scores (C,), and the
+    index of the one to show first (highest predicted IoU)."""
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res: np.ndarray
+
+    @property
+    def best(self) -> int:
+        return int(np.argmax(self.scores))
+
+
+def slice_rgb(image2d: np.ndarray, contrast_limits: tuple[float, float] | None) -> np.ndarray:
+    """What the model sees of a slice: uint8 RGB scaled by the layer's contrast limits."""
+    return to_uint8_rgb(image2d, contrast_limits)
+
+
+def is_embedded(predictor: SamPredictor, rgb: np.ndarray) -> bool:
+    """Whether the embedding of this exact slice is in the predictor's cache."""
+    return image_key(predictor.model, rgb) in predictor.cache
+
+
+def segment_prompts(predictor: SamPredictor, rgb: np.ndarray, prompts: Prompts) -> Candidates:
+    """Masks for one prompt set on a slice (embedding from the cache or computed now).
+
+    A single point gives TinySAM's three candidates; several points or a box give the
+    single-mask output (SAM's convention for unambiguous prompts).
+    """
+    if prompts.empty:
+        raise ValueError("no prompts on this slice: add a point or draw a box")
+    predictor.set_image(rgb)
+    multimask = prompts.box is None and len(prompts.points) == 1
+    masks, scores, low = predictor.predict(
+        point_coords=prompts.points if len(prompts.points) else None,
+        point_labels=prompts.labels if len(prompts.points) else None,
+        box=prompts.box,
+        multimask_output=multimask,
+    )
+    return Candidates(masks, scores, low)
+
+
+@dataclass
+class UndoRecord:
+    """What a commit overwrote: the slice index, the patch origin and its old values."""
+
+    index: tuple[int, ...]
+    origin: tuple[int, int]
+    previous: np.ndarray
+    label: int
+
+
+def next_free_id(labels: np.ndarray) -> int:
+    """The id for a new object: one more than the largest id in the whole volume."""
+    return int(labels.max()) + 1 if labels.size else 1
+
+
+def commit_mask(
+    labels: np.ndarray,
+    index: tuple[int, ...],
+    mask: np.ndarray,
+    overwrite: bool = False,
+    label: int | None = None,
+) -> UndoRecord | None:
+    """Write ``mask`` (H, W) bool into ``labels[index]`` under a new id, in place.
+
+    Pixels of other objects are kept unless ``overwrite``. Returns an undo record
+    (None when nothing was written).
+    """
+    plane = labels[index]
+    if plane.shape != mask.shape:
+        raise ValueError(
+            f"labels slice has shape {plane.shape} but the mask has shape {mask.shape}; "
+            "the Labels layer must have the image's shape"
+        )
+    write = mask if overwrite else mask & (plane == 0)
+    if not write.any():
+        return None
+    rows = np.flatnonzero(write.any(1))
+    cols = np.flatnonzero(write.any(0))
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    label = next_free_id(labels) if label is None else label
+    previous = plane[y0:y1, x0:x1].copy()
+    plane[y0:y1, x0:x1][write[y0:y1, x0:x1]] = label
+    return UndoRecord(tuple(index), (int(y0), int(x0)), previous, label)
+
+
+def undo_commit(labels: np.ndarray, record: UndoRecord) -> None:
+    """Restore exactly what :func:`commit_mask` overwrote."""
+    y0, x0 = record.origin
+    h, w = record.previous.shape
+    labels[record.index][y0 : y0 + h, x0 : x0 + w] = record.previous

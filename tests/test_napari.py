@@ -1,0 +1,182 @@
+"""The napari plugin, driven in a real viewer (needs an X server: run under xvfb-run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+from napari.layers import Labels  # noqa: E402
+
+from napari_tinysam import samples  # noqa: E402
+from napari_tinysam._napari.annotator import KEYS, NEW_LAYER, AnnotatorWidget  # noqa: E402
+from napari_tinysam._napari.everything_widget import EverythingWidget  # noqa: E402
+from napari_tinysam.evaluation import innermost_point  # noqa: E402
+
+pytestmark = pytest.mark.gui
+
+
+def _wait(qtbot, widget, timeout=60000):
+    qtbot.waitUntil(lambda: not widget.busy, timeout=timeout)
+
+
+def _iou(a, b):
+    return np.logical_and(a, b).sum() / max(1, np.logical_or(a, b).sum())
+
+
+@pytest.fixture
+def nuclei():
+    return samples.nuclei_2d(), samples.nuclei_2d_labels()
+
+
+def _largest_objects(labels, n):
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    return [int(i) for i in ids[np.argsort(-counts)[:n]]]
+
+
+def test_manifest_registers_widgets_and_samples():
+    import npe2
+
+    pm = npe2.PluginManager.instance()
+    pm.discover()
+    manifest = pm.get_manifest("napari-tinysam")
+    names = {w.display_name for w in manifest.contributions.widgets}
+    assert names == {"TinySAM Annotator", "TinySAM Everything"}
+    assert {s.key for s in manifest.contributions.sample_data} == {"nuclei_2d", "nuclei_3d"}
+
+
+def test_annotator_2d_commit_second_object_and_undo(make_napari_viewer, qtbot, nuclei):
+    image, truth = nuclei
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="nuclei")
+    w = AnnotatorWidget(viewer)
+    _wait(qtbot, w)
+    a, b = _largest_objects(truth, 2)
+    xa, ya = innermost_point(truth == a)
+    w.points_layer.add([ya, xa])
+    _wait(qtbot, w)
+    preview = w.preview_layer.data > 0
+    assert _iou(preview, truth == a) > 0.5
+    w.commit()
+    target = viewer.layers["TinySAM labels"]
+    assert isinstance(target, Labels) and target.data.max() == 1
+    assert _iou(target.data == 1, truth == a) > 0.5
+    assert len(w.points_layer.data) == 0 and not w.preview_layer.data.any()
+    first = target.data.copy()
+    xb, yb = innermost_point(truth == b)
+    w.points_layer.add([yb, xb])
+    _wait(qtbot, w)
+    w.commit()
+    assert target.data.max() == 2
+    assert (target.data[first == 1] == 1).all()  # object 1 untouched
+    w.undo()
+    np.testing.assert_array_equal(target.data, first)
+    w.undo()
+    assert target.data.max() == 0
+
+
+def test_annotator_negative_point_shrinks_and_box(make_napari_viewer, qtbot, nuclei):
+    image, truth = nuclei
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="nuclei")
+    w = AnnotatorWidget(viewer)
+    _wait(qtbot, w)
+    a, b = _largest_objects(truth, 2)
+    # a box around object a
+    ys, xs = np.nonzero(truth == a)
+    w.boxes_layer.add_rectangles(np.array([[ys.min(), xs.min()], [ys.max(), xs.max()]]))
+    _wait(qtbot, w)
+    assert _iou(w.preview_layer.data > 0, truth == a) > 0.5
+    w.clear()
+    assert not w.preview_layer.data.any()
+    # two positive points on two objects, then a negative point on the second
+    xa, ya = innermost_point(truth == a)
+    xb, yb = innermost_point(truth == b)
+    w.points_layer.add([ya, xa])
+    _wait(qtbot, w)
+    w.points_layer.add([yb, xb])
+    _wait(qtbot, w)
+    both = (w.preview_layer.data > 0).sum()
+    w.negative.value = True
+    w.points_layer.add([yb, xb])
+    _wait(qtbot, w)
+    assert list(w.points_layer.features["positive"]) == [True, True, False]
+    assert w.points_layer.symbol[-1].value != w.points_layer.symbol[0].value
+    assert (w.preview_layer.data > 0).sum() < both
+
+
+def test_annotator_3d_scaled_slices(make_napari_viewer, qtbot):
+    stack = samples.nuclei_3d()
+    from napari_tinysam.io import read_image
+    from tests.conftest import DATA_DIR
+
+    truth = read_image(DATA_DIR / "nuclei3d_synthetic" / "mask3d.tif").astype(np.int32)
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(stack, name="stack", scale=(2, 0.5, 0.5), translate=(1, 3, -2))
+    w = AnnotatorWidget(viewer)
+    _wait(qtbot, w)
+    for z in (3, 9):
+        ids, counts = np.unique(truth[z][truth[z] > 0], return_counts=True)
+        obj = truth[z] == ids[np.argmax(counts)]
+        x, y = innermost_point(obj)
+        world = layer.data_to_world((z, y, x))
+        w.points_layer.add(np.array(w.points_layer.world_to_data(world)))
+        _wait(qtbot, w)
+        assert w.preview_slice == (z,)
+        prev = w.preview_layer.data
+        assert prev[z].any() and not np.delete(prev, z, axis=0).any()  # only slice z
+        assert prev[z][int(y), int(x)] > 0  # the clicked position is inside the mask
+        w.commit()
+    target = viewer.layers["TinySAM labels"]
+    assert set(np.unique(target.data)) == {0, 1, 2}
+    assert set(np.nonzero(target.data.reshape(target.data.shape[0], -1).any(1))[0]) == {3, 9}
+
+
+def test_annotator_bad_input(make_napari_viewer, qtbot, nuclei):
+    image, truth = nuclei
+    viewer = make_napari_viewer()
+    w = AnnotatorWidget(viewer)  # no image layer: nothing breaks
+    _wait(qtbot, w)
+    assert w.image_combo.value is None
+    viewer.add_image(image, name="nuclei")
+    w.image_combo.value = viewer.layers["nuclei"]
+    viewer.add_labels(np.zeros((10, 10), np.int32), name="wrong")
+    w.labels_combo.value = "wrong"
+    x, y = innermost_point(truth == _largest_objects(truth, 1)[0])
+    w.points_layer.add([y, x])
+    _wait(qtbot, w)
+    w.commit()  # shape mismatch: an error notification, nothing written
+    assert viewer.layers["wrong"].data.max() == 0
+    w.labels_combo.value = NEW_LAYER
+    w.load_model("/no/such/model.pt")  # fails in a notification; the old model stays
+    _wait(qtbot, w)
+    assert w.predictor is not None
+    w.commit()
+    assert viewer.layers["TinySAM labels"].data.max() == 1
+
+
+def test_keybindings_do_not_shadow_napari_defaults():
+    from napari.utils.shortcuts import default_shortcuts
+
+    taken = {str(k).replace("+", "-").lower() for v in default_shortcuts.values() for k in v}
+    for key in KEYS.values():
+        assert key.lower() not in taken
+
+
+def test_everything_widget_stack_and_cancel(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(samples.nuclei_3d()[:6], name="stack")
+    w = EverythingWidget(viewer)
+    w.points_per_side.value = 16
+    n_layers = len(viewer.layers)
+    w.run()
+    w.cancel()
+    qtbot.waitUntil(lambda: w.worker is None, timeout=120000)
+    assert len(viewer.layers) == n_layers and w.status.value == "cancelled"
+    w.run()
+    qtbot.waitUntil(lambda: w.worker is None, timeout=300000)
+    out = viewer.layers["TinySAM everything"]
+    assert out.data.shape == (6, 61, 57) and out.data.max() > 0
+    # stitched: at least one id spans several slices
+    spans = [len({z for z in range(6) if (out.data[z] == i).any()}) for i in np.unique(out.data)[1:]]
+    assert max(spans) > 1
