@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from .model import Sam
+from .runtime import tune_allocator
 
 #: Percentiles used to scale non-uint8 images when no contrast limits are given.
 DEFAULT_PERCENTILES = (0.5, 99.5)
@@ -166,6 +167,7 @@ def image_key(model: Sam, rgb: np.ndarray) -> tuple[str, str]:
 @torch.no_grad()
 def compute_embedding(model: Sam, rgb: np.ndarray) -> ImageEmbedding:
     """Encode a uint8 RGB image (H, W, 3): resize, normalise, pad, run the encoder."""
+    tune_allocator()
     resized = resize_longest_side(rgb, model.img_size)
     x = torch.from_numpy(np.array(resized, copy=True)).to(model.device)
     x = x.permute(2, 0, 1)[None].float()

@@ -118,12 +118,10 @@ class Sam(nn.Module):
         """Upscale low-resolution logits (B, T, s/4, s/4) to the original image (B, T, H, W).
 
         Numerically the reference's two bilinear resizes (to the padded input size, crop to
-        the valid region, to the original size), done as one separable matrix product per
-        axis so that no padded full-size intermediate is ever built.
+        the valid region, to the original size), composed into one matrix per axis; rows
+        of these matrices also upscale just a window of a mask (everything mode).
         """
         low_h, low_w = masks.shape[-2:]
         ry = _upscale_matrix(low_h, self.img_size, input_size[0], original_size[0])
         rx = _upscale_matrix(low_w, self.img_size, input_size[1], original_size[1])
-        ry = ry.to(masks.device, masks.dtype)
-        rx = rx.to(masks.device, masks.dtype)
-        return ry @ masks @ rx.T
+        return ry.to(masks.device, masks.dtype) @ masks @ rx.to(masks.device, masks.dtype).T
