@@ -43,6 +43,12 @@ class FakeSam(torch.nn.Module):
     select_masks = staticmethod(Sam.select_masks)
     postprocess_masks = Sam.postprocess_masks
 
+    def decode_filtered(self, features, points, iou_thresh):
+        low, iou = self.decode(features, points)
+        iou = iou[:, 1:]
+        keep = torch.nonzero((iou > iou_thresh).any(1)).flatten()
+        return keep, low[keep][:, 1:], iou[keep]
+
     def decode(self, features, points=None, boxes=None, mask_input=None):
         coords, _ = points
         b = coords.shape[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fakes import FakeSam
+from tests.fakes import FakeSam
 
 from napari_tinysam import SamPredictor
 from napari_tinysam.everything import Cancelled, segment_everything, segment_volume

@@ -19,7 +19,8 @@ import torch
 
 from .masks import box_nms, build_point_grid, paint_labels, remove_small_regions, stitch_pair
 from .model import Sam
-from .predictor import SamPredictor, predict_batch, to_uint8_rgb
+from .model.sam import _upscale_matrix
+from .predictor import SamPredictor, to_uint8_rgb
 
 Progress = Callable[[int, int], None]
 
@@ -94,19 +95,22 @@ def _candidates_from_points(
     thr, off = model.mask_threshold, params["stability_score_offset"]
     low_thr = thr - off
     ry = rx = None
-    for start in range(0, len(points), params["points_per_batch"]):
-        pts = points[start : start + params["points_per_batch"]]
-        low, iou = predict_batch(predictor, pts[:, None, :], np.ones((len(pts), 1)))
-        low, iou = Sam.select_masks(low, iou, True)
-        b, t = iou.shape
-        low = low.reshape(b * t, *low.shape[-2:])
+    # Decode in chunks that keep the per-prompt image tokens in cache (16 prompts at a
+    # time is fastest on a CPU); points_per_batch bounds memory as in SAM.
+    chunk = min(params["points_per_batch"], 16)
+    for start in range(0, len(points), chunk):
+        pts = points[start : start + chunk]
+        coords = torch.as_tensor(predictor.transform_coords(pts), dtype=torch.float32)[:, None]
+        prompt_idx, low, iou = model.decode_filtered(
+            emb.features, (coords, torch.ones(len(pts), 1)), params["pred_iou_thresh"]
+        )
+        if len(prompt_idx) == 0:
+            continue
+        t = iou.shape[1]
+        low = low.reshape(-1, *low.shape[-2:])
         iou = iou.reshape(-1)
         keep = torch.nonzero(iou > params["pred_iou_thresh"]).flatten()
-        if len(keep) == 0:
-            continue
         if ry is None:
-            from .model.sam import _upscale_matrix
-
             s = model.img_size
             ry = _upscale_matrix(low.shape[-2], s, emb.input_size[0], h)
             rx = _upscale_matrix(low.shape[-1], s, emb.input_size[1], w)
@@ -136,7 +140,7 @@ def _candidates_from_points(
             out.places.append(tight[1])
             out.iou.append(float(iou[k]))
             out.stability.append(stab)
-            px, py = pts[k // t]
+            px, py = pts[int(prompt_idx[k // t])]
             out.points.append((float(px), float(py)))
     return out
 

@@ -51,6 +51,43 @@ class MaskDecoder(nn.Module):
             transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
 
+    def run_transformer(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-way transformer: tokens (B, 1 + T + N, C) and image tokens
+        (B, C, h, w). The IoU head needs only the tokens, so callers that filter on
+        predicted IoU can skip :meth:`masks_from_tokens` for rejected prompts."""
+        b = sparse_prompt_embeddings.shape[0]
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        output_tokens = output_tokens.unsqueeze(0).expand(b, -1, -1)
+        tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
+        src = image_embeddings + dense_prompt_embeddings
+        if src.shape[0] != b:
+            src = src.expand(b, -1, -1, -1)
+        _, c, h, w = src.shape
+        hs, src = self.transformer(src, image_pe, tokens)
+        return hs, src.transpose(1, 2).reshape(b, c, h, w)
+
+    def predict_iou(self, hs: torch.Tensor) -> torch.Tensor:
+        """IoU predictions (B, T) from the transformer's tokens."""
+        return self.iou_prediction_head(hs[:, 0, :])
+
+    def masks_from_tokens(self, hs: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """Low-resolution mask logits (B, T, 4h, 4w) from tokens and image tokens."""
+        b = hs.shape[0]
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
+        upscaled = self.output_upscaling(src)
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+            dim=1,
+        )
+        _, uc, uh, uw = upscaled.shape
+        return (hyper_in @ upscaled.reshape(b, uc, uh * uw)).view(b, -1, uh, uw)
+
     def forward(
         self,
         image_embeddings: torch.Tensor,
@@ -73,26 +110,11 @@ class MaskDecoder(nn.Module):
             low-resolution mask logits (B, T, 4h, 4w) and IoU predictions (B, T) for all
             T = num_multimask_outputs + 1 tokens (and the tokens if asked).
         """
-        b = sparse_prompt_embeddings.shape[0]
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        output_tokens = output_tokens.unsqueeze(0).expand(b, -1, -1)
-        tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
-        src = image_embeddings + dense_prompt_embeddings
-        if src.shape[0] != b:
-            src = src.expand(b, -1, -1, -1)
-        _, c, h, w = src.shape
-        hs, src = self.transformer(src, image_pe, tokens)
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-        src = src.transpose(1, 2).reshape(b, c, h, w)
-        upscaled = self.output_upscaling(src)
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-            dim=1,
+        hs, src = self.run_transformer(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
         )
-        _, uc, uh, uw = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, uc, uh * uw)).view(b, -1, uh, uw)
-        iou_pred = self.iou_prediction_head(iou_token_out)
+        iou_pred = self.predict_iou(hs)
+        masks = self.masks_from_tokens(hs, src)
         if return_tokens:
             return masks, iou_pred, hs
         return masks, iou_pred

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .mask_decoder import MaskDecoder
@@ -100,6 +101,26 @@ class Sam(nn.Module):
             image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense
         )
 
+    def decode_filtered(
+        self, image_embeddings: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor], iou_thresh: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Multimask decoding that skips the mask upscaling of prompts none of whose three
+        multimask outputs has a predicted IoU above ``iou_thresh`` (everything mode).
+
+        Returns the indices (K,) of the kept prompts, their low-resolution logits
+        (K, 3, s/4, s/4) and IoU predictions (K, 3) of tokens 1..3.
+        """
+        sparse, dense = self.prompt_encoder(points=points, boxes=None, masks=None)
+        dec = self.mask_decoder
+        hs, src = dec.run_transformer(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense)
+        iou = dec.predict_iou(hs)[:, 1:]
+        keep = torch.nonzero((iou > iou_thresh).any(1)).flatten()
+        if len(keep) == 0:
+            side = 4 * src.shape[-1]
+            return keep, src.new_zeros((0, 3, side, side)), iou[:0]
+        low = dec.masks_from_tokens(hs[keep], src[keep])[:, 1:]
+        return keep, low, iou[keep]
+
     @staticmethod
     def select_masks(
         masks: torch.Tensor, iou: torch.Tensor, multimask_output: bool
@@ -117,11 +138,12 @@ class Sam(nn.Module):
     ) -> torch.Tensor:
         """Upscale low-resolution logits (B, T, s/4, s/4) to the original image (B, T, H, W).
 
-        Numerically the reference's two bilinear resizes (to the padded input size, crop to
-        the valid region, to the original size), composed into one matrix per axis; rows
-        of these matrices also upscale just a window of a mask (everything mode).
+        The reference's two bilinear resizes (to the padded input size, crop to the valid
+        region, to the original size); callers upscale only the masks they return.
+        ``_upscale_matrix`` composes the same map into one matrix per axis, whose rows
+        upscale just a window of a mask (everything mode).
         """
-        low_h, low_w = masks.shape[-2:]
-        ry = _upscale_matrix(low_h, self.img_size, input_size[0], original_size[0])
-        rx = _upscale_matrix(low_w, self.img_size, input_size[1], original_size[1])
-        return ry.to(masks.device, masks.dtype) @ masks @ rx.to(masks.device, masks.dtype).T
+        s = self.img_size
+        masks = F.interpolate(masks, (s, s), mode="bilinear", align_corners=False)
+        masks = masks[..., : input_size[0], : input_size[1]]
+        return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
