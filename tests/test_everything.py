@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tests.fakes import FakeSam
 
 from napari_tinysam import SamPredictor
 from napari_tinysam.everything import Cancelled, segment_everything, segment_volume
 from napari_tinysam.masks import box_nms, build_point_grid, paint_labels, stitch_pair
+from tests.fakes import FakeSam
 
 
 def _scene(side: int = 128) -> np.ndarray:

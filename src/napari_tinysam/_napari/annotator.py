@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import numpy as np
@@ -143,10 +144,8 @@ class AnnotatorWidget(Container):
     # -- layers ---------------------------------------------------------------------------
     def _image_changed(self, layer) -> None:
         if self._watched_image is not None:
-            try:
+            with contextlib.suppress(TypeError, ValueError, RuntimeError):
                 self._watched_image.events.contrast_limits.disconnect(self._contrast_event)
-            except (TypeError, ValueError, RuntimeError):
-                pass
         self._watched_image = layer
         if layer is None:
             return

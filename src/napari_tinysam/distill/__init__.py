@@ -1,5 +1,5 @@
 """Full-stage knowledge distillation with online hard prompt sampling."""
 
-from .trainer import Trainer, TrainConfig
+from .trainer import TrainConfig, Trainer
 
 __all__ = ["TrainConfig", "Trainer"]
