@@ -1,0 +1,122 @@
+"""Distillation losses, hard prompt sampling and a tiny training run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from napari_tinysam import load_model
+from napari_tinysam.distill import TrainConfig, Trainer
+from napari_tinysam.distill.losses import dice_loss, focal_loss, hard_mask_weight, mask_iou, weighted_logit_l1
+from napari_tinysam.distill.prompts import boxes_from_masks, sample_error_points, sample_points_in
+
+
+def test_hard_mask_weight_known_values():
+    t = torch.tensor([0.9, 0.5, 0.0])
+    s = torch.tensor([0.9, 0.25, 0.5])
+    h = hard_mask_weight(t, s, eps=0.0)
+    expected = torch.sigmoid(torch.tensor([0.0, 1.0, -1.0]))
+    assert torch.allclose(h, expected)
+    # a student far worse than the teacher weighs more than one that matches it
+    assert hard_mask_weight(torch.tensor(0.9), torch.tensor(0.1)) > hard_mask_weight(torch.tensor(0.9), torch.tensor(0.9))
+
+
+def test_losses_on_hand_made_tensors():
+    target = torch.zeros(1, 1, 2, 2)
+    target[..., 0, 0] = 1
+    perfect = (target * 2 - 1) * 50
+    assert dice_loss(perfect, target).item() < 1e-3
+    assert focal_loss(perfect, target).item() < 1e-6
+    zero = torch.zeros(1, 1, 2, 2)
+    # focal at p = 0.5: ce = ln 2, (1 - p_t)^2 = 1/4, alpha 0.25 (1 pixel) / 0.75 (3 pixels)
+    expected = np.log(2) * 0.25 * (0.25 * 1 + 0.75 * 3) / 4
+    assert focal_loss(zero, target).item() == pytest.approx(expected, rel=1e-5)
+    # dice at p = 0.5: 1 - (2*0.5 + 1) / (2 + 1 + 1)
+    assert dice_loss(zero, target).item() == pytest.approx(0.5)
+    assert mask_iou(torch.tensor([[1, 1], [0, 0]]), torch.tensor([[1, 0], [0, 0]])).item() == 0.5
+    w = torch.tensor([[2.0]])
+    assert weighted_logit_l1(torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), w).item() == 2.0
+
+
+def test_error_points_only_in_error_regions():
+    gen = torch.Generator().manual_seed(0)
+    gt = torch.zeros(50, 20, 20, dtype=torch.bool)
+    gt[:, 5:15, 5:15] = True
+    pred = torch.zeros_like(gt)
+    pred[:25, 5:15, 5:10] = True  # false negatives only
+    pred[25:, 0:15, 0:15] = True  # false positives only
+    coords, labels = sample_error_points(pred, gt, gen)
+    for i in range(50):
+        x, y = int(coords[i, 0]), int(coords[i, 1])
+        if labels[i] == 1:
+            assert gt[i, y, x] and not pred[i, y, x]
+        else:
+            assert labels[i] == 0 and pred[i, y, x] and not gt[i, y, x]
+    assert (labels[:25] == 1).all() and (labels[25:] == 0).all()
+    # no error: a padding point
+    _, lab = sample_error_points(gt.clone(), gt, gen)
+    assert (lab == -1).all()
+
+
+def test_points_inside_and_boxes():
+    m = torch.zeros(3, 10, 12, dtype=torch.bool)
+    m[0, 2:5, 3:7] = True
+    m[1, 9, 11] = True
+    m[2, 0:10, 0:1] = True
+    pts = sample_points_in(m)
+    for i in range(3):
+        assert m[i, int(pts[i, 1]), int(pts[i, 0])]
+    assert boxes_from_masks(m).tolist() == [[3, 2, 6, 4], [11, 9, 11, 9], [0, 0, 0, 9]]
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    yy, xx = np.mgrid[:96, :96]
+    for n in range(3):
+        lab = np.zeros((96, 96), np.uint16)
+        for i in range(1, 6):
+            cy, cx, r = rng.integers(12, 84), rng.integers(12, 84), rng.integers(5, 10)
+            lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i
+        img = (100 + 1000 * (lab > 0) + rng.normal(0, 20, lab.shape)).astype(np.uint16)
+        tifffile.imwrite(tmp_path / "images" / f"f{n}.tif", img)
+        tifffile.imwrite(tmp_path / "labels" / f"f{n}.tif", lab)
+    return tmp_path
+
+
+def _tiny_config(folder, out, steps):
+    student = {
+        "image_encoder": {"type": "tiny_vit", "embed_dims": [8, 16, 24, 32], "depths": [1, 1, 1, 1],
+                          "num_heads": [1, 1, 2, 2], "window_sizes": [7, 7, 7, 7], "num_classes": 0},
+        "img_size": 64, "prompt_embed_dim": 256,
+        "mask_decoder": {"depth": 1, "mlp_dim": 64},
+    }
+    return TrainConfig(train_images=str(folder / "images"), out_dir=str(out), val_images=str(folder / "images"),
+                       student=student, img_size=64, crop=64, batch_crops=2, objects_per_crop=4,
+                       max_rounds=1, steps=steps, lr=1e-3, warmup=2, val_every=1000, val_fields=1,
+                       checkpoint_minutes=1000)
+
+
+def test_tiny_training_lowers_loss_and_resumes(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    trainer = Trainer(_tiny_config(tiny_folder, out, steps=40), log=lambda *_: None)
+    torch.manual_seed(0)
+    losses = [trainer.train_step()["loss"] for _ in range(40)]
+    assert np.mean(losses[-8:]) < np.mean(losses[:8])
+    trainer.save_state()
+    trainer.export(out / "final.pt")
+    model = load_model(out / "final.pt")
+    assert model.img_size == 64 and model.meta["steps"] == 40
+    # resume: a new trainer picks up the step count and weights
+    cfg = _tiny_config(tiny_folder, out, steps=42)
+    again = Trainer(cfg, log=lambda *_: None)
+    assert again.try_resume() and again.step == 40
+    ref = trainer.model.state_dict()
+    for k, v in again.model.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+    again.run(progress=False)
+    assert again.step == 42 and (out / "final.pt").is_file()
