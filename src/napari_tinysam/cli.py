@@ -107,6 +107,49 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_segment(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .batch import check_output_folder, expand_inputs, output_paths, segment_file
+    from .bench import print_table
+    from .weights import load_model
+
+    _threads(args.threads)
+    inputs = expand_inputs(args.inputs)
+    outputs = output_paths(inputs, args.output)
+    for out in outputs:
+        check_output_folder(out)
+        if out.exists() and not args.overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it (nothing was written)")
+    model = load_model(args.model)
+    params = {
+        "mode": args.mode,
+        "points_per_side": args.points_per_side,
+        "pred_iou_thresh": args.pred_iou_thresh,
+        "stability_score_thresh": args.stability_score_thresh,
+        "box_nms_thresh": args.box_nms_thresh,
+        "min_mask_region_area": args.min_area,
+        "contrast_limits": tuple(args.contrast_limits) if args.contrast_limits else None,
+        "stitch": not args.no_stitch,
+    }
+    rows = []
+    for path, out in zip(inputs, outputs):
+        bar = tqdm(total=0, desc=path.name, unit="slice")
+
+        def progress(done, total, bar=bar):
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        res = segment_file(model, path, out, overwrite=args.overwrite,
+                           index=tuple(args.index) if args.index else None, progress=progress, **params)
+        bar.close()
+        rows.append({"input": str(path), "output": str(out), "shape": "x".join(map(str, res.shape)),
+                     "objects": res.objects, "s/slice": f"{res.seconds / res.slices:.2f}"})
+    print_table(rows, ["input", "output", "shape", "objects", "s/slice"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="napari-tinysam", description="TinySAM for microscopy")
     sub = p.add_subparsers(dest="command", required=True)
@@ -129,6 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--threads", type=int, default=2)
     b.set_defaults(func=cmd_bench)
+
+    g = sub.add_parser("segment", help="everything mode on files (TIFF, Zarr, NumPy; 2D, 3D, RGB)")
+    g.add_argument("inputs", nargs="+", help="files, folders or glob patterns")
+    g.add_argument("-o", "--output", required=True,
+                   help="output file (.tif/.zarr/.npy) for one input, else an existing folder")
+    g.add_argument("--model", default="default", help="registry name or checkpoint path")
+    g.add_argument("--mode", choices=["hierarchical", "grid"], default="hierarchical")
+    g.add_argument("--points-per-side", type=int, default=32)
+    g.add_argument("--pred-iou-thresh", type=float, default=0.88)
+    g.add_argument("--stability-score-thresh", type=float, default=0.95)
+    g.add_argument("--box-nms-thresh", type=float, default=0.7)
+    g.add_argument("--min-area", type=int, default=0, help="remove islands/holes below this area")
+    g.add_argument("--contrast-limits", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="intensity range mapped to 0..255 (default: 0.5 / 99.5 percentiles)")
+    g.add_argument("--index", type=int, nargs="+", help="leading indices for 4D+ data (e.g. a time point)")
+    g.add_argument("--no-stitch", action="store_true", help="do not link objects across slices")
+    g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    g.add_argument("--threads", type=int, default=2)
+    g.set_defaults(func=cmd_segment)
 
     t = sub.add_parser("distill", help="train a TinySAM student (distillation or ground truth)")
     t.add_argument("images", help="folder of training images (labels in a sibling 'labels' folder)")
@@ -156,11 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .model import CheckpointError
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

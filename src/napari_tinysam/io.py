@@ -7,9 +7,28 @@ from pathlib import Path
 
 import numpy as np
 
+READABLE = (".tif", ".tiff", ".npy", ".png", ".jpg", ".jpeg", ".bmp", ".zarr")
+WRITABLE = (".tif", ".tiff", ".npy", ".zarr")
+
+
+def open_zarr(path: str | os.PathLike):
+    """Open a Zarr array, or the first-resolution array ``0`` of an OME-Zarr group."""
+    import zarr
+
+    node = zarr.open(str(path), mode="r")
+    if hasattr(node, "shape"):
+        return node
+    for key in ("0", "s0"):
+        if key in node:
+            return node[key]
+    arrays = [k for k in node if hasattr(node[k], "shape")]
+    if not arrays:
+        raise ValueError(f"{path} is a Zarr group without arrays")
+    return node[arrays[0]]
+
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file into a NumPy array (TIFF, PNG, JPEG, .npy).
+    """Read an image file into a NumPy array (TIFF, PNG, JPEG, .npy, Zarr/OME-Zarr).
 
     Raises ``ValueError`` with the file name for unsupported or unreadable files.
     """
@@ -18,6 +37,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise FileNotFoundError(f"no such file: {path}")
     suffix = path.suffix.lower()
     try:
+        if suffix == ".zarr":
+            return np.asarray(open_zarr(path)[...])
         if suffix in (".tif", ".tiff"):
             import tifffile
 
@@ -34,3 +55,42 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     raise ValueError(
         f"unsupported file type {suffix!r} for {path}; use TIFF, PNG, JPEG, .npy or Zarr"
     )
+
+
+def write_labels(path: str | os.PathLike, labels: np.ndarray, overwrite: bool = False) -> Path:
+    """Write an int32 label image to TIFF, .npy or Zarr (chosen by the suffix).
+
+    Files are written under a temporary name and renamed, so a failed or interrupted
+    write never leaves a partial output; an existing output is kept unless ``overwrite``.
+    """
+    import shutil
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in WRITABLE:
+        raise ValueError(f"cannot write labels to {path}: use a .tif, .npy or .zarr output")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {path.parent} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise PermissionError(f"output folder {path.parent} is not writable")
+    tmp = path.with_name(f".{path.name}.partial")
+    labels = np.asarray(labels, dtype=np.int32)
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        tifffile.imwrite(tmp, labels, compression="zlib")
+    elif suffix == ".npy":
+        with open(tmp, "wb") as fh:
+            np.save(fh, labels)
+    else:
+        import zarr
+
+        chunks = (1, *labels.shape[1:]) if labels.ndim == 3 else labels.shape
+        arr = zarr.open_array(str(tmp), mode="w", shape=labels.shape, chunks=chunks, dtype="int32")
+        arr[...] = labels
+    if path.exists():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,116 @@
+"""Headless everything-mode on files: expand inputs, segment 2D/3D/RGB data, write label
+images next to nothing else, report a summary. Used by ``napari-tinysam segment``."""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .everything import check_volume, segment_everything, segment_volume
+from .io import READABLE, WRITABLE, read_image, write_labels
+from .model import Sam
+
+
+def expand_inputs(inputs: Iterable[str]) -> list[Path]:
+    """Files, folders (their readable files, sorted) and glob patterns -> file list."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir() and p.suffix.lower() != ".zarr":
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in READABLE)
+            if not found:
+                raise FileNotFoundError(f"no readable images ({', '.join(READABLE)}) in folder {p}")
+            out += found
+        elif p.exists():
+            out.append(p)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(item))
+            if not matches:
+                raise FileNotFoundError(f"no such file, folder or pattern: {item}")
+            out += matches
+    for p in out:
+        if p.suffix.lower() not in READABLE:
+            raise ValueError(f"unsupported file type {p.suffix!r} for {p}; readable: {', '.join(READABLE)}")
+    return out
+
+
+def output_paths(inputs: list[Path], output: str) -> list[Path]:
+    """One output per input. A single input may name its output file; otherwise
+    ``output`` is a folder and outputs are ``<stem>_labels.tif``."""
+    out = Path(output)
+    if len(inputs) == 1 and out.suffix.lower() in WRITABLE:
+        return [out]
+    if out.suffix.lower() in WRITABLE:
+        raise ValueError(f"{len(inputs)} inputs need an output folder, not the file {out}")
+    if not out.is_dir():
+        raise FileNotFoundError(f"output folder {out} does not exist; create it first")
+    return [out / f"{p.stem}_labels.tif" for p in inputs]
+
+
+def select_index(data: np.ndarray, index: tuple[int, ...] | None) -> np.ndarray:
+    """Apply leading indices (e.g. a time point) to data with more than 3 spatial axes."""
+    if index:
+        data = data[tuple(index)]
+    rgb = data.ndim >= 3 and data.shape[-1] in (3, 4)
+    spatial = data.ndim - (1 if rgb else 0)
+    if spatial > 3:
+        raise ValueError(
+            f"data of shape {data.shape} has {spatial} spatial axes; choose a 2D or 3D part "
+            "with --index (e.g. --index 0 for the first time point)"
+        )
+    return data
+
+
+@dataclass
+class Result:
+    input: Path
+    output: Path
+    shape: tuple[int, ...]
+    objects: int
+    seconds: float
+    slices: int
+
+
+def segment_file(
+    model: Sam,
+    path: Path,
+    out: Path,
+    overwrite: bool = False,
+    index: tuple[int, ...] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    **kwargs,
+) -> Result:
+    """Everything mode on one file; writes ``out``. 3D stacks are segmented slice by
+    slice and stitched (``stitch`` keyword, default True)."""
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    data = select_index(read_image(path), index)
+    t0 = time.perf_counter()
+    rgb = data.ndim >= 3 and data.shape[-1] in (3, 4)
+    if data.ndim == 2 or (data.ndim == 3 and rgb):
+        labels = segment_everything(model, data, **{k: v for k, v in kwargs.items() if k != "stitch"})
+        slices = 1
+        if progress:
+            progress(1, 1)
+    else:
+        check_volume(data)
+        labels = segment_volume(model, data, progress=progress, **kwargs)
+        slices = data.shape[0]
+    seconds = time.perf_counter() - t0
+    write_labels(out, labels, overwrite=overwrite)
+    objects = len(np.unique(labels)) - 1
+    return Result(path, out, tuple(labels.shape), objects, seconds, slices)
+
+
+def check_output_folder(path: Path) -> None:
+    folder = path if path.is_dir() else path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"output folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"output folder {folder} is not writable")

@@ -1,0 +1,82 @@
+"""The console script end to end on small files (a small random model keeps it fast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from napari_tinysam.cli import main
+from napari_tinysam.io import read_image, write_labels
+from napari_tinysam.model import save_checkpoint
+
+
+@pytest.fixture
+def model_file(tmp_path, tiny_model):
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_model, path)
+    return str(path)
+
+
+@pytest.fixture
+def files(tmp_path):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "in"
+    d.mkdir()
+    tifffile.imwrite(d / "a.tif", rng.integers(0, 4000, (40, 50), dtype=np.uint16))
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(d / "b.png")
+    import zarr
+
+    z = zarr.open_array(str(tmp_path / "stack.zarr"), mode="w", shape=(3, 32, 32), dtype="uint16")
+    z[...] = rng.integers(0, 1000, (3, 32, 32), dtype=np.uint16)
+    return tmp_path
+
+
+ARGS = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
+
+
+def test_segment_folder_zarr_and_refusals(files, model_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["segment", str(files / "in"), "-o", str(out), "--model", model_file, *ARGS]) == 0
+    a = read_image(out / "a_labels.tif")
+    b = read_image(out / "b_labels.tif")
+    assert a.shape == (40, 50) and b.shape == (30, 40) and a.dtype == np.int32
+    assert "objects" in capsys.readouterr().out
+    # never overwrite unless asked
+    before = (out / "a_labels.tif").stat().st_mtime_ns
+    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(out / "a_labels.tif"), "--model", model_file, *ARGS]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "a_labels.tif").stat().st_mtime_ns == before
+    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(out / "a_labels.tif"), "--model", model_file,
+                 "--overwrite", *ARGS]) == 0
+    # 3D Zarr in, Zarr out
+    assert main(["segment", str(files / "stack.zarr"), "-o", str(out / "stack_labels.zarr"), "--model", model_file, *ARGS]) == 0
+    assert read_image(out / "stack_labels.zarr").shape == (3, 32, 32)
+    # bad input: clear messages, exit code 2
+    (files / "notes.txt").write_text("x")
+    assert main(["segment", str(files / "notes.txt"), "-o", str(out), "--model", model_file]) == 2
+    assert "unsupported file type" in capsys.readouterr().err
+    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(tmp_path / "missing" / "x.tif"), "--model", model_file]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    np.save(files / "t.npy", np.zeros((2, 2, 8, 8), np.uint16))
+    assert main(["segment", str(files / "t.npy"), "-o", str(out / "t.npy"), "--model", model_file, *ARGS]) == 2
+    assert "--index" in capsys.readouterr().err
+    assert main(["segment", str(files / "t.npy"), "-o", str(out / "t.npy"), "--model", model_file, "--index", "0", *ARGS]) == 0
+
+
+def test_write_labels_is_atomic(tmp_path):
+    write_labels(tmp_path / "x.tif", np.ones((4, 4)))
+    with pytest.raises(FileExistsError):
+        write_labels(tmp_path / "x.tif", np.zeros((4, 4)))
+    assert read_image(tmp_path / "x.tif").max() == 1
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_models_list_and_path(capsys):
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "tinysam" in out and "sam_vit_h" in out
+    assert main(["models", "path", "tinysam"]) == 0
+    assert capsys.readouterr().out.strip().endswith("tinysam_42.3.pth")
