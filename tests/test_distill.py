@@ -120,3 +120,31 @@ def test_tiny_training_lowers_loss_and_resumes(tiny_folder, tmp_path):
         assert torch.equal(v, ref[k]), k
     again.run(progress=False)
     assert again.step == 42 and (out / "final.pt").is_file()
+
+
+def test_distillation_uses_stored_teacher_embeddings(tiny_folder, tmp_path):
+    from napari_tinysam.distill.teacher import StoreMismatch
+    from napari_tinysam.model import build_sam
+
+    cfg = _tiny_config(tiny_folder, tmp_path / "kd", steps=3)
+    cfg.teacher_views = 6
+    torch.manual_seed(1)
+    teacher = build_sam(cfg.student).eval()
+    trainer = Trainer(cfg, teacher=teacher, log=lambda *_: None)
+    assert trainer.store.done.all() and trainer.store.encoder_calls > 0
+    terms = trainer.train_step()
+    assert {"embedding", "tokens", "logits", "mask"} <= set(terms)
+    # stored embeddings are the teacher's embeddings of exactly the student's views
+    img, _ = trainer.store.view(2)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        ref = teacher.image_encoder((x - teacher.pixel_mean) / teacher.pixel_std)
+    assert torch.allclose(trainer.store.get(2), ref, atol=1e-2)
+    # a second run reuses the store: no teacher encoder pass
+    again = Trainer(cfg, teacher=teacher, log=lambda *_: None)
+    assert again.store.encoder_calls == 0
+    # another teacher: refused with a clear message
+    torch.manual_seed(2)
+    other = build_sam(cfg.student).eval()
+    with pytest.raises(StoreMismatch, match="teacher"):
+        Trainer(cfg, teacher=other, log=lambda *_: None)

@@ -60,6 +60,8 @@ class TrainConfig:
     val_fields: int = 6
     val_objects: int = 15
     hard_prompts: bool = True
+    teacher_views: int = 2000  # fixed views whose teacher embeddings are stored
+    teacher_store: str | None = None  # folder of the store (default: out_dir/teacher_store)
     # loss weights
     w_focal: float = 20.0
     w_dice: float = 1.0
@@ -110,6 +112,23 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.store = None
+        if teacher is not None:
+            if teacher.img_size != self.model.img_size:
+                raise ValueError(
+                    f"teacher img_size {teacher.img_size} != student img_size {self.model.img_size}; "
+                    "train the student at the teacher's input size (--img-size)"
+                )
+            from .teacher import TeacherStore
+
+            self.store = TeacherStore(
+                cfg.teacher_store or self.out / "teacher_store", teacher, self.train_samples,
+                cfg.teacher_views, cfg.crop, self.aug, cfg.seed,
+            )
+            missing = int((~self.store.done).sum())
+            if missing:
+                self.log(f"computing {missing} teacher embeddings (stored in {self.store.folder})")
+                self.store.compute()
 
     # -- state --------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -148,8 +167,16 @@ class Trainer:
         return True
 
     # -- one step -----------------------------------------------------------------------
-    def _crop_batch(self) -> tuple[torch.Tensor, list[np.ndarray]]:
+    def _crop_batch(self) -> tuple[torch.Tensor, list[np.ndarray], torch.Tensor | None]:
         imgs, labs = [], []
+        if self.store is not None:
+            idx = self.rng.integers(0, self.store.n_views, self.cfg.batch_crops)
+            for i in idx:
+                img, lab = self.store.view(int(i))
+                imgs.append(img)
+                labs.append(lab)
+            x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
+            return x, labs, torch.cat([self.store.get(int(i)) for i in idx])
         while len(imgs) < self.cfg.batch_crops:
             s: Sample = self.train_samples[int(self.rng.integers(len(self.train_samples)))]
             img, lab = augment_crop(s, self.cfg.crop, self.aug, self.rng)
@@ -158,7 +185,7 @@ class Trainer:
             imgs.append(img)
             labs.append(lab)
         x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
-        return x, labs
+        return x, labs, None
 
     def _objects(self, lab: np.ndarray) -> torch.Tensor | None:
         ids, counts = np.unique(lab, return_counts=True)
@@ -181,7 +208,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         cfg, model = self.cfg, self.model
-        x, labs = self._crop_batch()
+        x, labs, teacher_emb = self._crop_batch()
         xn = (x - model.pixel_mean) / model.pixel_std
         emb = model.image_encoder(xn)
         grid = cfg.crop // 16
@@ -192,11 +219,9 @@ class Trainer:
         def add(name: str, value: torch.Tensor) -> None:
             terms[name] = terms.get(name, 0.0) + value
 
-        teacher_emb = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_emb = self.teacher.image_encoder(xn)
+        if teacher_emb is not None:
             add("embedding", cfg.w_embedding * embedding_l1(emb, teacher_emb))
+            teacher_pe = self.teacher.prompt_encoder.get_dense_pe()
         rounds = int(self.rng.integers(0, cfg.max_rounds + 1)) if cfg.hard_prompts else 0
         n_masks = 0
         for b, lab in enumerate(labs):
@@ -239,7 +264,8 @@ class Trainer:
                     if self.teacher is not None:
                         with torch.no_grad():
                             t_logits, _, t_tokens = self.teacher.mask_decoder(
-                                teacher_emb[b : b + 1], pe, *self.teacher.prompt_encoder(pts, boxes, mask_in, (grid, grid)),
+                                teacher_emb[b : b + 1], teacher_pe[:, :, oy : oy + grid, ox : ox + grid],
+                                *self.teacher.prompt_encoder(pts, boxes, mask_in, (grid, grid)),
                                 return_tokens=True,
                             )
                             t_up = F.interpolate(t_logits[:, sel], size=g.shape[-2:], mode="bilinear", align_corners=False)
