@@ -9,7 +9,13 @@ import torch
 
 from napari_tinysam import load_model
 from napari_tinysam.distill import TrainConfig, Trainer
-from napari_tinysam.distill.losses import dice_loss, focal_loss, hard_mask_weight, mask_iou, weighted_logit_l1
+from napari_tinysam.distill.losses import (
+    dice_loss,
+    focal_loss,
+    hard_mask_weight,
+    mask_iou,
+    weighted_logit_l1,
+)
 from napari_tinysam.distill.prompts import boxes_from_masks, sample_error_points, sample_points_in
 
 
