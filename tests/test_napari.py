@@ -45,12 +45,19 @@ def test_manifest_registers_widgets_and_samples():
     assert {s.key for s in manifest.contributions.sample_data} == {"nuclei_2d", "nuclei_3d"}
 
 
-def test_annotator_2d_commit_second_object_and_undo(make_napari_viewer, qtbot, nuclei):
-    image, truth = nuclei
+@pytest.fixture
+def annotator(make_napari_viewer, qtbot, nuclei):
+    """A viewer with the 2D sample and a ready annotator widget."""
     viewer = make_napari_viewer()
-    viewer.add_image(image, name="nuclei")
+    viewer.add_image(nuclei[0], name="nuclei")
     w = AnnotatorWidget(viewer)
     _wait(qtbot, w)
+    return viewer, w
+
+
+def test_annotator_2d_commit_second_object_and_undo(annotator, qtbot, nuclei):
+    viewer, w = annotator
+    truth = nuclei[1]
     a, b = _largest_objects(truth, 2)
     xa, ya = innermost_point(truth == a)
     w.points_layer.add([ya, xa])
@@ -75,12 +82,9 @@ def test_annotator_2d_commit_second_object_and_undo(make_napari_viewer, qtbot, n
     assert target.data.max() == 0
 
 
-def test_annotator_negative_point_shrinks_and_box(make_napari_viewer, qtbot, nuclei):
-    image, truth = nuclei
-    viewer = make_napari_viewer()
-    viewer.add_image(image, name="nuclei")
-    w = AnnotatorWidget(viewer)
-    _wait(qtbot, w)
+def test_annotator_negative_point_shrinks_and_box(annotator, qtbot, nuclei):
+    _, w = annotator
+    truth = nuclei[1]
     a, b = _largest_objects(truth, 2)
     # a box around object a
     ys, xs = np.nonzero(truth == a)
