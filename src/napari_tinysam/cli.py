@@ -45,6 +45,13 @@ def cmd_models(args: argparse.Namespace) -> int:
             })
         print_table(rows, ["name", "local", "description", "hash", "source"])
         return 0
+    if args.action == "download":
+        from .weights import download_model
+
+        if not args.name:
+            raise SystemExit("models download: give a model name, e.g. `napari-tinysam models download tinysam`")
+        print(download_model(args.name))
+        return 0
     if args.action == "path":
         if not args.name:
             raise SystemExit("models path: give a model name, e.g. `napari-tinysam models path tinysam`")
@@ -162,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=2)
     d.set_defaults(func=cmd_demo)
 
-    m = sub.add_parser("models", help="list models, or print where a model file belongs")
-    m.add_argument("action", choices=["list", "path"])
+    m = sub.add_parser("models", help="list, download, or print where a model file belongs")
+    m.add_argument("action", choices=["list", "download", "path"])
     m.add_argument("name", nargs="?")
     m.set_defaults(func=cmd_models)
 

@@ -108,10 +108,66 @@ def missing_weights_message(name: str) -> str:
     info = REGISTRY[name]
     path = model_path(name)
     return (
-        f"the weights of {name!r} ({info.description}) are not on this machine. Download "
-        f"{info.url} and place the file at {path} (folder: {path.parent}; set "
-        f"{CACHE_ENV} to use another folder)."
+        f"the weights of {name!r} ({info.description}) are not on this machine. Run "
+        f"`napari-tinysam models download {name}`, or download {info.url} and place the "
+        f"file at {path} (folder: {path.parent}; set {CACHE_ENV} to use another folder)."
     )
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """``xxh128:<hex>`` of a file (the format of pooch and micro-sam registries)."""
+    import xxhash
+
+    h = xxhash.xxh128()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return f"xxh128:{h.hexdigest()}"
+
+
+def _recorded_hash_path(path: Path) -> Path:
+    return path.with_name(path.name + ".xxh128")
+
+
+def download_model(name: str, url: str | None = None, progress: bool = True) -> Path:
+    """Download a registry model into the cache folder and return its path.
+
+    The transfer goes to a temporary file that is moved into place only when complete
+    and verified, so a partial file is never used: against the published hash where one
+    exists; otherwise (TinySAM releases publish none) by a strict load of the weights,
+    after which the file's hash is recorded next to it and checked on later downloads.
+    Without network access the error names the file and the folder to place it in.
+    """
+    import pooch
+
+    info = REGISTRY.get(name)
+    if info is None:
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)}")
+    if info.bundled:
+        return model_path(name)
+    path = model_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recorded = _recorded_hash_path(path)
+    known = info.hash or (recorded.read_text().strip() if recorded.is_file() else None)
+    tmp_name = f".{info.filename}.download"
+    try:
+        got = pooch.retrieve(
+            url or info.url, known_hash=known, fname=tmp_name, path=path.parent, progressbar=progress
+        )
+    except ValueError as exc:  # hash mismatch: pooch has already deleted the file
+        raise CheckpointError(f"download of {name!r} failed verification: {exc}") from exc
+    except Exception as exc:  # network errors of any kind
+        raise CheckpointError(f"download of {name!r} failed ({exc}); {missing_weights_message(name)}") from exc
+    got = Path(got)
+    if known is None:
+        try:
+            sam_from_checkpoint(got)  # strict: every key and shape must match
+        except CheckpointError:
+            got.unlink(missing_ok=True)
+            raise
+        recorded.write_text(file_hash(got) + "\n")
+    os.replace(got, path)
+    return path
 
 
 def load_model(name_or_path: str | os.PathLike = "default", device: str | torch.device = "cpu") -> Sam:
