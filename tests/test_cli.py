@@ -80,3 +80,14 @@ def test_models_list_and_path(capsys):
     assert "tinysam" in out and "sam_vit_h" in out
     assert main(["models", "path", "tinysam"]) == 0
     assert capsys.readouterr().out.strip().endswith("tinysam_42.3.pth")
+
+
+def test_embed_store_created_reused_and_refused(files, model_file, tmp_path, capsys):
+    store = str(tmp_path / "emb.zarr")
+    assert main(["embed", str(files / "stack.zarr"), "-o", store, "--model", model_file]) == 0
+    assert "3 computed now" in capsys.readouterr().out
+    assert main(["embed", str(files / "stack.zarr"), "-o", store, "--model", model_file]) == 0
+    assert "0 computed now, 3 reused" in capsys.readouterr().out
+    assert main(["embed", str(files / "stack.zarr"), "-o", store, "--model", model_file,
+                 "--contrast-limits", "0", "5"]) == 2
+    assert "does not match" in capsys.readouterr().err

@@ -52,7 +52,8 @@ def annotator(make_napari_viewer, qtbot, nuclei):
     viewer.add_image(nuclei[0], name="nuclei")
     w = AnnotatorWidget(viewer)
     _wait(qtbot, w)
-    return viewer, w
+    yield viewer, w
+    _wait(qtbot, w)  # no worker may outlive the viewer
 
 
 def test_annotator_2d_commit_second_object_and_undo(annotator, qtbot, nuclei):
@@ -134,6 +135,7 @@ def test_annotator_3d_scaled_slices(make_napari_viewer, qtbot):
     target = viewer.layers["TinySAM labels"]
     assert set(np.unique(target.data)) == {0, 1, 2}
     assert set(np.nonzero(target.data.reshape(target.data.shape[0], -1).any(1))[0]) == {3, 9}
+    _wait(qtbot, w)
 
 
 def test_annotator_bad_input(make_napari_viewer, qtbot, nuclei):
@@ -157,6 +159,7 @@ def test_annotator_bad_input(make_napari_viewer, qtbot, nuclei):
     assert w.predictor is not None
     w.commit()
     assert viewer.layers["TinySAM labels"].data.max() == 1
+    _wait(qtbot, w)
 
 
 def test_keybindings_do_not_shadow_napari_defaults():
@@ -184,3 +187,24 @@ def test_everything_widget_stack_and_cancel(make_napari_viewer, qtbot):
     # stitched: at least one id spans several slices
     spans = [len({z for z in range(6) if (out.data[z] == i).any()}) for i in np.unique(out.data)[1:]]
     assert max(spans) > 1
+
+
+def test_annotator_reuses_matching_embedding_store(make_napari_viewer, qtbot, tmp_path):
+    from napari_tinysam.embedding_store import EmbeddingStore
+
+    stack = samples.nuclei_3d()[:4]
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(stack, name="stack")
+    w = AnnotatorWidget(viewer)
+    _wait(qtbot, w)
+    model = w.predictor.model
+    store = EmbeddingStore.open(tmp_path / "e.zarr", model, stack, tuple(layer.contrast_limits), create=True)
+    store.compute(model, stack)
+    assert w.open_store(str(tmp_path / "e.zarr"))
+    w.points_layer.add([2, 30, 30])
+    # served from the store at once: no embedding job was queued
+    assert w.preview_slice == (2,) and not w.busy
+    # a store for other contrast limits is refused, the widget keeps working
+    layer.contrast_limits = (0, 10)
+    assert not w.open_store(str(tmp_path / "e.zarr")) and w.store is None
+    _wait(qtbot, w)

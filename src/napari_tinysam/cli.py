@@ -159,6 +159,29 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .batch import select_index
+    from .embedding_store import EmbeddingStore
+    from .io import read_image
+    from .weights import load_model
+
+    _threads(args.threads)
+    data = select_index(read_image(args.input), tuple(args.index) if args.index else None)
+    rgb = data.ndim >= 3 and data.shape[-1] in (3, 4)
+    if data.ndim == 2 or (data.ndim == 3 and rgb):
+        data = data[None]
+    model = load_model(args.model)
+    store = EmbeddingStore.open(args.output, model, data, args.contrast_limits, create=True)
+    todo = int((~store.done).sum())
+    bar = tqdm(total=data.shape[0], initial=data.shape[0] - todo, desc="embed", unit="slice")
+    n = store.compute(model, data, progress=lambda d, t: bar.update(1))
+    bar.close()
+    print(f"{args.output}: {data.shape[0]} slices ({n} computed now, {data.shape[0] - n} reused)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="napari-tinysam", description="TinySAM for microscopy")
     sub = p.add_subparsers(dest="command", required=True)
@@ -201,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=2)
     g.set_defaults(func=cmd_segment)
 
+    e = sub.add_parser("embed", help="precompute slice embeddings into a Zarr store (resumable)")
+    e.add_argument("input", help="a 2D/3D TIFF, Zarr or .npy")
+    e.add_argument("-o", "--output", required=True, help="store path, e.g. stack_embeddings.zarr")
+    e.add_argument("--model", default="default")
+    e.add_argument("--contrast-limits", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="default: the stack's 0.5 / 99.5 percentiles")
+    e.add_argument("--index", type=int, nargs="+", help="leading indices for 4D+ data")
+    e.add_argument("--threads", type=int, default=2)
+    e.set_defaults(func=cmd_embed)
+
     t = sub.add_parser("distill", help="train a TinySAM student (distillation or ground truth)")
     t.add_argument("images", help="folder of training images (labels in a sibling 'labels' folder)")
     t.add_argument("-o", "--out", required=True, help="run folder (checkpoints; resumes if present)")
@@ -236,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as exc:
+    except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

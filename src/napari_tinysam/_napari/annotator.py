@@ -51,6 +51,7 @@ class AnnotatorWidget(Container):
         self.overwrite = CheckBox(text="overwrite existing objects", value=False)
         self.negative = CheckBox(text=f"negative points ({KEYS['polarity']})", value=False)
         self.cache_mb = SpinBox(label="cache (MB)", min=16, max=65536, value=512)
+        self.store_file = FileEdit(label="embedding store", mode="d")
         self.commit_btn = PushButton(text=f"Commit ({KEYS['commit']})")
         self.clear_btn = PushButton(text=f"Clear ({KEYS['clear']})")
         self.next_btn = PushButton(text=f"Next mask ({KEYS['next']})")
@@ -58,7 +59,7 @@ class AnnotatorWidget(Container):
         self.status = Label(value="")
         self.extend([
             self.image_combo, self.model_combo, self.model_file, self.labels_combo,
-            self.overwrite, self.negative, self.cache_mb, self.commit_btn, self.clear_btn,
+            self.overwrite, self.negative, self.cache_mb, self.store_file, self.commit_btn, self.clear_btn,
             self.next_btn, self.undo_btn, self.status,
         ])
         self.predictor: SamPredictor | None = None
@@ -84,6 +85,8 @@ class AnnotatorWidget(Container):
         self.model_combo.changed.connect(lambda v: self.load_model(v))
         self.model_file.changed.connect(lambda v: self.load_model(str(v)) if str(v) not in ("", ".") else None)
         self.cache_mb.changed.connect(lambda v: self.cache.set_max_bytes(v * 2**20))
+        self.store_file.changed.connect(lambda v: self.open_store(str(v)) if str(v) not in ("", ".") else None)
+        self.store = None
         self.commit_btn.clicked.connect(self.commit)
         self.clear_btn.clicked.connect(self.clear)
         self.next_btn.clicked.connect(self.next_candidate)
@@ -140,6 +143,25 @@ class AnnotatorWidget(Container):
         worker.errored.connect(failed)
         self._model_worker = worker
         worker.start()
+
+    def open_store(self, path: str) -> bool:
+        """Use precomputed embeddings (``napari-tinysam embed``) whose signature matches
+        the image layer's data, the model and the layer's contrast limits."""
+        from ..embedding_store import EmbeddingStore
+
+        image = self.image_combo.value
+        if image is None or self.predictor is None or image_ndim(image) != 3:
+            show_error("TinySAM: an embedding store needs a 3D image layer and a loaded model")
+            return False
+        try:
+            self.store = EmbeddingStore.open(path, self.predictor.model, np.asarray(image.data),
+                                             tuple(image.contrast_limits))
+        except (ValueError, FileNotFoundError) as exc:
+            self.store = None
+            show_error(f"TinySAM: {exc}")
+            return False
+        self.status.value = f"using embedding store {path}"
+        return True
 
     # -- layers ---------------------------------------------------------------------------
     def _image_changed(self, layer) -> None:
@@ -250,7 +272,7 @@ class AnnotatorWidget(Container):
             self._show(None, index)
             return
         rgb = slice_rgb(np.asarray(image.data[index]), tuple(image.contrast_limits))
-        if is_embedded(self.predictor, rgb):
+        if self._embedded(index, rgb):
             try:
                 self.candidates = segment_prompts(self.predictor, rgb, prompts)
             except ValueError as exc:
@@ -262,6 +284,15 @@ class AnnotatorWidget(Container):
         else:
             self._pending_update = index
             self._request_embedding(index, rgb, priority=True)
+
+    def _embedded(self, index: tuple[int, ...], rgb: np.ndarray) -> bool:
+        """Whether the slice's embedding is cached, taking it from the store if there."""
+        if is_embedded(self.predictor, rgb):
+            return True
+        if self.store is not None and len(index) == 1 and self.store.done[index[0]]:
+            self.cache.put(image_key(self.predictor.model, rgb), self.store.get(index[0]))
+            return True
+        return False
 
     def _prompts(self, index):
         image = self.image_combo.value
@@ -336,7 +367,7 @@ class AnnotatorWidget(Container):
             nb = (*index[:-1], index[-1] + dz)
             if 0 <= nb[-1] < image.data.shape[len(index) - 1]:
                 rgb = slice_rgb(np.asarray(image.data[nb]), tuple(image.contrast_limits))
-                if not is_embedded(self.predictor, rgb):
+                if not self._embedded(nb, rgb):
                     self._request_embedding(nb, rgb, priority=False)
 
     def _contrast_event(self, event=None) -> None:
@@ -345,6 +376,9 @@ class AnnotatorWidget(Container):
     def _contrast_changed(self) -> None:
         """Contrast limits changed (debounced): the model must see the new view."""
         self.cache.clear()
+        if self.store is not None:
+            self.store = None
+            show_info("TinySAM: contrast limits changed; the embedding store no longer applies")
         self._jobs.clear()
         if self.preview_slice is not None:
             self._refresh(self.preview_slice)
