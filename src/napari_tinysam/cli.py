@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
 
 
 def _threads(n: int | None) -> None:
@@ -130,6 +133,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         check_output_folder(out)
         if out.exists() and not args.overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it (nothing was written)")
+    if args.workers or args.scheduler:
+        return _segment_distributed(args, inputs, outputs)
     model = load_model(args.model)
     params = {
         "mode": args.mode,
@@ -155,6 +160,44 @@ def cmd_segment(args: argparse.Namespace) -> int:
         bar.close()
         rows.append({"input": str(path), "output": str(out), "shape": "x".join(map(str, res.shape)),
                      "objects": res.objects, "s/slice": f"{res.seconds / res.slices:.2f}"})
+    print_table(rows, ["input", "output", "shape", "objects", "s/slice"])
+    return 0
+
+
+def _segment_distributed(args: argparse.Namespace, inputs, outputs) -> int:
+    from tqdm import tqdm
+
+    from .batch import select_index
+    from .bench import print_table
+    from .distributed import connect, segment_volume_distributed
+    from .io import open_zarr, read_image
+
+    for out in outputs:
+        if out.suffix.lower() != ".zarr":
+            raise ValueError(f"with --workers/--scheduler the output must be a .zarr store, got {out}")
+    client = connect(args.scheduler, args.workers)
+    rows = []
+    try:
+        for path, out in zip(inputs, outputs):
+            data = open_zarr(path) if path.suffix.lower() == ".zarr" else read_image(path)
+            data = select_index(data, tuple(args.index) if args.index else None)
+            bar = tqdm(total=data.shape[0], desc=path.name, unit="slice")
+            t0 = time.perf_counter()
+            labels = segment_volume_distributed(
+                args.model, data, out, client, mode=args.mode, stitch=not args.no_stitch,
+                contrast_limits=tuple(args.contrast_limits) if args.contrast_limits else None,
+                progress=lambda d, t, bar=bar: bar.update(1), overwrite=args.overwrite,
+                points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
+                stability_score_thresh=args.stability_score_thresh, box_nms_thresh=args.box_nms_thresh,
+                min_mask_region_area=args.min_area,
+            )
+            bar.close()
+            seconds = time.perf_counter() - t0
+            objects = len(np.unique(np.concatenate([np.unique(labels[i]) for i in range(labels.shape[0])]))) - 1
+            rows.append({"input": str(path), "output": str(out), "shape": "x".join(map(str, labels.shape)),
+                         "objects": objects, "s/slice": f"{seconds / labels.shape[0]:.2f}"})
+    finally:
+        client.close()
     print_table(rows, ["input", "output", "shape", "objects", "s/slice"])
     return 0
 
@@ -221,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--index", type=int, nargs="+", help="leading indices for 4D+ data (e.g. a time point)")
     g.add_argument("--no-stitch", action="store_true", help="do not link objects across slices")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    g.add_argument("--workers", type=int, default=None, help="run on a local Dask cluster with N worker processes")
+    g.add_argument("--scheduler", default=None, help="run on the Dask cluster at this address (tcp://host:port)")
     g.add_argument("--threads", type=int, default=2)
     g.set_defaults(func=cmd_segment)
 
@@ -269,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, ValueError, KeyError) as exc:
+    except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, ValueError, KeyError,
+            ConnectionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

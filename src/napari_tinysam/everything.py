@@ -304,11 +304,16 @@ def segment_everything(
     return labels, records
 
 
-def volume_contrast_limits(stack: np.ndarray, percentiles=(0.5, 99.5), max_samples: int = 2_000_000):
-    """Contrast limits for a whole stack (a subsample's percentiles), so that every
-    slice is scaled the same way."""
-    flat = stack.reshape(-1) if stack.size <= max_samples else stack.reshape(-1)[:: stack.size // max_samples + 1]
-    lo, hi = np.percentile(flat, percentiles)
+def volume_contrast_limits(stack, percentiles=(0.5, 99.5), max_slices: int = 8, max_samples: int = 2_000_000):
+    """Contrast limits for a whole stack, so that every slice is scaled the same way:
+    percentiles of up to ``max_slices`` evenly spaced slices (subsampled to at most
+    ``max_samples`` values). Reads only those slices, so it works on Zarr and dask
+    arrays too."""
+    idx = np.unique(np.linspace(0, stack.shape[0] - 1, min(stack.shape[0], max_slices)).astype(int))
+    sample = np.stack([np.asarray(stack[int(i)]) for i in idx]).reshape(-1)
+    if sample.size > max_samples:
+        sample = sample[:: sample.size // max_samples + 1]
+    lo, hi = np.percentile(sample, percentiles)
     return float(lo), float(hi)
 
 
@@ -322,6 +327,18 @@ def check_volume(stack: np.ndarray) -> bool:
         f"expected a (Z, H, W) stack or an RGB (Z, H, W, 3) stack, got shape {stack.shape}; "
         "for data with more axes (time, channels) pass one 3D stack, e.g. data[t] or data[:, c]"
     )
+
+
+def link_slice(
+    previous: np.ndarray | None, labels: np.ndarray, next_id: int, stitch: bool, stitch_iou: float
+) -> tuple[np.ndarray, int]:
+    """Give one slice's labels (ids 1..n) volume-wide ids: linked to ``previous`` (the
+    slice before, already relabelled) when ``stitch``, otherwise offset to be unique.
+    Returns the relabelled slice and the next free id."""
+    if stitch and previous is not None:
+        return stitch_pair(previous, labels, next_id, stitch_iou)
+    out = np.where(labels > 0, labels + next_id - 1, 0).astype(np.int32)
+    return out, (int(out.max()) + 1 if out.max() > 0 else next_id)
 
 
 def segment_volume(
@@ -359,12 +376,7 @@ def segment_volume(
         if cancel is not None and cancel():
             raise Cancelled(f"cancelled before slice {i} of {z}")
         lab = segment_everything(predictor, stack[i], mode=mode, contrast_limits=limits, **kwargs)
-        if stitch and i > 0:
-            lab, next_id = stitch_pair(out[i - 1], lab, next_id, stitch_iou)
-        else:
-            lab = np.where(lab > 0, lab + next_id - 1, 0).astype(np.int32)
-            next_id = int(lab.max()) + 1 if lab.max() > 0 else next_id
-        out[i] = lab
+        out[i], next_id = link_slice(out[i - 1] if i else None, lab, next_id, stitch, stitch_iou)
         if progress is not None:
             progress(i + 1, z)
     return out
