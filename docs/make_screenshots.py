@@ -53,6 +53,7 @@ def main() -> None:
     ys, xs = np.nonzero(truth == big[4])
     w.boxes_layer.add_rectangles(np.array([[ys.min() - 2, xs.min() - 2], [ys.max() + 2, xs.max() + 2]]))
     wait(lambda: not w.busy)
+    viewer.reset_view()
     app.processEvents()
     viewer.screenshot(str(HERE / "annotator.png"), canvas_only=False)
     viewer.close()
@@ -66,6 +67,7 @@ def main() -> None:
     e.advanced.value = True
     e.run()
     wait(lambda: e.worker is None)
+    viewer.reset_view()
     app.processEvents()
     viewer.screenshot(str(HERE / "everything.png"), canvas_only=False)
     viewer.close()
