@@ -208,3 +208,20 @@ def test_annotator_reuses_matching_embedding_store(make_napari_viewer, qtbot, tm
     layer.contrast_limits = (0, 10)
     assert not w.open_store(str(tmp_path / "e.zarr")) and w.store is None
     _wait(qtbot, w)
+
+
+def test_contrast_change_invalidates_embeddings(annotator, qtbot, nuclei):
+    viewer, w = annotator
+    truth = nuclei[1]
+    x, y = innermost_point(truth == _largest_objects(truth, 1)[0])
+    w.points_layer.add([y, x])
+    _wait(qtbot, w)
+    assert len(w.cache) == 1
+    layer = viewer.layers["nuclei"]
+    lo, hi = layer.contrast_limits
+    for k in range(5):  # a drag: several changes, one invalidation after the last
+        layer.contrast_limits = (lo, hi * (0.9 - 0.05 * k))
+    assert len(w.cache) == 1  # debounced: nothing happens during the drag
+    qtbot.waitUntil(lambda: w.busy or len(w.cache) == 0, timeout=2000)
+    _wait(qtbot, w)
+    assert len(w.cache) == 1 and w.preview_layer.data.any()  # re-embedded with the new view
