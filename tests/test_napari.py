@@ -174,6 +174,7 @@ def test_everything_widget_stack_and_cancel(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     viewer.add_image(samples.nuclei_3d()[:6], name="stack")
     w = EverythingWidget(viewer)
+    qtbot.waitUntil(lambda: w._model_worker is None, timeout=60000)
     w.points_per_side.value = 16
     n_layers = len(viewer.layers)
     w.run()

@@ -135,13 +135,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it (nothing was written)")
     if args.workers or args.scheduler:
         return _segment_distributed(args, inputs, outputs)
+    from .everything import recommended_thresholds
+
     model = load_model(args.model)
+    thresholds = recommended_thresholds(model)
+    for key in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh"):
+        if getattr(args, key) is not None:
+            thresholds[key] = getattr(args, key)
     params = {
         "mode": args.mode,
         "points_per_side": args.points_per_side,
-        "pred_iou_thresh": args.pred_iou_thresh,
-        "stability_score_thresh": args.stability_score_thresh,
-        "box_nms_thresh": args.box_nms_thresh,
+        **thresholds,
         "min_mask_region_area": args.min_area,
         "contrast_limits": tuple(args.contrast_limits) if args.contrast_limits else None,
         "stitch": not args.no_stitch,
@@ -162,6 +166,18 @@ def cmd_segment(args: argparse.Namespace) -> int:
                      "objects": res.objects, "s/slice": f"{res.seconds / res.slices:.2f}"})
     print_table(rows, ["input", "output", "shape", "objects", "s/slice"])
     return 0
+
+
+def _thresholds(args: argparse.Namespace) -> dict:
+    """Thresholds for the workers: the model's tuned ones unless given on the command line."""
+    from .everything import recommended_thresholds
+    from .weights import load_model
+
+    out = recommended_thresholds(load_model(args.model))
+    for key in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh"):
+        if getattr(args, key) is not None:
+            out[key] = getattr(args, key)
+    return out
 
 
 def _segment_distributed(args: argparse.Namespace, inputs, outputs) -> int:
@@ -187,9 +203,8 @@ def _segment_distributed(args: argparse.Namespace, inputs, outputs) -> int:
                 args.model, data, out, client, mode=args.mode, stitch=not args.no_stitch,
                 contrast_limits=tuple(args.contrast_limits) if args.contrast_limits else None,
                 progress=lambda d, t, bar=bar: bar.update(1), overwrite=args.overwrite,
-                points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
-                stability_score_thresh=args.stability_score_thresh, box_nms_thresh=args.box_nms_thresh,
-                min_mask_region_area=args.min_area,
+                points_per_side=args.points_per_side, min_mask_region_area=args.min_area,
+                **_thresholds(args),
             )
             bar.close()
             seconds = time.perf_counter() - t0
@@ -255,9 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="default", help="registry name or checkpoint path")
     g.add_argument("--mode", choices=["hierarchical", "grid"], default="hierarchical")
     g.add_argument("--points-per-side", type=int, default=32)
-    g.add_argument("--pred-iou-thresh", type=float, default=0.88)
-    g.add_argument("--stability-score-thresh", type=float, default=0.95)
-    g.add_argument("--box-nms-thresh", type=float, default=0.7)
+    g.add_argument("--pred-iou-thresh", type=float, default=None,
+                   help="default: the model's tuned value (models list), else SAM's 0.88")
+    g.add_argument("--stability-score-thresh", type=float, default=None,
+                   help="default: the model's tuned value, else SAM's 0.95")
+    g.add_argument("--box-nms-thresh", type=float, default=None, help="default: 0.7")
     g.add_argument("--min-area", type=int, default=0, help="remove islands/holes below this area")
     g.add_argument("--contrast-limits", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="intensity range mapped to 0..255 (default: 0.5 / 99.5 percentiles)")

@@ -177,6 +177,23 @@ def _postprocess(masks: _Masks, params: dict[str, Any]) -> _Masks:
     return cleaned.select(sorted(keep.tolist()))
 
 
+#: SAM's automatic-mask-generator thresholds (the defaults of :func:`segment_everything`).
+SAM_THRESHOLDS = {
+    "pred_iou_thresh": 0.88,
+    "stability_score_thresh": 0.95,
+    "stability_score_offset": 1.0,
+    "box_nms_thresh": 0.7,
+}
+
+
+def recommended_thresholds(model: Sam) -> dict[str, float]:
+    """Thresholds to use with ``model``: those tuned for it on its training data and
+    stored in its checkpoint (``meta["everything"]``), else SAM's. The command line and
+    the napari widget start from these; ``segment_everything`` keeps SAM's defaults."""
+    tuned = (getattr(model, "meta", None) or {}).get("everything", {})
+    return {k: float(tuned.get(k, v)) for k, v in SAM_THRESHOLDS.items()}
+
+
 def _check_params(mode: str, params: dict[str, Any]) -> None:
     if mode not in ("hierarchical", "grid"):
         raise ValueError(f"mode must be 'hierarchical' or 'grid', got {mode!r}")

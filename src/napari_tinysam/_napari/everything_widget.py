@@ -22,7 +22,7 @@ from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 
-from ..everything import Cancelled, segment_everything, segment_volume
+from ..everything import Cancelled, recommended_thresholds, segment_everything, segment_volume
 from .layers import image_ndim, slice_of
 from .models import get_model, model_choices
 
@@ -93,6 +93,9 @@ class EverythingWidget(Container):
             self.cancel_btn, self.status,
         ])
         self.advanced.changed.connect(lambda v: setattr(self.advanced_box, "visible", v))
+        self._model_worker = None
+        self.model_combo.changed.connect(self._model_changed)
+        self._model_changed(self.model_combo.value)
         self.run_btn.clicked.connect(self.run)
         self.cancel_btn.clicked.connect(self.cancel)
         self.viewer.layers.events.inserted.connect(self._layers_changed)
@@ -105,6 +108,25 @@ class EverythingWidget(Container):
         self._relay = _Relay()
         self._relay.progressed.connect(self._progress)
         self.result_layer = None
+
+    def _model_changed(self, name: str) -> None:
+        """Start from the thresholds tuned for the model (stored in its checkpoint)."""
+        worker = create_worker(get_model, name, _ignore_errors=True)
+
+        def apply(model):
+            t = recommended_thresholds(model)
+            self.pred_iou.value = t["pred_iou_thresh"]
+            self.stability.value = t["stability_score_thresh"]
+            self.nms.value = t["box_nms_thresh"]
+
+        def failed(exc):
+            show_error(f"TinySAM: could not load model {name!r}: {exc}")
+
+        worker.returned.connect(apply)
+        worker.errored.connect(failed)
+        worker.finished.connect(lambda: setattr(self, "_model_worker", None))
+        self._model_worker = worker
+        worker.start()
 
     def _layers_changed(self, event=None) -> None:
         self.image_combo.reset_choices()
