@@ -22,16 +22,17 @@ import torch
 from napari_tinysam import SamPredictor, load_model, samples
 from napari_tinysam.bench import median_time, print_table
 from napari_tinysam.distill.data import load_folder
-from napari_tinysam.everything import segment_everything
+from napari_tinysam.everything import recommended_thresholds, segment_everything
 from napari_tinysam.metrics import best_match_iou, match_instances, otsu_watershed
 
 
 def speed_rows(model, name: str, image: np.ndarray, repeats: int) -> list[dict]:
     rows, results = [], {}
+    thresholds = recommended_thresholds(model)
     for mode in ("grid", "hierarchical"):
         def run(mode=mode):
             # embedding included: a fresh predictor (empty cache) every run
-            results[mode] = segment_everything(SamPredictor(model), image, mode=mode)
+            results[mode] = segment_everything(SamPredictor(model), image, mode=mode, **thresholds)
 
         t, _ = median_time(run, repeats, warmup=1)
         rows.append({"model": name, "mode": mode, "median_s": f"{t:.2f}", "objects": int(results[mode].max()), "_t": t})
@@ -58,18 +59,26 @@ def main() -> None:
     rows = speed_rows(load_model(args.model), args.model, image, args.repeats)
     if args.reference_weights:
         rows += speed_rows(load_model(args.reference_weights), "vit_t 1024 (conformance weights)", image, 1)
-    print("\nSpeed on one 520x696 BBBC039 field, embedding included (public reference, "
-          "hierarchical, 1024 vit_t random weights: 169 s worst case on this machine):")
+    print("\nSpeed on one 520x696 BBBC039 field, embedding included, each model's recommended "
+          "thresholds (public reference, hierarchical, 1024 vit_t random weights: 169 s worst "
+          "case on this machine):")
     print_table(rows, ["model", "mode", "median_s", "speedup_vs_grid", "agreement", "objects"])
 
     val = load_folder(Path(args.data) / "bbbc039" / "val" / "images")[: args.fields]
     model = load_model(args.model)
-    scores: dict[str, list[dict]] = {"grid": [], "hierarchical": [], "otsu+watershed": []}
+    tuned = recommended_thresholds(model)
+    print(f"\nthresholds tuned for {args.model} on train (meta): {tuned}")
+    runs = {
+        "grid, tuned thresholds": {"mode": "grid", **tuned},
+        "hierarchical, tuned thresholds": {"mode": "hierarchical", **tuned},
+        "hierarchical, SAM thresholds (0.88 / 0.95)": {"mode": "hierarchical"},
+    }
+    scores: dict[str, list[dict]] = {name: [] for name in runs} | {"otsu+watershed (classical)": []}
     for s in val:
         pred = SamPredictor(model)
-        for mode in ("grid", "hierarchical"):
-            scores[mode].append(match_instances(segment_everything(pred, s.image, mode=mode), s.labels))
-        scores["otsu+watershed"].append(match_instances(otsu_watershed(s.image), s.labels))
+        for name, kw in runs.items():
+            scores[name].append(match_instances(segment_everything(pred, s.image, **kw), s.labels))
+        scores["otsu+watershed (classical)"].append(match_instances(otsu_watershed(s.image), s.labels))
     qrows = []
     for method, per in scores.items():
         qrows.append({

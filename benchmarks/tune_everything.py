@@ -56,7 +56,7 @@ def main() -> None:
         meta["everything"] = {"pred_iou_thresh": best["pred_iou_thresh"],
                               "stability_score_thresh": best["stability_score_thresh"],
                               "tuned_on": f"{args.fields} BBBC039 train fields, hierarchical mode, F1@0.5"}
-        half = next(iter(ckpt["state_dict"].values())).dtype == torch.float16
+        half = any(v.dtype == torch.float16 for v in ckpt["state_dict"].values())
         save_checkpoint(m, args.checkpoint, meta=meta, half=half)
         print(f"wrote thresholds {meta['everything']} into {args.checkpoint}")
 
