@@ -29,6 +29,7 @@ from .models import get_model, model_choices
 POSITIVE_COLOR = "#2ecc40"
 NEGATIVE_COLOR = "#ff4136"
 NEW_LAYER = "(new layer)"
+PREVIEW_NAME = "TinySAM preview"
 KEYS = {"commit": "Shift-C", "clear": "Shift-X", "next": "Shift-M", "polarity": "Shift-N", "undo": "Shift-U"}
 
 
@@ -105,9 +106,12 @@ class AnnotatorWidget(Container):
         return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
 
     def _labels_choices(self, _=None):
+        # the preview layer is never a target (also while it is being added, before
+        # self.preview_layer is assigned)
         names = [
             layer.name for layer in self.viewer.layers
             if isinstance(layer, Labels) and layer is not self.preview_layer
+            and not layer.name.startswith(PREVIEW_NAME)
         ]
         return [*names, NEW_LAYER]
 
@@ -182,7 +186,7 @@ class AnnotatorWidget(Container):
         geo = {"scale": image.scale, "translate": image.translate}
         shape = image.data.shape[:nd]
         self.preview_layer = self.viewer.add_labels(
-            np.zeros(shape, np.uint8), name="TinySAM preview", opacity=0.55, **geo
+            np.zeros(shape, np.uint8), name=PREVIEW_NAME, opacity=0.55, **geo
         )
         self.boxes_layer = self.viewer.add_shapes(
             ndim=nd, name="TinySAM boxes", edge_color="#ffdc00", face_color="transparent",
