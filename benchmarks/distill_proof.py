@@ -1,0 +1,71 @@
+"""Distillation proof: the same narrow student, the same budget, three ways.
+
+1. full-stage distillation from a teacher (embedding, token and hard-mask-weighted logit
+   L1 terms) plus ground truth, with online hard prompt sampling;
+2. ground truth only, with hard prompt sampling (`--teacher none`);
+3. distillation without hard prompt sampling.
+
+Reports val click and box mIoU of each student (BBBC039 val; selection-free: the final
+checkpoint of each run is evaluated).
+
+    .venv/bin/python benchmarks/distill_proof.py --teacher default --steps 300 --out runs/proof
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from napari_tinysam.bench import print_table
+from napari_tinysam.distill import TrainConfig, Trainer
+from napari_tinysam.distill.data import load_folder
+from napari_tinysam.evaluation import evaluate_prompts
+from napari_tinysam.model import architecture_config
+from napari_tinysam.weights import load_model
+
+
+def half_width_student(img_size: int) -> dict:
+    cfg = architecture_config("vit_t", img_size)
+    cfg["image_encoder"].update(embed_dims=[32, 64, 80, 160], num_heads=[1, 2, 5, 5], num_classes=0)
+    return cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", default="default")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--out", default="runs/proof")
+    ap.add_argument("--data", default=os.environ.get("TINYSAM_DATA_DIR", "../shared/data"))
+    ap.add_argument("--val-fields", type=int, default=20)
+    ap.add_argument("--val-objects", type=int, default=30)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    teacher = load_model(args.teacher)
+    train = str(Path(args.data) / "bbbc039" / "train" / "images")
+    val = load_folder(Path(args.data) / "bbbc039" / "val" / "images")[: args.val_fields]
+    variants = {
+        "distillation + hard prompts": dict(teacher=teacher, hard_prompts=True),
+        "ground truth + hard prompts": dict(teacher=None, hard_prompts=True),
+        "distillation, no hard prompts": dict(teacher=teacher, hard_prompts=False),
+    }
+    rows = []
+    for name, v in variants.items():
+        out = Path(args.out) / name.replace(" ", "_").replace(",", "").replace("+", "plus")
+        cfg = TrainConfig(
+            train_images=train, out_dir=str(out), student=half_width_student(teacher.img_size),
+            teacher=None if v["teacher"] is None else args.teacher, img_size=teacher.img_size,
+            scale=teacher.img_size / 696, max_rounds=2, hard_prompts=v["hard_prompts"], steps=args.steps,
+            lr=5e-4, val_every=10**9, teacher_store=str(Path(args.out) / "teacher_store"),
+        )
+        model = Trainer(cfg, teacher=v["teacher"]).run()
+        res = evaluate_prompts(model.eval(), val, max_objects=args.val_objects, corrective_clicks=0)
+        rows.append({"student (half widths)": name, "steps": args.steps,
+                     "val click mIoU": f"{res['click']:.3f}", "val box mIoU": f"{res['box']:.3f}"})
+    print_table(rows, ["student (half widths)", "steps", "val click mIoU", "val box mIoU"])
+
+
+if __name__ == "__main__":
+    main()
