@@ -73,6 +73,7 @@ class AnnotatorWidget(Container):
         self.preview_slice: tuple[int, ...] | None = None
         self.undo_stack: list[tuple[Labels, UndoRecord]] = []
         self._jobs: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (index, rgb, priority)
+        self._rgb_memo: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._running = None
         self._pending_update: tuple[int, ...] | None = None
         self._model_worker = None
@@ -275,7 +276,7 @@ class AnnotatorWidget(Container):
         if prompts.empty:
             self._show(None, index)
             return
-        rgb = slice_rgb(np.asarray(image.data[index]), tuple(image.contrast_limits))
+        rgb = self._slice_rgb(image, index)
         if self._embedded(index, rgb):
             try:
                 self.candidates = segment_prompts(self.predictor, rgb, prompts)
@@ -284,10 +285,23 @@ class AnnotatorWidget(Container):
                 return
             self.candidate_index = self.candidates.best
             self._show(self.candidates.masks[self.candidate_index], index)
-            self._prefetch_neighbours(index)
+            # after the preview has been painted: the user is looking, not clicking
+            QTimer.singleShot(200, lambda: self._prefetch_neighbours(index))
         else:
             self._pending_update = index
             self._request_embedding(index, rgb, priority=True)
+
+    def _slice_rgb(self, image, index: tuple[int, ...]) -> np.ndarray:
+        """What the model sees of a slice, memoised for the last few slices (clicks on
+        the same slice then cost no rescaling)."""
+        key = (id(image.data), index, tuple(image.contrast_limits))
+        rgb = self._rgb_memo.get(key)
+        if rgb is None:
+            rgb = slice_rgb(np.asarray(image.data[index]), key[2])
+            self._rgb_memo[key] = rgb
+            while len(self._rgb_memo) > 4:
+                self._rgb_memo.popitem(last=False)
+        return rgb
 
     def _embedded(self, index: tuple[int, ...], rgb: np.ndarray) -> bool:
         """Whether the slice's embedding is cached, taking it from the store if there."""
@@ -370,7 +384,7 @@ class AnnotatorWidget(Container):
         for dz in (1, -1):
             nb = (*index[:-1], index[-1] + dz)
             if 0 <= nb[-1] < image.data.shape[len(index) - 1]:
-                rgb = slice_rgb(np.asarray(image.data[nb]), tuple(image.contrast_limits))
+                rgb = self._slice_rgb(image, nb)
                 if not self._embedded(nb, rgb):
                     self._request_embedding(nb, rgb, priority=False)
 
