@@ -65,6 +65,7 @@ def main() -> None:
     e = EverythingWidget(viewer)
     viewer.window.add_dock_widget(e, name="TinySAM Everything")
     e.advanced.value = True
+    wait(lambda: e._model_worker is None)
     e.run()
     wait(lambda: e.worker is None)
     viewer.reset_view()

@@ -172,7 +172,10 @@ def test_keybindings_do_not_shadow_napari_defaults():
 
 def test_everything_widget_stack_and_cancel(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
-    viewer.add_image(samples.nuclei_3d()[:6], name="stack")
+    image = samples.nuclei_2d()
+    # a small stack of shifted crops of the nuclei field: objects continue across slices
+    stack = np.stack([image[2 * z : 2 * z + 200, 3 * z : 3 * z + 240] for z in range(6)])
+    viewer.add_image(stack, name="stack")
     w = EverythingWidget(viewer)
     qtbot.waitUntil(lambda: w._model_worker is None, timeout=60000)
     w.points_per_side.value = 16
@@ -184,7 +187,7 @@ def test_everything_widget_stack_and_cancel(make_napari_viewer, qtbot):
     w.run()
     qtbot.waitUntil(lambda: w.worker is None, timeout=300000)
     out = viewer.layers["TinySAM everything"]
-    assert out.data.shape == (6, 61, 57) and out.data.max() > 0
+    assert out.data.shape == (6, 200, 240) and out.data.max() > 0
     # stitched: at least one id spans several slices
     spans = [len({z for z in range(6) if (out.data[z] == i).any()}) for i in np.unique(out.data)[1:]]
     assert max(spans) > 1
@@ -203,8 +206,11 @@ def test_annotator_reuses_matching_embedding_store(make_napari_viewer, qtbot, tm
     store.compute(model, stack)
     assert w.open_store(str(tmp_path / "e.zarr"))
     w.points_layer.add([2, 30, 30])
-    # served from the store at once: no embedding job was queued
-    assert w.preview_slice == (2,) and not w.busy
+    # served from the store at once: no embedding job was queued, none for the
+    # prefetched neighbours either (they are in the store too)
+    assert w.preview_slice == (2,) and w._running is None and not w._jobs
+    _wait(qtbot, w)
+    assert w._running is None and not w._jobs and len(w.cache) == 3
     # a store for other contrast limits is refused, the widget keeps working
     layer.contrast_limits = (0, 10)
     assert not w.open_store(str(tmp_path / "e.zarr")) and w.store is None

@@ -77,7 +77,12 @@ class AnnotatorWidget(Container):
         self._running = None
         self._pending_update: tuple[int, ...] | None = None
         self._model_worker = None
-        self._contrast_timer = QTimer()
+        self._prefetch_index: tuple[int, ...] | None = None
+        self._prefetch_timer = QTimer(self.native)
+        self._prefetch_timer.setSingleShot(True)
+        self._prefetch_timer.setInterval(200)
+        self._prefetch_timer.timeout.connect(lambda: self._prefetch_neighbours(self._prefetch_index))
+        self._contrast_timer = QTimer(self.native)
         self._contrast_timer.setSingleShot(True)
         self._contrast_timer.setInterval(300)
         self._contrast_timer.timeout.connect(self._contrast_changed)
@@ -125,7 +130,12 @@ class AnnotatorWidget(Container):
     @property
     def busy(self) -> bool:
         """True while a model load or an embedding is running or queued."""
-        return self._running is not None or bool(self._jobs) or self._model_worker is not None
+        return (
+            self._running is not None
+            or bool(self._jobs)
+            or self._model_worker is not None
+            or self._prefetch_timer.isActive()
+        )
 
     # -- model ----------------------------------------------------------------------------
     def load_model(self, name: str) -> None:
@@ -286,7 +296,8 @@ class AnnotatorWidget(Container):
             self.candidate_index = self.candidates.best
             self._show(self.candidates.masks[self.candidate_index], index)
             # after the preview has been painted: the user is looking, not clicking
-            QTimer.singleShot(200, lambda: self._prefetch_neighbours(index))
+            self._prefetch_index = index
+            self._prefetch_timer.start()
         else:
             self._pending_update = index
             self._request_embedding(index, rgb, priority=True)
@@ -379,7 +390,7 @@ class AnnotatorWidget(Container):
     def _prefetch_neighbours(self, index: tuple[int, ...]) -> None:
         """Queue the embeddings of the neighbouring slices (z - 1, z + 1), low priority."""
         image = self.image_combo.value
-        if not index:
+        if not index or image is None or self.predictor is None:
             return
         for dz in (1, -1):
             nb = (*index[:-1], index[-1] + dz)

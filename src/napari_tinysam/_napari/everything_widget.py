@@ -122,10 +122,15 @@ class EverythingWidget(Container):
         def failed(exc):
             show_error(f"TinySAM: could not load model {name!r}: {exc}")
 
+        def ready():
+            self._model_worker = None
+            self.run_btn.enabled = self.worker is None
+
         worker.returned.connect(apply)
         worker.errored.connect(failed)
-        worker.finished.connect(lambda: setattr(self, "_model_worker", None))
+        worker.finished.connect(ready)
         self._model_worker = worker
+        self.run_btn.enabled = False  # until the model and its thresholds are loaded
         worker.start()
 
     def _layers_changed(self, event=None) -> None:
@@ -154,6 +159,9 @@ class EverythingWidget(Container):
             return
         if self.worker is not None:
             show_info("TinySAM: already running")
+            return
+        if self._model_worker is not None:
+            show_info("TinySAM: the model is still loading; try again in a moment")
             return
         nd = image_ndim(image)
         pos = image.world_to_data(self.viewer.dims.point[-nd:])
