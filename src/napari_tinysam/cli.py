@@ -135,17 +135,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it (nothing was written)")
     if args.workers or args.scheduler:
         return _segment_distributed(args, inputs, outputs)
-    from .everything import recommended_thresholds
-
     model = load_model(args.model)
-    thresholds = recommended_thresholds(model)
-    for key in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh"):
-        if getattr(args, key) is not None:
-            thresholds[key] = getattr(args, key)
     params = {
         "mode": args.mode,
         "points_per_side": args.points_per_side,
-        **thresholds,
+        **_thresholds(args, model),
         "min_mask_region_area": args.min_area,
         "contrast_limits": tuple(args.contrast_limits) if args.contrast_limits else None,
         "stitch": not args.no_stitch,
@@ -168,12 +162,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _thresholds(args: argparse.Namespace) -> dict:
-    """Thresholds for the workers: the model's tuned ones unless given on the command line."""
+def _thresholds(args: argparse.Namespace, model) -> dict:
+    """The model's tuned everything thresholds, overridden by those given on the command line."""
     from .everything import recommended_thresholds
-    from .weights import load_model
 
-    out = recommended_thresholds(load_model(args.model))
+    out = recommended_thresholds(model)
     for key in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh"):
         if getattr(args, key) is not None:
             out[key] = getattr(args, key)
@@ -187,6 +180,7 @@ def _segment_distributed(args: argparse.Namespace, inputs, outputs) -> int:
     from .bench import print_table
     from .distributed import connect, segment_volume_distributed
     from .io import open_zarr, read_image
+    from .weights import load_model
 
     for out in outputs:
         if out.suffix.lower() != ".zarr":
@@ -204,7 +198,7 @@ def _segment_distributed(args: argparse.Namespace, inputs, outputs) -> int:
                 contrast_limits=tuple(args.contrast_limits) if args.contrast_limits else None,
                 progress=lambda d, t, bar=bar: bar.update(1), overwrite=args.overwrite,
                 points_per_side=args.points_per_side, min_mask_region_area=args.min_area,
-                **_thresholds(args),
+                **_thresholds(args, load_model(args.model)),
             )
             bar.close()
             seconds = time.perf_counter() - t0
