@@ -85,7 +85,7 @@ def segment_volume_distributed(
     from distributed import as_completed
 
     shape = tuple(stack.shape)
-    check_volume(_shape_probe(shape))
+    check_volume(shape)
     out_path = Path(out_path)
     if out_path.suffix.lower() != ".zarr":
         raise ValueError(f"distributed output must be a Zarr store (.zarr), got {out_path}")
@@ -114,8 +114,3 @@ def segment_volume_distributed(
         out[i] = labels
         previous = labels
     return zarr.open_array(str(out_path), mode="r")
-
-
-def _shape_probe(shape: tuple[int, ...]) -> np.ndarray:
-    """A zero-size array of the given rank and last-axis length, for shape validation."""
-    return np.empty((0,) * (len(shape) - 1) + (shape[-1],))

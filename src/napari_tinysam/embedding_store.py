@@ -17,16 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .distill.teacher import model_fingerprint
 from .everything import check_volume, volume_contrast_limits
-from .model import Sam
+from .model import Sam, StoreMismatch, model_fingerprint
 from .predictor import ImageEmbedding, compute_embedding, preprocess_shape, to_uint8_rgb
 
 STORE_FORMAT = 1
-
-
-class StoreMismatch(ValueError):
-    """The store belongs to other data, another model or other contrast settings."""
 
 
 def data_hash(stack: np.ndarray) -> str:
@@ -35,14 +30,6 @@ def data_hash(stack: np.ndarray) -> str:
     for z in range(stack.shape[0]):
         h.update(np.ascontiguousarray(stack[z]).data)
     return h.hexdigest()
-
-
-def _model_hash(model: Sam) -> str:
-    cached = getattr(model, "_fingerprint", None)
-    if cached is None:
-        cached = model_fingerprint(model)
-        model._fingerprint = cached
-    return cached
 
 
 class EmbeddingStore:
@@ -59,7 +46,7 @@ class EmbeddingStore:
             "format": STORE_FORMAT,
             "data": data_hash(stack),
             "shape": list(stack.shape),
-            "model": _model_hash(model),
+            "model": model_fingerprint(model),
             "img_size": model.img_size,
             "contrast_limits": [float(v) for v in contrast_limits],
         }

@@ -334,14 +334,16 @@ def volume_contrast_limits(stack, percentiles=(0.5, 99.5), max_slices: int = 8, 
     return float(lo), float(hi)
 
 
-def check_volume(stack: np.ndarray) -> bool:
-    """Validate a (Z, H, W) or RGB (Z, H, W, 3) stack; returns whether it is RGB."""
-    if stack.ndim == 4 and stack.shape[-1] in (3, 4):
+def check_volume(stack) -> bool:
+    """Validate a (Z, H, W) or RGB (Z, H, W, 3) stack (an array or its shape); returns
+    whether it is RGB."""
+    shape = tuple(stack) if isinstance(stack, tuple) else tuple(stack.shape)
+    if len(shape) == 4 and shape[-1] in (3, 4):
         return True
-    if stack.ndim == 3:
+    if len(shape) == 3:
         return False
     raise ValueError(
-        f"expected a (Z, H, W) stack or an RGB (Z, H, W, 3) stack, got shape {stack.shape}; "
+        f"expected a (Z, H, W) stack or an RGB (Z, H, W, 3) stack, got shape {shape}; "
         "for data with more axes (time, channels) pass one 3D stack, e.g. data[t] or data[:, c]"
     )
 

@@ -18,24 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..model import Sam
+from ..model import Sam, StoreMismatch, model_fingerprint
 from .data import Augment, Sample, augment_crop
 
 STORE_VERSION = 1
-
-
-class StoreMismatch(ValueError):
-    """The store was computed for another teacher, other data or other settings."""
-
-
-def model_fingerprint(model: Sam) -> str:
-    """Content hash of a model's weights and config."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps(model.config, sort_keys=True).encode())
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def data_fingerprint(samples: list[Sample]) -> str:

@@ -2,9 +2,11 @@
 
 from .build import (
     CheckpointError,
+    StoreMismatch,
     architecture_config,
     build_sam,
     infer_config,
+    model_fingerprint,
     read_checkpoint,
     sam_from_checkpoint,
     save_checkpoint,
@@ -16,7 +18,9 @@ __all__ = [
     "Sam",
     "architecture_config",
     "build_sam",
+    "StoreMismatch",
     "infer_config",
+    "model_fingerprint",
     "read_checkpoint",
     "sam_from_checkpoint",
     "save_checkpoint",

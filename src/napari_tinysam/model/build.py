@@ -67,6 +67,28 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, or does not match the architecture."""
 
 
+class StoreMismatch(ValueError):
+    """A stored computation (embedding store, teacher store) was made for other data,
+    another model or other settings than the ones at hand."""
+
+
+def model_fingerprint(model: Sam) -> str:
+    """Content hash of a model's weights and config (cached on the model object)."""
+    cached = getattr(model, "_fingerprint", None)
+    if cached is not None:
+        return cached
+    import hashlib
+    import json
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(model.config, sort_keys=True).encode())
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    model._fingerprint = h.hexdigest()
+    return model._fingerprint
+
+
 def architecture_config(name: str, img_size: int = 1024) -> dict[str, Any]:
     """Config of a named architecture: ``vit_t`` (TinySAM/MobileSAM) or ``vit_b/l/h``."""
     if name == "vit_t":
