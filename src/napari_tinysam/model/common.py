@@ -23,6 +23,14 @@ class LayerNorm2d(nn.Module):
         return y.permute(0, 3, 1, 2)
 
 
+class MatMul(nn.Module):
+    """``a @ b`` as a module, so that a quantizer can find and replace the matrix products
+    of attention and of the mask hypernetworks (it holds no weights)."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a, b)
+
+
 class MLPBlock(nn.Module):
     """Two linear layers with an activation in between: (..., dim) -> (..., dim)."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import MLP, LayerNorm2d
+from .common import MLP, LayerNorm2d, MatMul
 from .transformer import TwoWayTransformer
 
 
@@ -50,6 +50,7 @@ class MaskDecoder(nn.Module):
         self.iou_prediction_head = MLP(
             transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
+        self.hyper_product = MatMul()  # hypernetwork weights @ upscaled image features
 
     def run_transformer(
         self,
@@ -86,7 +87,7 @@ class MaskDecoder(nn.Module):
             dim=1,
         )
         _, uc, uh, uw = upscaled.shape
-        return (hyper_in @ upscaled.reshape(b, uc, uh * uw)).view(b, -1, uh, uw)
+        return self.hyper_product(hyper_in, upscaled.reshape(b, uc, uh * uw)).view(b, -1, uh, uw)
 
     def forward(
         self,

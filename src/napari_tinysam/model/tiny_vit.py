@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, window_partition, window_unpartition
+from .common import LayerNorm2d, MatMul, window_partition, window_unpartition
 
 
 class ConvBN(nn.Module):
@@ -140,6 +140,8 @@ class Attention(nn.Module):
         idxs, n_offsets = _attention_bias_index(window_size)
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, n_offsets))
         self.register_buffer("attention_bias_idxs", idxs, persistent=False)
+        self.qk = MatMul()  # q @ k^T
+        self.av = MatMul()  # softmax(...) @ v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -150,9 +152,9 @@ class Attention(nn.Module):
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
         # Plain attention: on the CPU, SDPA with a float mask spends more time checking
         # the mask for -inf rows than computing these small (N <= 196) windows.
-        attn = torch.matmul(q, k.transpose(-2, -1))
+        attn = self.qk(q, k.transpose(-2, -1))
         attn = attn.mul_(self.key_dim**-0.5).add_(bias).softmax(-1)
-        out = torch.matmul(attn, v)
+        out = self.av(attn, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLPBlock
+from .common import MatMul, MLPBlock
 
 
 def _short_softmax(x: torch.Tensor) -> torch.Tensor:
@@ -29,6 +29,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
+        self.qk = MatMul()  # per-head q @ k^T of the textbook form
+        self.av = MatMul()  # per-head softmax(...) @ v of the textbook form
 
     #: Reassociate the products for few-token attention (set False for the textbook
     #: form, e.g. as a benchmark baseline).
@@ -51,12 +53,18 @@ class Attention(nn.Module):
             pass
         elif nk >= 8 * nq:
             return self._few_queries(q, k, v)
-        if nq >= 8 * nk:
+        elif nq >= 8 * nk:
             return self._few_keys(q, k, v)
         qh = self._heads(self.q_proj(q))
         kh = self._heads(self.k_proj(k))
         vh = self._heads(self.v_proj(v))
-        out = F.scaled_dot_product_attention(qh, kh, vh)
+        if type(self.qk) is MatMul and type(self.av) is MatMul:
+            out = F.scaled_dot_product_attention(qh, kh, vh)
+        else:  # quantized products (see napari_tinysam.quantize)
+            d = qh.shape[-1]
+            scores = self.qk(qh, kh.transpose(-2, -1)) * d**-0.5
+            attn = _short_softmax(scores) if scores.shape[-1] <= 16 else scores.softmax(-1)
+            out = self.av(attn, vh)
         b, h, n, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
 
