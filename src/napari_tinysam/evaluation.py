@@ -46,6 +46,65 @@ def _corrective_point(pred: np.ndarray, gt: np.ndarray) -> tuple[tuple[float, fl
     return (x, y), int(gt[int(y), int(x)])
 
 
+def _prompts(labels: np.ndarray, ids: list[int], slices) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Ground-truth masks, innermost points (N, 1, 2) and tight boxes (N, 4) of objects."""
+    gts = [labels == i for i in ids]
+    pts = np.array([[innermost_point(g)] for g in gts])
+    boxes = []
+    for i in ids:
+        sy, sx = slices[i - 1]
+        boxes.append([sx.start, sy.start, sx.stop - 1, sy.stop - 1])
+    return gts, pts, np.array(boxes, dtype=np.float64)
+
+
+def _click_and_box(model: Sam, predictor: SamPredictor, pts: np.ndarray, boxes: np.ndarray):
+    """Masks of one click per object (best of three by predicted IoU) and of each box
+    (token 0): the click's low-resolution logits (N, 1, h, w), click masks and box masks
+    (N, H, W) bool."""
+    n = len(pts)
+    low, iou = predict_batch(predictor, pts, np.ones((n, 1)))
+    low, iou = model.select_masks(low, iou, True)
+    low_best = low[torch.arange(n), iou.argmax(1)][:, None]
+    masks = (upscale_logits(predictor, low_best)[:, 0] > 0).numpy()
+    lowb, ioub = predict_batch(predictor, boxes=boxes)
+    lowb, _ = model.select_masks(lowb, ioub, False)
+    mb = (upscale_logits(predictor, lowb)[:, 0] > 0).numpy()
+    return low_best, masks, mb
+
+
+@torch.no_grad()
+def compare_models(
+    model: Sam, reference: Sam, samples: Iterable, max_objects: int | None = None, seed: int = 0,
+    chunk: int = 32,
+) -> dict[str, float]:
+    """The same click and box prompts on two models (e.g. quantized and float): mean IoU of
+    each with the ground truth (``click``, ``box``, ``ref_click``, ``ref_box``) and mean IoU
+    between their masks (``agree_click``, ``agree_box``)."""
+    pa, pb = SamPredictor(model), SamPredictor(reference)
+    rng = np.random.default_rng(seed)
+    scores: dict[str, list[float]] = {k: [] for k in ("click", "box", "ref_click", "ref_box", "agree_click", "agree_box")}
+    for sample in samples:
+        if sample.labels is None:
+            continue
+        pa.set_image(sample.image)
+        pb.set_image(sample.image)
+        ids, slices = _objects(sample.labels, max_objects, rng)
+        for start in range(0, len(ids), chunk):
+            gts, pts, boxes = _prompts(sample.labels, ids[start : start + chunk], slices)
+            _, ca, ba = _click_and_box(model, pa, pts, boxes)
+            _, cb, bb = _click_and_box(reference, pb, pts, boxes)
+            for j, g in enumerate(gts):
+                scores["click"].append(_iou(ca[j], g))
+                scores["box"].append(_iou(ba[j], g))
+                scores["ref_click"].append(_iou(cb[j], g))
+                scores["ref_box"].append(_iou(bb[j], g))
+                scores["agree_click"].append(_iou(ca[j], cb[j]))
+                scores["agree_box"].append(_iou(ba[j], bb[j]))
+    out = {k: float(np.mean(v)) if v else float("nan") for k, v in scores.items()}
+    out["objects"] = len(scores["click"])
+    return out
+
+
 @torch.no_grad()
 def evaluate_prompts(
     model: Sam,
@@ -78,25 +137,9 @@ def evaluate_prompts(
         ids, slices = _objects(labels, max_objects, rng)
         for start in range(0, len(ids), chunk):
             batch = ids[start : start + chunk]
-            gts = [labels == i for i in batch]
-            pts = np.array([[innermost_point(g)] for g in gts])
-            boxes = []
-            for i in batch:
-                sy, sx = slices[i - 1]
-                boxes.append([sx.start, sy.start, sx.stop - 1, sy.stop - 1])
-            boxes = np.array(boxes, dtype=np.float64)
-            # click
-            low, iou = predict_batch(predictor, pts, np.ones((len(batch), 1)))
-            low, iou = model.select_masks(low, iou, True)
-            best = iou.argmax(1)
-            low_best = low[torch.arange(len(batch)), best][:, None]
-            masks = (upscale_logits(predictor, low_best)[:, 0] > 0).numpy()
-            click = [_iou(m, g) for m, g in zip(masks, gts)]
-            scores["click"] += click
-            # box
-            lowb, ioub = predict_batch(predictor, boxes=boxes)
-            lowb, _ = model.select_masks(lowb, ioub, False)
-            mb = (upscale_logits(predictor, lowb)[:, 0] > 0).numpy()
+            gts, pts, boxes = _prompts(labels, batch, slices)
+            low_best, masks, mb = _click_and_box(model, predictor, pts, boxes)
+            scores["click"] += [_iou(m, g) for m, g in zip(masks, gts)]
             scores["box"] += [_iou(m, g) for m, g in zip(mb, gts)]
             # corrective clicks
             if corrective_clicks:
