@@ -91,3 +91,23 @@ def test_embed_store_created_reused_and_refused(files, model_file, tmp_path, cap
     assert main(["embed", str(files / "stack.zarr"), "-o", store, "--model", model_file,
                  "--contrast-limits", "0", "5"]) == 2
     assert "does not match" in capsys.readouterr().err
+
+
+def test_quantize_writes_a_loadable_int8_checkpoint(tmp_path, model_file, blobs_image, capsys):
+    from napari_tinysam import load_model
+
+    image, labels = blobs_image
+    (tmp_path / "cal" / "images").mkdir(parents=True)
+    (tmp_path / "cal" / "labels").mkdir()
+    tifffile.imwrite(tmp_path / "cal" / "images" / "f.tif", image)
+    tifffile.imwrite(tmp_path / "cal" / "labels" / "f.tif", labels)
+    out = tmp_path / "tiny-int8.pt"
+    args = ["quantize", model_file, str(tmp_path / "cal" / "images"), "-o", str(out), "--prompts", "4"]
+    assert main(args) == 0
+    assert "W8A8" in capsys.readouterr().out
+    q = load_model(out)
+    assert q.quantization["distance"] == "l2" and q.meta["calibration"] == ["f"]
+    assert main(args) == 2  # exists: refused without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["quantize", str(out), str(tmp_path / "cal" / "images"), "-o", str(tmp_path / "x.pt")]) == 2
+    assert "already quantized" in capsys.readouterr().err

@@ -43,6 +43,12 @@ REGISTRY: dict[str, ModelInfo] = {
             bundled=True,
         ),
         ModelInfo(
+            "default-int8",
+            "default-int8.pt",
+            "the default model quantized to 8 bits (W8A8, int8 CPU kernels); bundled",
+            bundled=True,
+        ),
+        ModelInfo(
             "tinysam",
             "tinysam_42.3.pth",
             "official TinySAM, COCO AP 42.3 (vit_t)",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import pickletools
 import re
 import zipfile
 from pathlib import Path
@@ -285,6 +286,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"cannot read {path}: it is truncated, corrupted or not a PyTorch checkpoint ({exc})"
         ) from exc
     except Exception as exc:  # pickle.UnpicklingError for pickled modules and the like
+        if is_pickled_module(path):
+            raise CheckpointError(
+                f"refusing to load {path}: it is a pickled nn.Module (as the official Q-TinySAM "
+                "release), and unpickling it would run arbitrary code. Produce the equivalent "
+                "int8 model from the official float weights instead: `napari-tinysam models "
+                "download tinysam`, then `napari-tinysam quantize tinysam IMAGES -o "
+                "tinysam-int8.pt` with a few of your own images, and load that file"
+            ) from exc
         raise CheckpointError(
             f"refusing to load {path}: it holds pickled Python objects, not plain weights "
             f"(only tensors and plain data are loaded, never arbitrary code): {exc}"
@@ -301,6 +310,32 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors")
     return {"config": infer_config(obj), "state_dict": obj, "meta": {}}
+
+
+def is_pickled_module(path: str | Path) -> bool:
+    """Whether a file holds a pickled ``nn.Module`` (as the official Q-TinySAM release),
+    judged from the pickle's class references without unpickling anything."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+            if name is None:
+                return False
+            data = zf.read(name)
+    except (zipfile.BadZipFile, OSError):
+        try:
+            data = path.read_bytes()[: 1 << 20]
+        except OSError:
+            return False
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL" or (op.name.endswith("UNICODE") and isinstance(arg, str)):
+                text = str(arg)
+                if "torch.nn.modules" in text or text.startswith(("tinysam", "segment_anything", "mobile_sam")):
+                    return True
+    except Exception:  # a truncated or non-pickle stream: not a module we can name
+        return False
+    return False
 
 
 def save_checkpoint(
@@ -325,6 +360,14 @@ def save_checkpoint(
 def sam_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Sam:
     """Build and load a model from any supported checkpoint file; returns it in eval mode."""
     ckpt = read_checkpoint(path)
+    if "quantization" in ckpt["config"]:
+        from ..quantize import load_quantized  # the quantizer builds on the model package
+
+        # oneDNN's int8 kernels run on the CPU; elsewhere the model runs simulated
+        on_cpu = torch.device(device).type == "cpu"
+        model = load_quantized(ckpt["config"], ckpt["state_dict"], int8_kernels=on_cpu, source=str(path))
+        model.meta = ckpt["meta"]
+        return model.to(device).eval()
     model = build_sam(ckpt["config"])
     load_state_dict_strict(model, ckpt["state_dict"], source=str(path))
     model.meta = ckpt["meta"]

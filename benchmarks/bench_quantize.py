@@ -1,0 +1,190 @@
+"""W8A8 post-training quantization of a model: accuracy, speed and size in one run.
+
+Calibrates on BBBC039 *train* fields (default 8) with both scale-search distances
+(Hessian-guided and plain L2) and two placements of twin-uniform quantizers: on every
+post-softmax / post-GELU input (the paper's scheme, simulated), and only where the layer
+runs simulated anyway (``auto``: linear layers and dense convolutions keep one scale and
+run in int8 kernels). Reports on BBBC039 val: each variant's masks against the float
+model's masks for the same prompts (one click at the innermost point, best of three by
+predicted IoU; the ground-truth box) and its click and box mIoU against the ground truth.
+The deployable variant (``auto``) is chosen between the two distances on 4 train fields
+that calibration did not use. Then the speed of the image encoder and of a click with int8
+kernels against the float model (medians, same run), and the checkpoint sizes. ``--save``
+writes the chosen deployable model.
+
+    .venv/bin/python benchmarks/bench_quantize.py --ablation --save src/napari_tinysam/weights/default-int8.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_tinysam import SamPredictor, load_model
+from napari_tinysam.bench import print_table
+from napari_tinysam.distill.data import load_folder
+from napari_tinysam.evaluation import compare_models
+from napari_tinysam.model import save_checkpoint
+from napari_tinysam.predictor import compute_embedding, to_uint8_rgb
+from napari_tinysam.quantize import (
+    QConv,
+    QLinear,
+    QMatMul,
+    calibrate,
+    prepare,
+    quant_layers,
+    record_calibration,
+    save_quantized,
+    use_int8_kernels,
+)
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def speed_rows(float_model, int8_model, image: np.ndarray, repeats: int) -> list[dict]:
+    rgb = to_uint8_rgb(image)
+    h, w = rgb.shape[:2]
+    point = np.array([[w / 2, h / 2]])
+    rows = []
+    enc = {}
+    click = {}
+    for name, model in (("float32", float_model), ("int8", int8_model)):
+        enc[name] = median_ms(lambda m=model: compute_embedding(m, rgb), repeats)
+        pred = SamPredictor(model)
+        pred.set_image(image)
+        click[name] = median_ms(lambda p=pred: p.predict(point_coords=point, point_labels=[1]), repeats * 4)
+    for name in ("float32", "int8"):
+        rows.append({"model": name, "embedding ms": f"{enc[name]:.1f}",
+                     "encoder speedup": f"{enc['float32'] / enc[name]:.2f}x",
+                     "click ms": f"{click[name]:.1f}",
+                     "click ratio": f"{click['float32'] / click[name]:.2f}x"})
+    return rows
+
+
+TWIN_LABELS = {"all": "twin uniform (paper)", "auto": "twin where simulated", "none": "uniform"}
+
+
+def _row(activations: str, distance: str, run: str, res: dict, seconds: str) -> dict:
+    return {
+        "post-softmax/GELU": activations, "distance": distance, "run": run,
+        "mask IoU vs float (click)": f"{res['agree_click']:.3f}",
+        "mask IoU vs float (box)": f"{res['agree_box']:.3f}",
+        "click mIoU": f"{res['click']:.3f} ({res['click'] - res['ref_click']:+.3f})",
+        "box mIoU": f"{res['box']:.3f} ({res['box'] - res['ref_box']:+.3f})",
+        "calibration s": seconds,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--data", default=os.environ.get("TINYSAM_DATA_DIR", "../shared/data"))
+    ap.add_argument("--calibration-images", type=int, default=8)
+    ap.add_argument("--val-fields", type=int, default=20)
+    ap.add_argument("--val-objects", type=int, default=30, help="per field")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", default="hessian,l2", help="distances to compare")
+    ap.add_argument("--ablation", action="store_true", help="also quantize one layer type at a time")
+    ap.add_argument("--save", default=None, help="write the chosen deployable model here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    root = Path(args.data) / "bbbc039"
+    train = load_folder(root / "train" / "images")
+    calib = train[: args.calibration_images]
+    select = train[args.calibration_images : args.calibration_images + 4]
+    val = load_folder(root / "val" / "images")[: args.val_fields]
+    model = load_model(args.model)
+
+    rows, deployable = [], {}
+    for twin in ("all", "auto"):
+        prepared = prepare(model, twin=twin)
+        t0 = time.perf_counter()
+        captures = record_calibration(prepared, [s.image for s in calib], [s.labels for s in calib])
+        t_record = time.perf_counter() - t0
+        for distance in args.variants.split(","):
+            q = copy.deepcopy(prepared)
+            t0 = time.perf_counter()
+            calibrate(q, captures, distance)
+            q.quantization.update(distance=distance, calibration_images=len(calib))
+            t_cal = t_record + time.perf_counter() - t0
+            print(f"calibrated: twin={twin}, {distance}: {t_cal:.0f} s", flush=True)
+            variants = [("simulated", q)]
+            if twin == "auto":
+                # model selection on training fields that calibration did not use
+                sel = compare_models(q, model, select, max_objects=args.val_objects)
+                deployable[distance] = (sel["agree_click"] + sel["agree_box"], q)
+                variants.append(("int8 kernels", use_int8_kernels(copy.deepcopy(q))))
+            for how, qm in variants:
+                res = compare_models(qm, model, val, max_objects=args.val_objects)
+                rows.append(_row(TWIN_LABELS[twin], distance, how, res, f"{t_cal:.0f}"))
+                ref = res
+    if args.ablation:
+        # which layer types cost accuracy: keep one type quantized, the rest float (an unset
+        # scale passes values through)
+        best = max(deployable.values(), key=lambda v: v[0])[1]
+        for label, types in (("linear layers only", (QLinear,)), ("convolutions only", (QConv,)),
+                             ("matrix products only", (QMatMul,)), ("image encoder only", None),
+                             ("prompt encoder + mask decoder only", "decoder")):
+            qm = prepare(model, twin=best.quantization["twin"])  # float weights, no scales
+            calibrated = dict(quant_layers(best))
+            for name, layer in quant_layers(qm):
+                keep = (isinstance(layer, types) if isinstance(types, tuple)
+                        else name.startswith("image_encoder") == (types is None))
+                if keep:  # this layer's calibrated scales
+                    src = dict(calibrated[name].named_buffers())
+                    for buf_name, buf in layer.named_buffers():
+                        buf.copy_(src[buf_name])
+            res = compare_models(qm, model, val, max_objects=args.val_objects)
+            rows.append(_row(TWIN_LABELS["auto"], best.quantization["distance"], f"simulated, {label}", res, ""))
+    print(f"\nAccuracy: BBBC039 val, {len(val)} fields, {ref['objects']} objects; float model click "
+          f"mIoU {ref['ref_click']:.3f}, box {ref['ref_box']:.3f}; calibration on {len(calib)} train fields")
+    print_table(rows, list(rows[0]))
+
+    best = max(deployable.values(), key=lambda v: v[0])[1]
+    print(f"deployable variant (chosen on {len(select)} train fields outside calibration): "
+          f"{best.quantization['distance']} distance")
+    int8_model = use_int8_kernels(copy.deepcopy(best))
+    n_int8 = len(int8_model.quantization["int8_kernels"])
+    print(f"\nSpeed: one {val[0].image.shape[1]}x{val[0].image.shape[0]} field, {args.threads} threads, "
+          f"medians of {args.repeats} (clicks: {args.repeats * 4}); {n_int8} layers run in int8 kernels, "
+          f"the other quantized layers simulated")
+    print_table(speed_rows(model, int8_model, val[0].image, args.repeats),
+                ["model", "embedding ms", "encoder speedup", "click ms", "click ratio"])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        f32, i8 = Path(tmp) / "f32.pt", Path(tmp) / "int8.pt"
+        save_checkpoint(model, f32)
+        save_quantized(best, i8)
+        f16 = Path(tmp) / "f16.pt"
+        save_checkpoint(model, f16, half=True)
+        sizes = [("float32", f32.stat().st_size), ("float16 (bundled default)", f16.stat().st_size),
+                 ("int8 (W8A8)", i8.stat().st_size)]
+        print("\nSize")
+        print_table([{"checkpoint": n, "MB": f"{s / 2**20:.1f}", "vs float32": f"{s / sizes[0][1]:.0%}"}
+                     for n, s in sizes], ["checkpoint", "MB", "vs float32"])
+    if args.save:
+        meta = {**model.meta, "quantized_from": args.model, "calibration": [s.name for s in calib],
+                "distance": best.quantization["distance"], "twin": "auto",
+                "date": time.strftime("%Y-%m-%d")}
+        save_quantized(best, args.save, meta=meta)
+        print(f"\nwrote {args.save}")
+
+
+if __name__ == "__main__":
+    main()
