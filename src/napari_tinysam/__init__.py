@@ -1,9 +1,19 @@
 """napari-tinysam: TinySAM for microscopy in napari, Python and the command line."""
 
+from .everything import segment_everything, segment_volume
 from .model import CheckpointError, Sam
 from .predictor import EmbeddingCache, SamPredictor
 from .weights import load_model
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "EmbeddingCache", "Sam", "SamPredictor", "load_model", "__version__"]
+__all__ = [
+    "CheckpointError",
+    "EmbeddingCache",
+    "Sam",
+    "SamPredictor",
+    "load_model",
+    "segment_everything",
+    "segment_volume",
+    "__version__",
+]
