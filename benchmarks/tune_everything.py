@@ -20,7 +20,7 @@ from napari_tinysam.bench import print_table
 from napari_tinysam.distill.data import load_folder
 from napari_tinysam.everything import segment_everything
 from napari_tinysam.metrics import match_instances
-from napari_tinysam.model import build_sam, read_checkpoint, save_checkpoint
+from napari_tinysam.model.build import update_checkpoint_meta
 from napari_tinysam.weights import load_model
 
 
@@ -32,8 +32,9 @@ def main() -> None:
     ap.add_argument("--iou", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.88])
     ap.add_argument("--stability", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9, 0.95])
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint)
     fields = load_folder(Path(args.data) / "bbbc039" / "train" / "images")
     rng = np.random.default_rng(0)
@@ -49,16 +50,11 @@ def main() -> None:
                 ["pred_iou_thresh", "stability_score_thresh", "train F1@0.5"])
     best = rows[0]
     if args.write:
-        ckpt = read_checkpoint(args.checkpoint)
-        m = build_sam(ckpt["config"])
-        m.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()})
-        meta = dict(ckpt["meta"])
-        meta["everything"] = {"pred_iou_thresh": best["pred_iou_thresh"],
-                              "stability_score_thresh": best["stability_score_thresh"],
-                              "tuned_on": f"{args.fields} BBBC039 train fields, hierarchical mode, F1@0.5"}
-        half = any(v.dtype == torch.float16 for v in ckpt["state_dict"].values())
-        save_checkpoint(m, args.checkpoint, meta=meta, half=half)
-        print(f"wrote thresholds {meta['everything']} into {args.checkpoint}")
+        tuned = {"pred_iou_thresh": best["pred_iou_thresh"],
+                 "stability_score_thresh": best["stability_score_thresh"],
+                 "tuned_on": f"{args.fields} BBBC039 train fields, hierarchical mode, F1@0.5"}
+        update_checkpoint_meta(args.checkpoint, {"everything": tuned})
+        print(f"wrote thresholds {tuned} into {args.checkpoint}")
 
 
 if __name__ == "__main__":

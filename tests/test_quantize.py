@@ -180,6 +180,10 @@ def test_save_load_identical_and_int8_kernels(quantized_fixture, tmp_path):
     rel = float((out - ref).norm() / ref.norm())
     assert rel < 0.2, rel
     assert loaded_sim.meta["note"] == "test"
+    from napari_tinysam.model.build import update_checkpoint_meta
+
+    update_checkpoint_meta(path, {"everything": {"pred_iou_thresh": 0.7}})  # e.g. tuned thresholds
+    assert load_model(path).meta == {"note": "test", "everything": {"pred_iou_thresh": 0.7}}
     # the file is small: int8 weights
     assert path.stat().st_size < 0.35 * sum(p.numel() * 4 for p in q.parameters())
     if int8_kernels_available():

@@ -357,6 +357,19 @@ def save_checkpoint(
     os.replace(tmp, path)
 
 
+def update_checkpoint_meta(path: str | os.PathLike, updates: dict[str, Any]) -> None:
+    """Merge ``updates`` into the ``meta`` of a project-format checkpoint (float or
+    quantized), rewriting the file atomically; weights are copied unchanged."""
+    path = Path(path)
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not (isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT):
+        raise CheckpointError(f"{path} is not a napari-tinysam checkpoint; only those carry meta")
+    obj["meta"] = {**obj.get("meta", {}), **updates}
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def sam_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Sam:
     """Build and load a model from any supported checkpoint file; returns it in eval mode."""
     ckpt = read_checkpoint(path)
