@@ -31,6 +31,8 @@ from napari_tinysam import SamPredictor, load_model
 from napari_tinysam.bench import print_table
 from napari_tinysam.distill.data import load_folder
 from napari_tinysam.evaluation import compare_models
+from napari_tinysam.everything import recommended_thresholds, segment_everything
+from napari_tinysam.metrics import best_match_iou, match_instances
 from napari_tinysam.model import save_checkpoint
 from napari_tinysam.predictor import compute_embedding, to_uint8_rgb
 from napari_tinysam.quantize import (
@@ -100,8 +102,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", default="hessian,l2", help="distances to compare")
+    ap.add_argument("--everything-fields", type=int, default=4, help="val fields for everything mode (0: skip)")
     ap.add_argument("--ablation", action="store_true", help="also quantize one layer type at a time")
     ap.add_argument("--save", default=None, help="write the chosen deployable model here")
+    ap.add_argument("--int8", default=None, help="only time and size this quantized checkpoint")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.data) / "bbbc039"
@@ -111,6 +115,9 @@ def main() -> None:
     val = load_folder(root / "val" / "images")[: args.val_fields]
     model = load_model(args.model)
 
+    if args.int8:  # speed and size of an existing quantized checkpoint only
+        report_speed_and_size(model, load_model(args.int8), Path(args.int8), val[0].image, args)
+        return
     rows, deployable = [], {}
     for twin in ("all", "auto"):
         prepared = prepare(model, twin=twin)
@@ -159,32 +166,54 @@ def main() -> None:
     best = max(deployable.values(), key=lambda v: v[0])[1]
     print(f"deployable variant (chosen on {len(select)} train fields outside calibration): "
           f"{best.quantization['distance']} distance")
-    int8_model = use_int8_kernels(copy.deepcopy(best))
-    n_int8 = len(int8_model.quantization["int8_kernels"])
-    print(f"\nSpeed: one {val[0].image.shape[1]}x{val[0].image.shape[0]} field, {args.threads} threads, "
-          f"medians of {args.repeats} (clicks: {args.repeats * 4}); {n_int8} layers run in int8 kernels, "
-          f"the other quantized layers simulated")
-    print_table(speed_rows(model, int8_model, val[0].image, args.repeats),
-                ["model", "embedding ms", "encoder speedup", "click ms", "click ratio"])
-
-    with tempfile.TemporaryDirectory() as tmp:
-        f32, i8 = Path(tmp) / "f32.pt", Path(tmp) / "int8.pt"
-        save_checkpoint(model, f32)
-        save_quantized(best, i8)
-        f16 = Path(tmp) / "f16.pt"
-        save_checkpoint(model, f16, half=True)
-        sizes = [("float32", f32.stat().st_size), ("float16 (bundled default)", f16.stat().st_size),
-                 ("int8 (W8A8)", i8.stat().st_size)]
-        print("\nSize")
-        print_table([{"checkpoint": n, "MB": f"{s / 2**20:.1f}", "vs float32": f"{s / sizes[0][1]:.0%}"}
-                     for n, s in sizes], ["checkpoint", "MB", "vs float32"])
     if args.save:
         meta = {**model.meta, "quantized_from": args.model, "calibration": [s.name for s in calib],
                 "distance": best.quantization["distance"], "twin": "auto",
                 "date": time.strftime("%Y-%m-%d")}
         save_quantized(best, args.save, meta=meta)
         print(f"\nwrote {args.save}")
+    if args.everything_fields:
+        int8 = use_int8_kernels(copy.deepcopy(best))
+        print(f"\nEverything mode, hierarchical, BBBC039 val, {args.everything_fields} fields")
+        print_table(everything_rows({"float32": model, "int8": int8}, val[: args.everything_fields]),
+                    ["model", "F1 @ IoU 0.5", "objects", "true objects", "agreement with float"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(args.save) if args.save else Path(tmp) / "int8.pt"
+        if not args.save:
+            save_quantized(best, path)
+        report_speed_and_size(model, use_int8_kernels(copy.deepcopy(best)), path, val[0].image, args)
 
 
-if __name__ == "__main__":
-    main()
+def everything_rows(models: dict, fields: list) -> list[dict]:
+    """Everything mode (hierarchical, each model's tuned thresholds) on val fields: F1 at
+    IoU 0.5 against the ground truth, objects found, and agreement of each model's label
+    image with the float model's (mean best-match IoU of the float model's objects)."""
+    labels = {name: [segment_everything(m, f.image, mode="hierarchical", **recommended_thresholds(m))
+                     for f in fields] for name, m in models.items()}
+    ref = labels["float32"]
+    rows = []
+    for name, labs in labels.items():
+        scores = [match_instances(lab, f.labels) for lab, f in zip(labs, fields)]
+        rows.append({"model": name, "F1 @ IoU 0.5": f"{np.mean([s['f1'] for s in scores]):.3f}",
+                     "objects": sum(s["n_pred"] for s in scores),
+                     "true objects": sum(s["n_true"] for s in scores),
+                     "agreement with float": f"{np.mean([best_match_iou(r, lab) for r, lab in zip(ref, labs)]):.3f}"})
+    return rows
+
+
+def report_speed_and_size(model, int8_model, int8_path: Path, image, args) -> None:
+    n_int8 = len(int8_model.quantization["int8_kernels"])
+    print(f"\nSpeed: one {image.shape[1]}x{image.shape[0]} field, {args.threads} threads, "
+          f"medians of {args.repeats} (clicks: {args.repeats * 4}); {n_int8} layers run in int8 kernels, "
+          f"the other quantized layers simulated")
+    print_table(speed_rows(model, int8_model, image, args.repeats),
+                ["model", "embedding ms", "encoder speedup", "click ms", "click ratio"])
+    with tempfile.TemporaryDirectory() as tmp:
+        f32, f16 = Path(tmp) / "f32.pt", Path(tmp) / "f16.pt"
+        save_checkpoint(model, f32)
+        save_checkpoint(model, f16, half=True)
+        sizes = [("float32", f32.stat().st_size), ("float16 (bundled default)", f16.stat().st_size),
+                 ("int8 (W8A8)", int8_path.stat().st_size)]
+    print("\nSize")
+    print_table([{"checkpoint": n, "MB": f"{s / 2**20:.1f}", "vs float32": f"{s / sizes[0][1]:.0%}"}
+                 for n, s in sizes], ["checkpoint", "MB", "vs float32"])

@@ -41,8 +41,9 @@ def main() -> None:
     ap.add_argument("--data", default=os.environ.get("TINYSAM_DATA_DIR", "../shared/data"))
     ap.add_argument("--val-fields", type=int, default=20)
     ap.add_argument("--val-objects", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     teacher = load_model(args.teacher)
     train = str(Path(args.data) / "bbbc039" / "train" / "images")
     val = load_folder(Path(args.data) / "bbbc039" / "val" / "images")[: args.val_fields]
@@ -59,6 +60,7 @@ def main() -> None:
             teacher=None if v["teacher"] is None else args.teacher, img_size=teacher.img_size,
             scale=teacher.img_size / 696, max_rounds=2, hard_prompts=v["hard_prompts"], steps=args.steps,
             lr=5e-4, val_every=10**9, teacher_store=str(Path(args.out) / "teacher_store"),
+            threads=args.threads,
         )
         model = Trainer(cfg, teacher=v["teacher"]).run()
         res = evaluate_prompts(model.eval(), val, max_objects=args.val_objects, corrective_clicks=0)
