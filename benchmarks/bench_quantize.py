@@ -217,3 +217,7 @@ def report_speed_and_size(model, int8_model, int8_path: Path, image, args) -> No
     print("\nSize")
     print_table([{"checkpoint": n, "MB": f"{s / 2**20:.1f}", "vs float32": f"{s / sizes[0][1]:.0%}"}
                  for n, s in sizes], ["checkpoint", "MB", "vs float32"])
+
+
+if __name__ == "__main__":
+    main()
