@@ -1,4 +1,4 @@
-"""Distillation proof: the same narrow student, the same budget, three ways.
+"""Distillation proof: the same narrow student, the same start, the same budget, three ways.
 
 1. full-stage distillation from a teacher (embedding, token and hard-mask-weighted logit
    L1 terms) plus ground truth, with online hard prompt sampling;
@@ -23,7 +23,7 @@ from napari_tinysam.bench import print_table
 from napari_tinysam.distill import TrainConfig, Trainer
 from napari_tinysam.distill.data import load_folder
 from napari_tinysam.evaluation import evaluate_prompts
-from napari_tinysam.model import architecture_config
+from napari_tinysam.model import architecture_config, build_sam, save_checkpoint
 from napari_tinysam.weights import load_model
 
 
@@ -52,14 +52,28 @@ def main() -> None:
         "ground truth + hard prompts": dict(teacher=None, hard_prompts=True),
         "distillation, no hard prompts": dict(teacher=teacher, hard_prompts=False),
     }
+    # Every student starts from the same point: a random half-width encoder and, where
+    # the shapes allow (prompt encoder, mask decoder, the neck's last convolution), the
+    # teacher's weights; the budget then goes to the encoder, which is what TinySAM distils.
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    init = Path(args.out) / "student_init.pt"
+    torch.manual_seed(0)
+    student = build_sam(half_width_student(teacher.img_size))
+    own, src = student.state_dict(), teacher.state_dict()
+    copied = {k: src[k] for k in own if k in src and src[k].shape == own[k].shape
+              and not k.startswith("image_encoder.layers") and not k.startswith("image_encoder.patch_embed")}
+    student.load_state_dict({**own, **copied})
+    save_checkpoint(student.eval(), init)
+    print(f"student init: {len(copied)} of {len(own)} tensors from the teacher (prompt encoder, "
+          "mask decoder, neck); the TinyViT stages random")
     rows = []
     for name, v in variants.items():
         out = Path(args.out) / name.replace(" ", "_").replace(",", "").replace("+", "plus")
         cfg = TrainConfig(
-            train_images=train, out_dir=str(out), student=half_width_student(teacher.img_size),
+            train_images=train, out_dir=str(out), student=str(init),
             teacher=None if v["teacher"] is None else args.teacher, img_size=teacher.img_size,
             scale=teacher.img_size / 696, max_rounds=2, hard_prompts=v["hard_prompts"], steps=args.steps,
-            lr=5e-4, val_every=10**9, teacher_store=str(Path(args.out) / "teacher_store"),
+            lr=5e-4, warmup=min(100, args.steps // 5), val_every=10**9, teacher_store=str(Path(args.out) / "teacher_store"),
             threads=args.threads,
         )
         model = Trainer(cfg, teacher=v["teacher"]).run()
