@@ -46,7 +46,7 @@ def speed_rows(model, name: str, image: np.ndarray, repeats: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="speed runs (0: quality only)")
     ap.add_argument("--data", default=os.environ.get("TINYSAM_DATA_DIR", "../shared/data"))
     ap.add_argument("--fields", type=int, default=20)
     ap.add_argument("--reference-weights", default=None)
@@ -56,13 +56,14 @@ def main() -> None:
     torch.set_grad_enabled(False)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
     image = samples.nuclei_2d()
-    rows = speed_rows(load_model(args.model), args.model, image, args.repeats)
-    if args.reference_weights:
-        rows += speed_rows(load_model(args.reference_weights), "vit_t 1024 (conformance weights)", image, 1)
-    print("\nSpeed on one 520x696 BBBC039 field, embedding included, each model's recommended "
-          "thresholds (public reference, hierarchical, 1024 vit_t random weights: 169 s worst "
-          "case on this machine):")
-    print_table(rows, ["model", "mode", "median_s", "speedup_vs_grid", "agreement", "objects"])
+    if args.repeats > 0:
+        rows = speed_rows(load_model(args.model), args.model, image, args.repeats)
+        if args.reference_weights:
+            rows += speed_rows(load_model(args.reference_weights), "vit_t 1024 (conformance weights)", image, 1)
+        print("\nSpeed on one 520x696 BBBC039 field, embedding included, each model's recommended "
+              "thresholds (public reference, hierarchical, 1024 vit_t random weights: 169 s worst "
+              "case on this machine):")
+        print_table(rows, ["model", "mode", "median_s", "speedup_vs_grid", "agreement", "objects"])
 
     val = load_folder(Path(args.data) / "bbbc039" / "val" / "images")[: args.fields]
     model = load_model(args.model)

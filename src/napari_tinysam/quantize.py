@@ -800,7 +800,8 @@ def use_int8_kernels(qmodel: Sam) -> Sam:
 # -- checkpoints ------------------------------------------------------------------------
 def quantized_state_dict(qmodel: Sam) -> dict[str, torch.Tensor]:
     """The state dict of a calibrated simulated model with every quantized weight stored as
-    int8 (``<layer>.weight`` int8 + ``<layer>.w_scale``); everything else float16."""
+    int8 (``<layer>.weight`` int8 + ``<layer>.w_scale``); everything else float32, except
+    the unused classification head (float16)."""
     sd = {}
     weights = {f"{n}.weight": m for n, m in quant_layers(qmodel) if isinstance(m, (QLinear, QConv))}
     for k, v in qmodel.state_dict().items():
@@ -808,10 +809,10 @@ def quantized_state_dict(qmodel: Sam) -> dict[str, torch.Tensor]:
         if m is not None and bool((m.w_scale > 0).all()):
             s = m.w_scale if isinstance(m, QLinear) else m._w_view(m.w_scale)
             sd[k] = quantize(v, s)
-        elif k.endswith(("w_scale", ".scale")):
-            sd[k] = v.float().clone()  # scales stay float32: they define the integers
+        elif k.startswith(("image_encoder.head.", "image_encoder.norm_head.")):
+            sd[k] = v.half().clone()  # the unused classification head: kept for strict loading
         else:
-            sd[k] = v.half().clone() if v.is_floating_point() else v.clone()
+            sd[k] = v.detach().clone()  # scales, biases, norms: float32, so a reload is exact
     return sd
 
 
