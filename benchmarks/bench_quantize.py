@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from napari_tinysam import SamPredictor, load_model
-from napari_tinysam.bench import print_table
+from napari_tinysam.bench import median_time, print_table
 from napari_tinysam.distill.data import load_folder
 from napari_tinysam.evaluation import compare_models
 from napari_tinysam.everything import recommended_thresholds, segment_everything
@@ -49,13 +49,7 @@ from napari_tinysam.quantize import (
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
+    return 1e3 * median_time(fn, repeats)[0]
 
 
 def speed_rows(float_model, int8_model, image: np.ndarray, repeats: int) -> list[dict]:
