@@ -72,7 +72,7 @@ def speed_rows(float_model, int8_model, image: np.ndarray, repeats: int) -> list
     return rows
 
 
-TWIN_LABELS = {"all": "twin uniform (paper)", "auto": "twin where simulated", "none": "uniform"}
+TWIN_LABELS = {"all": "twin uniform (paper)", "auto": "twin on matmul inputs", "none": "uniform"}
 
 
 def _row(activations: str, distance: str, run: str, res: dict, seconds: str) -> dict:
@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--everything-fields", type=int, default=4, help="val fields for everything mode (0: skip)")
     ap.add_argument("--ablation", action="store_true", help="also quantize one layer type at a time")
     ap.add_argument("--save", default=None, help="write the chosen deployable model here")
-    ap.add_argument("--int8", default=None, help="only time and size this quantized checkpoint")
+    ap.add_argument("--int8", default=None, help="only measure this quantized checkpoint (no calibration)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.data) / "bbbc039"
@@ -109,8 +109,14 @@ def main() -> None:
     val = load_folder(root / "val" / "images")[: args.val_fields]
     model = load_model(args.model)
 
-    if args.int8:  # speed and size of an existing quantized checkpoint only
-        report_speed_and_size(model, load_model(args.int8), Path(args.int8), val[0].image, args)
+    if args.int8:  # an existing quantized checkpoint: accuracy, speed and size
+        int8 = load_model(args.int8)
+        res = compare_models(int8, model, val, max_objects=args.val_objects)
+        print(f"\nAccuracy of {args.int8}: BBBC039 val, {len(val)} fields, {res['objects']} objects")
+        print_table([_row(TWIN_LABELS[int8.quantization["twin"]], int8.quantization["distance"],
+                          "int8 kernels", res, "")], ["post-softmax/GELU", "distance", "run",
+                    "mask IoU vs float (click)", "mask IoU vs float (box)", "click mIoU", "box mIoU"])
+        report_speed_and_size(model, int8, Path(args.int8), val[0].image, args)
         return
     rows, deployable = [], {}
     for twin in ("all", "auto"):

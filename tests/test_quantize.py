@@ -81,7 +81,8 @@ def test_scale_shapes(tiny_model):
     # twin-uniform where the layer runs simulated anyway (depthwise, matmul); one scale for
     # layers that int8 kernels run
     assert layers["image_encoder.layers.1.blocks.0.mlp.fc2"].act.kind == "uniform"
-    assert layers["image_encoder.layers.0.blocks.0.conv2"].act.kind == "gelu"
+    assert layers["image_encoder.layers.0.blocks.0.conv2"].act.kind == "uniform"  # depthwise
+    assert layers["mask_decoder.output_upscaling.3"].act.kind == "gelu"  # transposed
     assert layers["mask_decoder.hyper_product"].act_b.kind == "gelu"
     paper = dict(quant_layers(prepare(tiny_model, twin="all")))
     assert paper["image_encoder.layers.1.blocks.0.mlp.fc2"].act.kind == "gelu"
