@@ -362,9 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale-search distance: plain squared error of each layer's output (default; "
                         "the better of the two on our nuclei, see README) or Hessian-guided")
     q.add_argument("--twin", choices=["auto", "all", "none"], default="auto",
-                   help="twin-uniform post-softmax/post-GELU quantizers: 'auto' (default) where the "
-                        "layer runs simulated anyway, 'all' (the paper's scheme: those linear layers "
-                        "and convolutions then run simulated, not in int8 kernels), or 'none'")
+                   help="twin-uniform post-softmax/post-GELU quantizers: 'auto' (default) on the "
+                        "inputs of matrix products and transposed convolutions, which run simulated "
+                        "anyway; 'all' (the paper's scheme: linear layers and convolutions after a "
+                        "GELU then run simulated, not in int8 kernels); or 'none'")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--threads", type=int, default=2)
