@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import Sam, build_sam
-from .model.build import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError
+from .model.build import CheckpointError, write_checkpoint
 from .model.common import MatMul
 from .model.tiny_vit import ConvBN, MBConv, Mlp, PatchEmbed, PatchMerging, TinyViT
 from .model.transformer import Attention as DecoderAttention
@@ -273,8 +273,6 @@ def prepare(model: Sam, twin: str = "auto") -> Sam:
     and depthwise convolutions too: their twin quantizer cost a quarter of the int8
     encoder's time on the CPU (192 vs 165 ms per 512 embedding) for no measurable accuracy.
     """
-    if twin is True or twin is False:  # older spelling
-        twin = "all" if twin else "none"
     if twin not in TWIN_MODES:
         raise ValueError(f"twin must be one of {TWIN_MODES}, got {twin!r}")
     q = copy.deepcopy(model).eval()
@@ -400,7 +398,7 @@ def _consolidate(cap: _Capture, budget: int, gen: torch.Generator) -> _Capture:
     merged = _Capture([], [], {})
     for idx in groups.values():
         n_in = len(cap.inputs[idx[0]])
-        merged.inputs.append([torch.cat([_expand_to(cap.inputs[i][k], cap.outputs[i]) for i in idx])
+        merged.inputs.append([torch.cat([cap.inputs[i][k] for i in idx])
                               for k in range(n_in)])
         merged.outputs.append(torch.cat([cap.outputs[i] for i in idx]))
         if all(i in cap.grads for i in idx):
@@ -417,13 +415,10 @@ def _consolidate(cap: _Capture, budget: int, gen: torch.Generator) -> _Capture:
     return merged
 
 
-def _expand_to(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Broadcast a batch-1 operand (shared by every prompt) to the batch of its output."""
-    return t.expand(out.shape[0], *t.shape[1:]) if t.dim() == out.dim() and t.shape[0] == 1 else t
-
-
 def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return t if t.shape[0] == 1 else t[idx]
+    """The sampled batch items of an operand; one shared by every prompt (batch 1) is
+    broadcast to the sample's size."""
+    return t.expand(len(idx), *t.shape[1:]) if t.shape[0] == 1 else t[idx]
 
 
 def _conv_input_crop(m: QConv, x: torch.Tensor, y0: int, x0: int, ys: int, xs: int) -> torch.Tensor:
@@ -622,7 +617,7 @@ def record_calibration(
     # the sample budget is per layer over all images, so that calibration cost does not
     # grow with the number of images
     n = max(1, len(images))
-    rec = _Recorder(qmodel, max(16, max_rows // n), max(4, round(crop * math.sqrt(2 / n))) if n > 2 else crop, seed)
+    rec = _Recorder(qmodel, max(16, max_rows // n), max(4, round(crop * math.sqrt(2 / max(n, 2)))), seed)
     # gradients must reach every layer's output, also those that only see prompt tokens
     qmodel.requires_grad_(True)
     try:
@@ -821,18 +816,11 @@ def quantized_state_dict(qmodel: Sam) -> dict[str, torch.Tensor]:
 def save_quantized(qmodel: Sam, path: str | Path, meta: dict[str, Any] | None = None) -> None:
     """Write a calibrated simulated model in the project's checkpoint format (atomic):
     ``config`` carries the float architecture and a ``quantization`` entry."""
-    import os
-
     config = dict(qmodel.config)
     config["quantization"] = {"bits": BITS, "twin": qmodel.quantization.get("twin", "auto"),
                               "distance": qmodel.quantization.get("distance")}
     meta = {**(getattr(qmodel, "meta", None) or {}), **(meta or {})}  # keeps tuned thresholds
-    obj = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config,
-           "state_dict": quantized_state_dict(qmodel), "meta": meta}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_checkpoint(path, config, quantized_state_dict(qmodel), meta)
 
 
 def load_quantized(config: dict[str, Any], state_dict: dict[str, torch.Tensor], int8_kernels: bool = True,

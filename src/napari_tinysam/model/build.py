@@ -338,17 +338,17 @@ def is_pickled_module(path: str | Path) -> bool:
     return False
 
 
-def save_checkpoint(
-    model: Sam, path: str | os.PathLike, meta: dict[str, Any] | None = None, half: bool = False
+def write_checkpoint(
+    path: str | os.PathLike, config: dict[str, Any], state_dict: dict[str, torch.Tensor],
+    meta: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``model`` in the project's format, atomically (temporary file + rename)."""
-    sd = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone()
-          for k, v in model.state_dict().items()}
+    """Write a project-format checkpoint atomically (temporary file + rename), so that an
+    interrupted write never leaves a file that looks complete."""
     obj = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
-        "config": model.config,
-        "state_dict": sd,
+        "config": config,
+        "state_dict": state_dict,
         "meta": meta or {},
     }
     path = Path(path)
@@ -357,17 +357,22 @@ def save_checkpoint(
     os.replace(tmp, path)
 
 
+def save_checkpoint(
+    model: Sam, path: str | os.PathLike, meta: dict[str, Any] | None = None, half: bool = False
+) -> None:
+    """Write ``model`` in the project's format, atomically."""
+    sd = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone()
+          for k, v in model.state_dict().items()}
+    write_checkpoint(path, model.config, sd, meta)
+
+
 def update_checkpoint_meta(path: str | os.PathLike, updates: dict[str, Any]) -> None:
     """Merge ``updates`` into the ``meta`` of a project-format checkpoint (float or
     quantized), rewriting the file atomically; weights are copied unchanged."""
-    path = Path(path)
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if not (isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT):
         raise CheckpointError(f"{path} is not a napari-tinysam checkpoint; only those carry meta")
-    obj["meta"] = {**obj.get("meta", {}), **updates}
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_checkpoint(path, obj["config"], obj["state_dict"], {**obj.get("meta", {}), **updates})
 
 
 def sam_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Sam:
@@ -379,10 +384,9 @@ def sam_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "c
         # oneDNN's int8 kernels run on the CPU; elsewhere the model runs simulated
         on_cpu = torch.device(device).type == "cpu"
         model = load_quantized(ckpt["config"], ckpt["state_dict"], int8_kernels=on_cpu, source=str(path))
-        model.meta = ckpt["meta"]
-        return model.to(device).eval()
-    model = build_sam(ckpt["config"])
-    load_state_dict_strict(model, ckpt["state_dict"], source=str(path))
+    else:
+        model = build_sam(ckpt["config"])
+        load_state_dict_strict(model, ckpt["state_dict"], source=str(path))
     model.meta = ckpt["meta"]
     model.requires_grad_(False)  # an inference model; training builds its own
     return model.to(device).eval()

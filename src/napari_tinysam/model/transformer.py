@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .common import MatMul, MLPBlock
@@ -49,22 +48,18 @@ class Attention(nn.Module):
         of the arithmetic; the result equals the textbook form up to rounding.
         """
         nq, nk = q.shape[1], k.shape[1]
-        if not self.reassociate:
-            pass
-        elif nk >= 8 * nq:
+        if self.reassociate and nk >= 8 * nq:
             return self._few_queries(q, k, v)
-        elif nq >= 8 * nk:
+        if self.reassociate and nq >= 8 * nk:
             return self._few_keys(q, k, v)
         qh = self._heads(self.q_proj(q))
         kh = self._heads(self.k_proj(k))
         vh = self._heads(self.v_proj(v))
-        if type(self.qk) is MatMul and type(self.av) is MatMul:
-            out = F.scaled_dot_product_attention(qh, kh, vh)
-        else:  # quantized products (see napari_tinysam.quantize)
-            d = qh.shape[-1]
-            scores = self.qk(qh, kh.transpose(-2, -1)) * d**-0.5
-            attn = _short_softmax(scores) if scores.shape[-1] <= 16 else scores.softmax(-1)
-            out = self.av(attn, vh)
+        d = qh.shape[-1]
+        # the products are modules so that a quantizer can replace them
+        scores = self.qk(qh, kh.transpose(-2, -1)) * d**-0.5
+        attn = _short_softmax(scores) if scores.shape[-1] <= 16 else scores.softmax(-1)
+        out = self.av(attn, vh)
         b, h, n, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
 
