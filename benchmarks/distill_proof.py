@@ -42,16 +42,24 @@ def main() -> None:
     ap.add_argument("--val-fields", type=int, default=20)
     ap.add_argument("--val-objects", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", action="append", choices=["kd", "gt", "kd-no-hard"],
+                    help="run only these variants (repeatable; default: all three)")
+    defaults = TrainConfig(train_images="", out_dir="")
+    for term in ("embedding", "tokens", "logits"):
+        ap.add_argument(f"--w-{term}", type=float, default=getattr(defaults, f"w_{term}"),
+                        help=f"weight of the {term} distillation term (default: the trainer's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     teacher = load_model(args.teacher)
     train = str(Path(args.data) / "bbbc039" / "train" / "images")
     val = load_folder(Path(args.data) / "bbbc039" / "val" / "images")[: args.val_fields]
     variants = {
-        "distillation + hard prompts": dict(teacher=teacher, hard_prompts=True),
-        "ground truth + hard prompts": dict(teacher=None, hard_prompts=True),
-        "distillation, no hard prompts": dict(teacher=teacher, hard_prompts=False),
+        "distillation + hard prompts": dict(key="kd", teacher=teacher, hard_prompts=True),
+        "ground truth + hard prompts": dict(key="gt", teacher=None, hard_prompts=True),
+        "distillation, no hard prompts": dict(key="kd-no-hard", teacher=teacher, hard_prompts=False),
     }
+    variants = {k: v for k, v in variants.items() if not args.only or v["key"] in args.only}
+    weights = {f"w_{t}": getattr(args, f"w_{t}") for t in ("embedding", "tokens", "logits")}
     # Every student starts from the same point: a random half-width encoder and, where
     # the shapes allow (prompt encoder, mask decoder, the neck's last convolution), the
     # teacher's weights; the budget then goes to the encoder, which is what TinySAM distils.
@@ -74,7 +82,7 @@ def main() -> None:
             teacher=None if v["teacher"] is None else args.teacher, img_size=teacher.img_size,
             scale=teacher.img_size / 696, max_rounds=2, hard_prompts=v["hard_prompts"], steps=args.steps,
             lr=5e-4, warmup=min(100, args.steps // 5), val_every=10**9, teacher_store=str(Path(args.out) / "teacher_store"),
-            threads=args.threads,
+            threads=args.threads, **weights,
         )
         model = Trainer(cfg, teacher=v["teacher"]).run()
         res = evaluate_prompts(model.eval(), val, max_objects=args.val_objects, corrective_clicks=0)

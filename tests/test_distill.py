@@ -154,3 +154,25 @@ def test_distillation_uses_stored_teacher_embeddings(tiny_folder, tmp_path):
     other = build_sam(cfg.student).eval()
     with pytest.raises(StoreMismatch, match="teacher"):
         Trainer(cfg, teacher=other, log=lambda *_: None)
+
+
+def test_student_checkpoint_keeps_or_changes_its_input_size(tiny_folder, tmp_path):
+    """Fine-tuning a checkpoint at another input size keeps its weights (TinyViT has no
+    position table); leaving the size out keeps the checkpoint's."""
+    from napari_tinysam.distill.trainer import make_student
+    from napari_tinysam.model import build_sam, save_checkpoint
+
+    base = _tiny_config(tiny_folder, tmp_path / "unused", steps=1)
+    torch.manual_seed(3)
+    src = build_sam(base.student).eval()
+    save_checkpoint(src, tmp_path / "s.pt")
+    kept = make_student(TrainConfig(train_images="", out_dir="", student=str(tmp_path / "s.pt")))
+    assert kept.img_size == 64
+    bigger = make_student(TrainConfig(train_images="", out_dir="", student=str(tmp_path / "s.pt"), img_size=96))
+    assert bigger.img_size == 96 and bigger.prompt_encoder.get_dense_pe().shape[-1] == 6
+    ref = src.state_dict()
+    for k, v in bigger.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+    x = torch.rand(1, 3, 96, 96) * 255
+    with torch.no_grad():
+        assert bigger.image_encoder(bigger.preprocess(x)).shape[-1] == 6

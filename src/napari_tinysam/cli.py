@@ -96,7 +96,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         val_images=args.val,
         teacher=None if teacher is None else args.teacher,
         student=args.student,
-        img_size=args.img_size or (teacher.img_size if teacher is not None else 512),
+        img_size=args.img_size or (teacher.img_size if teacher is not None else None),
         teacher_views=args.teacher_views,
         teacher_store=args.teacher_store,
         crop=args.crop,
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val", default=None, help="folder of validation images with labels")
     t.add_argument("--teacher", default="none", help="teacher model name/path, or 'none' (ground truth only)")
     t.add_argument("--student", default="vit_t", help="architecture name or checkpoint to start from")
-    t.add_argument("--img-size", type=int, default=None, help="student input size (default: the teacher's, else 512)")
+    t.add_argument("--img-size", type=int, default=None, help="student input size (default: the teacher's, else the student checkpoint's, else 512)")
     t.add_argument("--teacher-views", type=int, default=2000, help="fixed views with stored teacher embeddings")
     t.add_argument("--teacher-store", default=None, help="folder of the teacher embedding store (default: OUT/teacher_store)")
     t.add_argument("--crop", type=int, default=256)

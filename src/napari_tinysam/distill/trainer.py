@@ -40,7 +40,7 @@ class TrainConfig:
     val_images: str | None = None
     teacher: str | None = None  # checkpoint path/name, or None for ground truth only
     student: str | dict = "vit_t"  # architecture name, config dict, or checkpoint to start from
-    img_size: int = 512
+    img_size: int | None = None  # student input size (None: the teacher's, the checkpoint's, else 512)
     crop: int = 256
     scale: float = 1.0  # base resize of training images (e.g. img_size / longest side)
     batch_crops: int = 4
@@ -81,12 +81,28 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_student(cfg: TrainConfig) -> Sam:
+    """The student of ``cfg``: an architecture, a config, or a checkpoint to start from.
+
+    A checkpoint keeps its input size unless ``cfg.img_size`` asks for another; TinyViT
+    weights do not depend on it (window attention, no absolute position table), so the
+    same weights are rebuilt at the new size. Plain ViT encoders cannot be re-sized."""
     if isinstance(cfg.student, dict):
-        return build_sam(cfg.student)
+        config = dict(cfg.student)
+        if cfg.img_size:
+            config["img_size"] = cfg.img_size
+        return build_sam(config)
     if cfg.student in ("vit_t", "vit_b", "vit_l", "vit_h"):
-        return build_sam(architecture_config(cfg.student, cfg.img_size))
+        return build_sam(architecture_config(cfg.student, cfg.img_size or 512))
     ckpt = read_checkpoint(cfg.student)
-    model = build_sam(ckpt["config"])
+    config = dict(ckpt["config"])
+    if cfg.img_size and cfg.img_size != config["img_size"]:
+        if config["image_encoder"].get("type") != "tiny_vit":
+            raise ValueError(
+                f"{cfg.student}: a {config['image_encoder'].get('type')} encoder has position tables for "
+                f"img_size {config['img_size']}; train it at that size (leave --img-size out)"
+            )
+        config["img_size"] = cfg.img_size
+    model = build_sam(config)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()})
     return model
 
@@ -290,7 +306,7 @@ class Trainer:
         self.opt.step()
         self.step += 1
         out = {k: float(v.detach() if torch.is_tensor(v) else v) / (1 if k == "embedding" else max(1, n_masks)) for k, v in terms.items()}
-        out["loss"] = float(loss)
+        out["loss"] = float(loss.detach())
         out["rounds"] = rounds
         return out
 
