@@ -11,6 +11,17 @@ from pathlib import Path
 import numpy as np
 
 
+# `distill` loss terms whose weights are options (defaults live in distill.TrainConfig)
+LOSS_TERMS = {
+    "focal": "focal loss against the ground truth",
+    "dice": "dice loss against the ground truth",
+    "iou": "MSE of the predicted IoU",
+    "embedding": "L1 between student and teacher image embeddings",
+    "tokens": "L1 between the two-way transformer's output tokens",
+    "logits": "hard-mask-weighted L1 between mask logits",
+}
+
+
 def _threads(n: int | None) -> None:
     import torch
 
@@ -112,6 +123,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         threads=args.threads,
         val_every=args.val_every,
         checkpoint_minutes=args.checkpoint_minutes,
+        **{f"w_{t}": getattr(args, f"w_{t}") for t in LOSS_TERMS if getattr(args, f"w_{t}") is not None},
     )
     trainer = Trainer(cfg, teacher=teacher)
     trainer.run()
@@ -349,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--val-every", type=int, default=200)
     t.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    for term, what in LOSS_TERMS.items():
+        t.add_argument(f"--w-{term}", type=float, default=None, help=f"weight of the {what} (default: TrainConfig's)")
     t.set_defaults(func=cmd_distill)
 
     q = sub.add_parser("quantize", help="post-training W8A8 quantization of a model")
