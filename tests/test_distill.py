@@ -176,3 +176,20 @@ def test_student_checkpoint_keeps_or_changes_its_input_size(tiny_folder, tmp_pat
     x = torch.rand(1, 3, 96, 96) * 255
     with torch.no_grad():
         assert bigger.image_encoder(bigger.preprocess(x)).shape[-1] == 6
+
+
+def test_cli_distill_passes_loss_weights_and_keeps_the_checkpoint_size(tiny_folder, tmp_path):
+    from napari_tinysam.cli import main
+    from napari_tinysam.model import build_sam, save_checkpoint
+
+    torch.manual_seed(4)
+    save_checkpoint(build_sam(_tiny_config(tiny_folder, tmp_path, 1).student).eval(), tmp_path / "s.pt")
+    out = tmp_path / "run"
+    rc = main(["distill", str(tiny_folder / "images"), "-o", str(out), "--student", str(tmp_path / "s.pt"),
+               "--crop", "64", "--batch", "1", "--objects", "2", "--max-rounds", "0", "--steps", "2",
+               "--warmup", "1", "--threads", "1", "--w-focal", "5", "--w-logits", "0.5"])
+    assert rc == 0
+    model = load_model(out / "final.pt")
+    recipe = model.meta["recipe"]
+    assert model.img_size == 64 and recipe["w_focal"] == 5 and recipe["w_logits"] == 0.5
+    assert recipe["w_dice"] == TrainConfig(train_images="", out_dir="").w_dice

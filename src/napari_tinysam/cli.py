@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 # `distill` loss terms whose weights are options (defaults live in distill.TrainConfig)
 LOSS_TERMS = {
     "focal": "focal loss against the ground truth",
