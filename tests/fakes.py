@@ -37,6 +37,8 @@ class FakeSam(torch.nn.Module):
     def device(self):
         return torch.device("cpu")
 
+    max_upscale = None  # the image is already at the input size
+
     def embed(self, x):
         return torch.zeros(1, 1, 1, 1)
 

@@ -107,3 +107,22 @@ def test_embedding_cache_reuses_and_bounds(tiny_model, blobs_image):
     # different contrast limits are a different image for the model
     p.set_image(image, contrast_limits=(0, 10000))
     assert p.encoder_calls == 3
+
+
+def test_max_upscale_caps_how_far_small_images_are_enlarged(tiny_model):
+    from napari_tinysam.predictor import compute_embedding
+
+    assert preprocess_shape(61, 57, 768) == (768, 718)  # SAM's rule: longest side -> input
+    assert preprocess_shape(61, 57, 768, max_upscale=4.0) == (244, 228)
+    assert preprocess_shape(520, 696, 768, max_upscale=4.0) == preprocess_shape(520, 696, 768)
+    assert tiny_model.max_upscale is None  # no meta: official behaviour
+    tiny_model.meta = {"max_upscale": 2.0}
+    try:
+        emb = compute_embedding(tiny_model, np.zeros((40, 30, 3), np.uint8))
+        assert emb.input_size == (80, 60) and emb.original_size == (40, 30)
+        pred = SamPredictor(tiny_model)
+        pred.set_image(np.zeros((40, 30), np.uint16))
+        masks, _, _ = pred.predict(point_coords=[[10, 20]], point_labels=[1])
+        assert masks.shape == (3, 40, 30)
+    finally:
+        del tiny_model.meta

@@ -42,7 +42,7 @@ class EmbeddingStore:
 
     @staticmethod
     def signature_for(model: Sam, stack: np.ndarray, contrast_limits) -> dict:
-        return {
+        sig = {
             "format": STORE_FORMAT,
             "data": data_hash(stack),
             "shape": list(stack.shape),
@@ -50,6 +50,9 @@ class EmbeddingStore:
             "img_size": model.img_size,
             "contrast_limits": [float(v) for v in contrast_limits],
         }
+        if model.max_upscale is not None:
+            sig["max_upscale"] = model.max_upscale
+        return sig
 
     @classmethod
     def open(
@@ -129,4 +132,4 @@ class EmbeddingStore:
             raise KeyError(f"slice {z} is not in the embedding store yet; run `napari-tinysam embed` again")
         h, w = self.signature["shape"][1:3]
         features = torch.from_numpy(np.asarray(self.group["features"][z]))[None]
-        return ImageEmbedding(features, (h, w), preprocess_shape(h, w, self.signature["img_size"]))
+        return ImageEmbedding(features, (h, w), preprocess_shape(h, w, self.signature["img_size"], self.signature.get("max_upscale")))

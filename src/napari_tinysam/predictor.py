@@ -26,16 +26,19 @@ from .runtime import tune_allocator
 DEFAULT_PERCENTILES = (0.5, 99.5)
 
 
-def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
+def preprocess_shape(h: int, w: int, long_side: int, max_upscale: float | None = None) -> tuple[int, int]:
     """Size (h', w') after resizing the longest side to ``long_side`` (the reference's
-    rounding: ``int(side * long_side / max(h, w) + 0.5)``)."""
+    rounding: ``int(side * long_side / max(h, w) + 0.5)``). With ``max_upscale`` a small
+    image is enlarged by at most that factor (and padded like any other)."""
     scale = long_side * 1.0 / max(h, w)
+    if max_upscale is not None:
+        scale = min(scale, max_upscale)
     return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
-def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
+def resize_longest_side(image: np.ndarray, long_side: int, max_upscale: float | None = None) -> np.ndarray:
     """Resize a uint8 (H, W, 3) image with Pillow's bilinear filter, as the reference does."""
-    h, w = preprocess_shape(image.shape[0], image.shape[1], long_side)
+    h, w = preprocess_shape(image.shape[0], image.shape[1], long_side, max_upscale)
     if (h, w) == image.shape[:2]:
         return image
     return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
@@ -168,7 +171,7 @@ def image_key(model: Sam, rgb: np.ndarray) -> tuple[str, str]:
 def compute_embedding(model: Sam, rgb: np.ndarray) -> ImageEmbedding:
     """Encode a uint8 RGB image (H, W, 3): resize, normalise, pad, run the encoder."""
     tune_allocator()
-    resized = resize_longest_side(rgb, model.img_size)
+    resized = resize_longest_side(rgb, model.img_size, model.max_upscale)
     x = torch.from_numpy(np.array(resized, copy=True)).to(model.device)
     x = x.permute(2, 0, 1)[None].float()
     features = model.embed(x)

@@ -623,13 +623,13 @@ def record_calibration(
     try:
         for img, lab in zip(images, labels):
             rgb = to_uint8_rgb(img)
-            resized = resize_longest_side(rgb, qmodel.img_size)
+            resized = resize_longest_side(rgb, qmodel.img_size, qmodel.max_upscale)
             x = torch.from_numpy(np.array(resized, copy=True)).permute(2, 0, 1)[None].float()
             x.requires_grad_(True)
             with torch.enable_grad():
                 emb = qmodel.embed(x)
                 h, w = rgb.shape[:2]
-                nh, nw = preprocess_shape(h, w, qmodel.img_size)
+                nh, nw = preprocess_shape(h, w, qmodel.img_size, qmodel.max_upscale)
                 scale = torch.tensor([nw / w, nh / h])
                 pts, boxes = calibration_prompts(lab, (h, w), prompts_per_image, rng)
                 p = torch.from_numpy(pts) * scale

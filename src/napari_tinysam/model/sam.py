@@ -72,6 +72,15 @@ class Sam(nn.Module):
         return int(self.image_encoder.img_size)
 
     @property
+    def max_upscale(self) -> float | None:
+        """The largest factor by which an image smaller than the input is enlarged, from
+        the checkpoint's meta. None (official weights): the longest side always becomes
+        ``img_size``, as in SAM. Models trained on objects of one size (the bundled
+        nuclei model) set it so that small slices are not blown up past that size."""
+        value = getattr(self, "meta", {}).get("max_upscale")
+        return float(value) if value else None
+
+    @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
