@@ -39,7 +39,7 @@ REGISTRY: dict[str, ModelInfo] = {
         ModelInfo(
             "default",
             "default.pt",
-            "TinySAM (vit_t) at 512 px, trained on BBBC039 fluorescent nuclei; bundled",
+            "TinySAM (vit_t) at 768 px, trained on BBBC039 fluorescent nuclei; bundled",
             bundled=True,
         ),
         ModelInfo(
