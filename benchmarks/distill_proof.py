@@ -27,6 +27,8 @@ from napari_tinysam.evaluation import evaluate_prompts
 from napari_tinysam.model import architecture_config, build_sam, save_checkpoint
 from napari_tinysam.weights import load_model
 
+KD_TERMS = ("embedding", "tokens", "logits")  # the distillation terms whose weights are options
+
 
 def half_width_student(img_size: int) -> dict:
     cfg = architecture_config("vit_t", img_size)
@@ -46,7 +48,7 @@ def main() -> None:
     ap.add_argument("--only", action="append", choices=["kd", "gt", "kd-no-hard"],
                     help="run only these variants (repeatable; default: all three)")
     defaults = TrainConfig(train_images="", out_dir="")
-    for term in ("embedding", "tokens", "logits"):
+    for term in KD_TERMS:
         ap.add_argument(f"--w-{term}", type=float, default=getattr(defaults, f"w_{term}"),
                         help=f"weight of the {term} distillation term (default: the trainer's)")
     args = ap.parse_args()
@@ -60,7 +62,7 @@ def main() -> None:
         "distillation, no hard prompts": dict(key="kd-no-hard", teacher=teacher, hard_prompts=False),
     }
     variants = {k: v for k, v in variants.items() if not args.only or v["key"] in args.only}
-    weights = {f"w_{t}": getattr(args, f"w_{t}") for t in ("embedding", "tokens", "logits")}
+    weights = {f"w_{t}": getattr(args, f"w_{t}") for t in KD_TERMS}
     # Every student starts from the same point: a random half-width encoder and, where
     # the shapes allow (prompt encoder, mask decoder, the neck's last convolution), the
     # teacher's weights; the budget then goes to the encoder, which is what TinySAM distils.
