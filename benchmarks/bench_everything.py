@@ -56,8 +56,9 @@ def main() -> None:
     torch.set_grad_enabled(False)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
     image = samples.nuclei_2d()
+    model = load_model(args.model)
     if args.repeats > 0:
-        rows = speed_rows(load_model(args.model), args.model, image, args.repeats)
+        rows = speed_rows(model, args.model, image, args.repeats)
         if args.reference_weights:
             rows += speed_rows(load_model(args.reference_weights), "vit_t 1024 (conformance weights)", image, 1)
         print("\nSpeed on one 520x696 BBBC039 field, embedding included, each model's recommended "
@@ -66,7 +67,6 @@ def main() -> None:
         print_table(rows, ["model", "mode", "median_s", "speedup_vs_grid", "agreement", "objects"])
 
     val = load_folder(Path(args.data) / "bbbc039" / "val" / "images")[: args.fields]
-    model = load_model(args.model)
     tuned = recommended_thresholds(model)
     print(f"\nthresholds tuned for {args.model} on train (meta): {tuned}")
     runs = {

@@ -172,8 +172,8 @@ def main() -> None:
                 "date": time.strftime("%Y-%m-%d")}
         save_quantized(best, args.save, meta=meta)
         print(f"\nwrote {args.save}")
+    int8 = use_int8_kernels(copy.deepcopy(best))  # the deployable execution, built once
     if args.everything_fields:
-        int8 = use_int8_kernels(copy.deepcopy(best))
         print(f"\nEverything mode, hierarchical, BBBC039 val, {args.everything_fields} fields")
         print_table(everything_rows({"float32": model, "int8": int8}, val[: args.everything_fields]),
                     ["model", "F1 @ IoU 0.5", "objects", "true objects", "agreement with float"])
@@ -181,7 +181,7 @@ def main() -> None:
         path = Path(args.save) if args.save else Path(tmp) / "int8.pt"
         if not args.save:
             save_quantized(best, path)
-        report_speed_and_size(model, use_int8_kernels(copy.deepcopy(best)), path, val[0].image, args)
+        report_speed_and_size(model, int8, path, val[0].image, args)
 
 
 def everything_rows(models: dict, fields: list) -> list[dict]:
