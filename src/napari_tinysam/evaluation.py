@@ -64,11 +64,11 @@ def _click_and_box(model: Sam, predictor: SamPredictor, pts: np.ndarray, boxes: 
     n = len(pts)
     low, iou = predict_batch(predictor, pts, np.ones((n, 1)))
     low, iou = model.select_masks(low, iou, True)
-    low_best = low[torch.arange(n), iou.argmax(1)][:, None]
-    masks = (upscale_logits(predictor, low_best)[:, 0] > 0).numpy()
+    low_best = low[torch.arange(n, device=low.device), iou.argmax(1)][:, None]
+    masks = (upscale_logits(predictor, low_best)[:, 0] > 0).cpu().numpy()
     lowb, ioub = predict_batch(predictor, boxes=boxes)
     lowb, _ = model.select_masks(lowb, ioub, False)
-    mb = (upscale_logits(predictor, lowb)[:, 0] > 0).numpy()
+    mb = (upscale_logits(predictor, lowb)[:, 0] > 0).cpu().numpy()
     return low_best, masks, mb
 
 
@@ -159,7 +159,7 @@ def evaluate_prompts(
                         predictor, np.array(point_lists), np.array(label_lists), mask_input=cur_low
                     )
                     cur_low, _ = model.select_masks(lowc, iouc, False)
-                    cur = (upscale_logits(predictor, cur_low)[:, 0] > 0).numpy()
+                    cur = (upscale_logits(predictor, cur_low)[:, 0] > 0).cpu().numpy()
                 scores["click3"] += [_iou(m, g) for m, g in zip(cur, gts)]
     out = {k: float(np.mean(v)) if v else float("nan") for k, v in scores.items()}
     out["objects"] = len(scores["click"])
