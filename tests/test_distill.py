@@ -193,3 +193,38 @@ def test_cli_distill_passes_loss_weights_and_keeps_the_checkpoint_size(tiny_fold
     recipe = model.meta["recipe"]
     assert model.img_size == 64 and recipe["w_focal"] == 5 and recipe["w_logits"] == 0.5
     assert recipe["w_dice"] == TrainConfig(train_images="", out_dir="").w_dice
+
+
+def test_training_crops_do_not_depend_on_the_worker_count(tiny_folder, tmp_path):
+    """Worker processes make the same crops as the main process (each crop is a function
+    of its seed), so a run is reproducible on any machine."""
+    batches = []
+    for workers in (0, 2):
+        cfg = _tiny_config(tiny_folder, tmp_path / f"w{workers}", steps=2)
+        cfg.workers = workers
+        trainer = Trainer(cfg, log=lambda *_: None)
+        try:
+            batches.append([trainer._crop_batch() for _ in range(2)])
+        finally:
+            trainer.close()
+    for (x0, labs0, _), (x1, labs1, _) in zip(*batches):
+        assert torch.equal(x0, x1)
+        assert all(np.array_equal(a, b) for a, b in zip(labs0, labs1))
+        assert all(lab.max() > 0 for lab in labs0)  # crops without objects are drawn again
+
+
+def test_time_budget_sets_the_step_count(tiny_folder, tmp_path):
+    cfg = _tiny_config(tiny_folder, tmp_path / "budget", steps=5)
+    cfg.minutes, cfg.val_every = 1.0, 4
+    trainer = Trainer(cfg, log=lambda *_: None)
+    # 58.2 s of the budget left after 10 s: 48.2 s at 0.5 s a step plus 2 s every 4 steps
+    assert trainer._fit_steps(elapsed=10.0, step_seconds=0.5, val_seconds=2.0) == 48
+    trainer.step = 30
+    assert trainer._fit_steps(elapsed=70.0, step_seconds=0.5, val_seconds=2.0) == 31  # over: one more
+    # a fresh run replaces --steps by what fits; a tiny budget stops right after the timing
+    cfg = _tiny_config(tiny_folder, tmp_path / "budget2", steps=5)
+    cfg.minutes = 0.001
+    trainer = Trainer(cfg, log=lambda *_: None)
+    trainer.run(progress=False)
+    assert trainer.cfg.steps == trainer.step == 26
+    assert load_model(tmp_path / "budget2" / "final.pt").meta["steps"] == 26

@@ -122,6 +122,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
         threads=args.threads,
         val_every=args.val_every,
         checkpoint_minutes=args.checkpoint_minutes,
+        device=args.device,
+        amp=args.amp,
+        workers=args.workers,
+        minutes=args.minutes,
         **{f"w_{t}": getattr(args, f"w_{t}") for t in LOSS_TERMS if getattr(args, f"w_{t}") is not None},
     )
     trainer = Trainer(cfg, teacher=teacher)
@@ -360,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--val-every", type=int, default=200)
     t.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    t.add_argument("--device", default="cpu", help="torch device to train on (e.g. cuda)")
+    t.add_argument("--amp", action="store_true", help="bfloat16 autocast for the forward passes")
+    t.add_argument("--workers", type=int, default=0, help="processes that make augmented crops ahead of each step")
+    t.add_argument("--minutes", type=float, default=None,
+                   help="time budget of a fresh run: --steps is replaced by the count that fits, measured after 25 steps")
     for term, what in LOSS_TERMS.items():
         t.add_argument(f"--w-{term}", type=float, default=None, help=f"weight of the {what} (default: TrainConfig's)")
     t.set_defaults(func=cmd_distill)

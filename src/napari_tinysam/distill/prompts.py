@@ -44,7 +44,7 @@ def jitter_boxes(
     """Move each box edge by Gaussian noise with std ``frac`` of the box side (at most
     ``max_px``), as SAM's training does; clipped to the image."""
     wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1.0).repeat(1, 2)
-    noise = torch.randn(boxes.shape, generator=generator) * (frac * wh).clamp(max=max_px)
+    noise = torch.randn(boxes.shape, generator=generator, device=boxes.device) * (frac * wh).clamp(max=max_px)
     out = boxes + noise
     h, w = size
     out[:, 0::2] = out[:, 0::2].clamp(0, w - 1)
@@ -71,7 +71,7 @@ def sample_error_points(
     n, h, w = gt.shape
     xi = coords[:, 0].long().clamp(0, w - 1)
     yi = coords[:, 1].long().clamp(0, h - 1)
-    ar = torch.arange(n)
+    ar = torch.arange(n, device=gt.device)
     labels = torch.where(fn[ar, yi, xi], 1.0, 0.0)
     labels[~err.reshape(n, -1).any(1)] = -1.0
     return coords, labels

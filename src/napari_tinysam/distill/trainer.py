@@ -56,6 +56,10 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     checkpoint_minutes: float = 3.0
+    device: str = "cpu"  # "cuda" trains on a GPU
+    amp: bool = False  # bfloat16 autocast for the forward passes (weights and losses stay float32)
+    workers: int = 0  # processes that make augmented crops ahead of the step (0: in the main process)
+    minutes: float | None = None  # time budget: a fresh run sets ``steps`` to fit it after timing
     val_every: int = 200
     val_fields: int = 6
     val_objects: int = 15
@@ -81,6 +85,29 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+_WORKER: tuple | None = None  # (samples, crop, augment) inherited by the crop workers
+
+
+def _init_worker(samples, crop, aug) -> None:
+    global _WORKER
+    _WORKER = (samples, crop, aug)
+    torch.set_num_threads(1)
+
+
+def make_crop(seed: int, samples=None, crop=None, aug=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """One augmented training crop, a pure function of ``seed`` (so the data do not depend
+    on how many worker processes make them): a random field, then a random crop of it;
+    labelled crops without any object are drawn again."""
+    if samples is None:
+        samples, crop, aug = _WORKER
+    rng = np.random.default_rng(seed)
+    while True:
+        s: Sample = samples[int(rng.integers(len(samples)))]
+        img, lab = augment_crop(s, crop, aug, rng)
+        if lab is None or lab.max() > 0:
+            return img, lab
 
 
 def make_student(cfg: TrainConfig) -> Sam:
@@ -117,16 +144,25 @@ class Trainer:
         self.cfg = cfg
         self.log = log
         torch.manual_seed(cfg.seed)
-        self.model = make_student(cfg)
-        self.model.train()
-        self.teacher = teacher
+        self.device = torch.device(cfg.device)
         self.train_samples = [s for s in load_folder(cfg.train_images) if s.labels is not None or teacher]
         self.val_samples = load_folder(cfg.val_images)[: cfg.val_fields] if cfg.val_images else []
         self.aug = Augment(scale=cfg.scale, **cfg.augment)
+        self.pool = None
+        self.pending = None
+        if cfg.workers > 0 and teacher is None:
+            import multiprocessing as mp
+
+            # forked before the model touches the GPU; the fields are inherited, not pickled
+            ctx = mp.get_context("fork")
+            self.pool = ctx.Pool(cfg.workers, _init_worker, (self.train_samples, cfg.crop, self.aug))
+        self.model = make_student(cfg).to(self.device)
+        self.model.train()
+        self.teacher = None if teacher is None else teacher.to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         self.rng = np.random.default_rng(cfg.seed)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.best: dict[str, Any] = {"score": -1.0}
         self.history: list[dict[str, Any]] = []
         self.out = Path(cfg.out_dir)
@@ -195,16 +231,28 @@ class Trainer:
                 imgs.append(img)
                 labs.append(lab)
             x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
-            return x, labs, torch.cat([self.store.get(int(i)) for i in idx])
-        while len(imgs) < self.cfg.batch_crops:
-            s: Sample = self.train_samples[int(self.rng.integers(len(self.train_samples)))]
-            img, lab = augment_crop(s, self.cfg.crop, self.aug, self.rng)
-            if lab is not None and lab.max() == 0:
-                continue
-            imgs.append(img)
-            labs.append(lab)
-        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
-        return x, labs, None
+            emb = torch.cat([self.store.get(int(i)) for i in idx])
+            return x.to(self.device), labs, emb.to(self.device)
+        if self.pool is None:
+            crops = [make_crop(int(seed), self.train_samples, self.cfg.crop, self.aug) for seed in self._seeds()]
+        else:
+            # the next batch is made by the workers while this step runs
+            if self.pending is None:
+                self.pending = self.pool.map_async(make_crop, self._seeds())
+            crops = self.pending.get()
+            self.pending = self.pool.map_async(make_crop, self._seeds())
+        x = torch.from_numpy(np.stack([c[0] for c in crops])).permute(0, 3, 1, 2).float()
+        return x.to(self.device), [c[1] for c in crops], None
+
+    def _seeds(self) -> list[int]:
+        return [int(v) for v in self.rng.integers(0, 2**63 - 1, self.cfg.batch_crops)]
+
+    def close(self) -> None:
+        """Stop the crop workers (``run`` does this when it ends)."""
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool = None
+            self.pending = None
 
     def _objects(self, lab: np.ndarray) -> torch.Tensor | None:
         ids, counts = np.unique(lab, return_counts=True)
@@ -225,14 +273,44 @@ class Trainer:
         iou_l = (iou_pred - actual) ** 2
         return seg, iou_l, actual, up
 
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp)
+
+    def _gather_objects(self, labs: list[np.ndarray | None]):
+        """The objects of every crop of the batch as one set: masks (N, crop, crop), the
+        crop each comes from (N,), and each crop's offset (in grid cells) on the model's
+        canvas. The crop is placed at a random cell offset so that the decoder sees the
+        positional encodings of a full-size input."""
+        grid = self.cfg.crop // 16
+        n_cells = self.model.img_size // 16 - grid
+        gts, owner, cells = [], [], []
+        for b, lab in enumerate(labs):
+            gt = self._objects(lab) if lab is not None else None
+            if gt is None:
+                continue
+            oy, ox = (int(v) for v in self.rng.integers(0, n_cells + 1, size=2))
+            gts.append(gt)
+            owner += [b] * gt.shape[0]
+            cells.append((b, oy, ox))
+        if not gts:
+            return None
+        return torch.cat(gts).to(self.device), torch.tensor(owner, device=self.device), cells
+
+    @staticmethod
+    def _object_pe(pe: torch.Tensor, cells, owner: torch.Tensor, batch: int, grid: int) -> torch.Tensor:
+        """Each object's window (N, C, grid, grid) of the full positional encoding."""
+        per_crop = pe.new_zeros(batch, pe.shape[1], grid, grid)
+        for b, oy, ox in cells:
+            per_crop[b] = pe[0, :, oy : oy + grid, ox : ox + grid]
+        return per_crop[owner]
+
     def train_step(self) -> dict[str, float]:
-        cfg, model = self.cfg, self.model
+        cfg, model, dev = self.cfg, self.model, self.device
         x, labs, teacher_emb = self._crop_batch()
-        xn = (x - model.pixel_mean) / model.pixel_std
-        emb = model.image_encoder(xn)
         grid = cfg.crop // 16
-        full_pe = model.prompt_encoder.get_dense_pe()
-        n_cells = model.img_size // 16 - grid
+        with self._autocast():
+            emb = model.image_encoder((x - model.pixel_mean) / model.pixel_std)
+        emb = emb.float()
         terms: dict[str, torch.Tensor] = {}
 
         def add(name: str, value: torch.Tensor) -> None:
@@ -240,58 +318,60 @@ class Trainer:
 
         if teacher_emb is not None:
             add("embedding", cfg.w_embedding * embedding_l1(emb, teacher_emb))
-            teacher_pe = self.teacher.prompt_encoder.get_dense_pe()
         rounds = int(self.rng.integers(0, cfg.max_rounds + 1)) if cfg.hard_prompts else 0
         n_masks = 0
-        for b, lab in enumerate(labs):
-            gt = self._objects(lab) if lab is not None else None
-            if gt is None:
-                continue
-            # Place the crop at a random cell offset of the model's canvas, so that the
-            # decoder sees the positional encodings of a full-size input.
-            oy, ox = (int(v) for v in self.rng.integers(0, n_cells + 1, size=2))
-            pe = full_pe[:, :, oy : oy + grid, ox : ox + grid]
-            offset = torch.tensor([ox * 16.0, oy * 16.0])
-            n = gt.shape[0]
-            use_box = torch.rand(n, generator=self.gen) < cfg.box_fraction
+        objects = self._gather_objects(labs)
+        if objects is not None:
+            gt_all, owner_all, cells = objects
+            offsets = torch.zeros(len(labs), 2)
+            for b, oy, ox in cells:
+                offsets[b] = torch.tensor([ox * 16.0, oy * 16.0])
+            offset_all = offsets.to(dev)[owner_all]
+            pe_all = self._object_pe(model.prompt_encoder.get_dense_pe(), cells, owner_all, len(labs), grid)
+            if self.teacher is not None:
+                t_pe_all = self._object_pe(self.teacher.prompt_encoder.get_dense_pe(), cells, owner_all, len(labs), grid)
+            use_box = torch.rand(gt_all.shape[0], generator=self.gen, device=dev) < cfg.box_fraction
             for group, is_box in ((~use_box, False), (use_box, True)):
                 if not group.any():
                     continue
-                g = gt[group]
-                coords = torch.zeros(g.shape[0], 0, 2)
-                labels = torch.zeros(g.shape[0], 0)
+                g, owner, offset, pe = gt_all[group], owner_all[group], offset_all[group], pe_all[group]
+                n = g.shape[0]
+                ar = torch.arange(n, device=dev)
+                coords = torch.zeros(n, 0, 2, device=dev)
+                labels = torch.zeros(n, 0, device=dev)
                 boxes = None
                 if is_box:
-                    boxes = jitter_boxes(boxes_from_masks(g), g.shape[-2:], generator=self.gen) + offset.repeat(2)
+                    boxes = jitter_boxes(boxes_from_masks(g), g.shape[-2:], generator=self.gen) + offset.repeat(1, 2)
                 else:
                     coords = (sample_points_in(g, self.gen) + offset)[:, None]
-                    labels = torch.ones(g.shape[0], 1)
+                    labels = torch.ones(n, 1, device=dev)
                 mask_in = None
                 for r in range(rounds + 1):
                     pts = (coords, labels) if coords.shape[1] else None
-                    sparse, dense = model.prompt_encoder(pts, boxes, mask_in, (grid, grid))
-                    dec = model.mask_decoder(emb[b : b + 1], pe, sparse, dense, return_tokens=True)
-                    logits, iou_pred, tokens = dec
+                    with self._autocast():
+                        sparse, dense = model.prompt_encoder(pts, boxes, mask_in, (grid, grid))
+                        logits, iou_pred, tokens = model.mask_decoder(emb[owner], pe, sparse, dense, return_tokens=True)
+                    logits, iou_pred, tokens = logits.float(), iou_pred.float(), tokens.float()
                     single = is_box or r > 0
                     sel = slice(0, 1) if single else slice(1, None)
                     seg, iou_l, actual, up = self._mask_losses(logits[:, sel], iou_pred[:, sel], g)
                     best = seg.detach().argmin(1)
-                    ar = torch.arange(g.shape[0])
                     add("mask", seg[ar, best].sum())
                     add("iou", cfg.w_iou * iou_l.mean(1).sum())
-                    n_masks += g.shape[0]
+                    n_masks += n
                     if self.teacher is not None:
-                        with torch.no_grad():
+                        with torch.no_grad(), self._autocast():
                             t_logits, _, t_tokens = self.teacher.mask_decoder(
-                                teacher_emb[b : b + 1], teacher_pe[:, :, oy : oy + grid, ox : ox + grid],
+                                teacher_emb[owner], t_pe_all[group],
                                 *self.teacher.prompt_encoder(pts, boxes, mask_in, (grid, grid)),
                                 return_tokens=True,
                             )
-                            t_up = F.interpolate(t_logits[:, sel], size=g.shape[-2:], mode="bilinear", align_corners=False)
-                            t_iou = mask_iou(t_up > 0, g[:, None].expand_as(t_up))
-                            h = hard_mask_weight(t_iou, actual)
-                        add("tokens", cfg.w_tokens * token_l1(tokens, t_tokens) * g.shape[0])
-                        add("logits", cfg.w_logits * weighted_logit_l1(logits[:, sel], t_logits[:, sel], h) * g.shape[0])
+                        t_logits, t_tokens = t_logits.float(), t_tokens.float()
+                        t_up = F.interpolate(t_logits[:, sel], size=g.shape[-2:], mode="bilinear", align_corners=False)
+                        t_iou = mask_iou(t_up > 0, g[:, None].expand_as(t_up))
+                        h = hard_mask_weight(t_iou, actual)
+                        add("tokens", cfg.w_tokens * token_l1(tokens, t_tokens) * n)
+                        add("logits", cfg.w_logits * weighted_logit_l1(logits[:, sel], t_logits[:, sel], h) * n)
                     if r == rounds:
                         break
                     chosen_low = logits[ar, (best if not single else torch.zeros_like(best)) + sel.start]
@@ -346,18 +426,50 @@ class Trainer:
 
     # -- loop ---------------------------------------------------------------------------
     def run(self, progress: bool = True, stop_after: int | None = None) -> Sam:
+        try:
+            return self._run(progress, stop_after)
+        finally:
+            self.close()
+
+    def _fit_steps(self, elapsed: float, step_seconds: float, val_seconds: float) -> int:
+        """The step count that ends a fresh run inside ``cfg.minutes``: the time left over
+        the measured cost of a step (plus its share of the validations), 3% held back for
+        checkpoints and the final export."""
+        left = 0.97 * 60 * self.cfg.minutes - elapsed
+        per_step = step_seconds + (val_seconds / self.cfg.val_every if self.val_samples else 0.0)
+        return self.step + max(1, int(left / per_step))
+
+    def _run(self, progress: bool, stop_after: int | None) -> Sam:
         torch.set_num_threads(self.cfg.threads)
-        self.try_resume()
+        started = time.time()
+        budget = self.cfg.minutes is not None and not self.try_resume()
         last_ckpt = time.time()
+        val_seconds = 0.0
+        if budget and self.val_samples:
+            t0 = time.time()
+            res = self.validate()
+            val_seconds = time.time() - t0
+            self.log(f"step 0: val click {res['click']:.3f} box {res['box']:.3f} ({val_seconds:.1f} s)")
+        if budget:
+            self.cfg.steps = 10**9  # until the timing below fixes it
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", mininterval=5)
         done_here = 0
+        timing = (5, 25)  # steps between which a budgeted run times itself (after warm-up)
         while self.step < self.cfg.steps:
+            if budget and done_here == timing[0]:
+                t_mark = time.time()
             terms = self.train_step()
             done_here += 1
+            if budget and done_here == timing[1]:
+                step_seconds = (time.time() - t_mark) / (timing[1] - timing[0])
+                self.cfg.steps = self._fit_steps(time.time() - started, step_seconds, val_seconds)
+                self.log(f"{step_seconds * 1000:.0f} ms per step: {self.cfg.steps} steps fit {self.cfg.minutes} min")
+                if bar is not None:
+                    bar.total = self.cfg.steps
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items() if k != "rounds"}, refresh=False)
