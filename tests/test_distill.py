@@ -228,3 +228,21 @@ def test_time_budget_sets_the_step_count(tiny_folder, tmp_path):
     trainer.run(progress=False)
     assert trainer.cfg.steps == trainer.step == 26
     assert load_model(tmp_path / "budget2" / "final.pt").meta["steps"] == 26
+
+
+def test_a_gpu_run_resumes_on_a_cpu(tiny_folder, tmp_path):
+    """A GPU run's checkpoint keeps a 16-byte CUDA generator state; resuming it on a CPU
+    reseeds the prompt sampler instead of failing."""
+    cfg = _tiny_config(tiny_folder, tmp_path / "run", steps=3)
+    trainer = Trainer(cfg, log=lambda *_: None)
+    trainer.train_step()
+    trainer.save_state()
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    state["torch_rng"] = torch.arange(16, dtype=torch.uint8)  # what a CUDA generator saves
+    torch.save(state, tmp_path / "run" / "last.pt")
+    logged = []
+    again = Trainer(_tiny_config(tiny_folder, tmp_path / "run", steps=3), log=logged.append)
+    assert again.try_resume() and again.step == 1
+    assert any("reseeded" in line for line in logged)
+    again.run(progress=False)
+    assert again.step == 3

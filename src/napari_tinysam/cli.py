@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-minutes", type=float, default=3.0)
     t.add_argument("--device", default="cpu", help="torch device to train on (e.g. cuda)")
     t.add_argument("--amp", action="store_true", help="bfloat16 autocast for the forward passes")
-    t.add_argument("--workers", type=int, default=0, help="processes that make augmented crops ahead of each step")
+    t.add_argument("--workers", type=int, default=0, help="processes that make augmented crops ahead of each step (ground-truth training; distillation reads its stored views)")
     t.add_argument("--minutes", type=float, default=None,
                    help="time budget of a fresh run: --steps is replaced by the count that fits, measured after 25 steps")
     for term, what in LOSS_TERMS.items():

@@ -215,7 +215,11 @@ class Trainer:
         self.opt.load_state_dict(st["optimizer"])
         self.step = int(st["step"])
         self.rng.bit_generator.state = json.loads(st["rng"])
-        self.gen.set_state(st["torch_rng"])
+        try:
+            self.gen.set_state(st["torch_rng"])
+        except RuntimeError:  # saved on another kind of device (e.g. a GPU run resumed on a CPU)
+            self.gen.manual_seed(self.cfg.seed + self.step)
+            self.log("prompt sampler state was saved on another device: reseeded")
         self.best = json.loads(st["best"])
         self.history = json.loads(st["history"])
         self.log(f"resumed from {path} at step {self.step}")
