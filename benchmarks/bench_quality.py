@@ -36,9 +36,9 @@ def main() -> None:
         res = evaluate_prompts(load_model(name), samples, max_objects=args.max_objects)
         rows.append({
             "model": name,
-            "click mIoU": f"{res['click']:.3f}",
-            "box mIoU": f"{res['box']:.3f}",
-            "3 corrective clicks mIoU": f"{res['click3']:.3f}",
+            "click mIoU": f"{res['click']:.4f}",
+            "box mIoU": f"{res['box']:.4f}",
+            "3 corrective clicks mIoU": f"{res['click3']:.4f}",
             "objects": res["objects"],
             "seconds": f"{time.perf_counter() - t0:.0f}",
         })
