@@ -264,3 +264,24 @@ def test_bundled_int8_model_agrees_with_float(blobs_image):
         a, b = mq[sq.argmax()], mf[sf.argmax()]
         ious.append((a & b).sum() / max(1, (a | b).sum()))
     assert np.mean(ious) > 0.9, np.mean(ious)
+
+
+def test_calibration_samples_do_not_keep_whole_feature_maps(tiny_model):
+    """A convolution's calibration sample is a small window of its feature map; it must
+    not hold the whole map alive (calibration memory grew by ~1 GB per image at input
+    768 when windows were views)."""
+    from napari_tinysam.quantize import _Recorder
+
+    q = prepare(tiny_model)
+    rec = _Recorder(q, max_rows=8, crop=4, seed=0)
+    try:
+        with torch.no_grad():
+            q.embed(torch.rand(1, 3, 256, 256) * 255)
+    finally:
+        rec.remove()
+    conv_names = {name for name, m in quant_layers(q) if isinstance(m, QConv)}
+    held = [t for name in conv_names for cap in [rec.captures[name]]
+            for t in [*itertools.chain(*cap.inputs), *cap.outputs]]
+    assert held
+    for t in held:
+        assert t.untyped_storage().nbytes() <= t.numel() * t.element_size()

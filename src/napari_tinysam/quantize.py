@@ -364,8 +364,9 @@ class _Recorder:
                 idx = self._pick(out.shape[0], 2)  # decoder convolutions see every prompt
                 x = args[0][idx]
                 y0, x0, ys, xs = self._crop_window(m, out.shape[-2:])
-                cap.inputs.append([_conv_input_crop(m, x, y0, x0, ys, xs).detach()])
-                sel = lambda t: t[idx][..., y0 : y0 + ys, x0 : x0 + xs]  # noqa: E731
+                # clone: a window is a view that would keep the whole feature map alive
+                cap.inputs.append([_conv_input_crop(m, x, y0, x0, ys, xs).detach().clone()])
+                sel = lambda t: t[idx][..., y0 : y0 + ys, x0 : x0 + xs].clone()  # noqa: E731
             k = len(cap.outputs)
             cap.outputs.append(sel(out).detach())
             if out.requires_grad:
