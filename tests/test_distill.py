@@ -246,3 +246,19 @@ def test_a_gpu_run_resumes_on_a_cpu(tiny_folder, tmp_path):
     assert any("reseeded" in line for line in logged)
     again.run(progress=False)
     assert again.step == 3
+
+
+def test_a_budgeted_run_resumes_with_the_step_count_it_fitted(tiny_folder, tmp_path):
+    """Rerunning the same command (--minutes) after an interruption keeps the schedule of
+    the first run instead of falling back to --steps."""
+    cfg = _tiny_config(tiny_folder, tmp_path / "run", steps=2000)
+    cfg.minutes = 5.0
+    trainer = Trainer(cfg, log=lambda *_: None)
+    trainer.train_step()
+    trainer.cfg.steps = 3  # what the timing fitted
+    trainer.save_state()
+    again_cfg = _tiny_config(tiny_folder, tmp_path / "run", steps=2000)
+    again_cfg.minutes = 5.0
+    again = Trainer(again_cfg, log=lambda *_: None)
+    again.run(progress=False)
+    assert again.cfg.steps == 3 and again.step == 3

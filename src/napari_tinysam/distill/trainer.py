@@ -87,6 +87,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
+UNFITTED = 10**9  # ``steps`` of a budgeted run before its timing fixes the count
 _WORKER: tuple | None = None  # (samples, crop, augment) inherited by the crop workers
 
 
@@ -214,6 +215,8 @@ class Trainer:
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["optimizer"])
         self.step = int(st["step"])
+        if self.cfg.minutes is not None:  # a budgeted run keeps the step count it fitted
+            self.cfg.steps = int(st["config"]["steps"])
         self.rng.bit_generator.state = json.loads(st["rng"])
         try:
             self.gen.set_state(st["torch_rng"])
@@ -446,16 +449,18 @@ class Trainer:
     def _run(self, progress: bool, stop_after: int | None) -> Sam:
         torch.set_num_threads(self.cfg.threads)
         started = time.time()
-        budget = self.cfg.minutes is not None and not self.try_resume()
+        resumed = self.try_resume()
+        # a budgeted run times itself unless it resumes with a step count already fitted
+        budget = self.cfg.minutes is not None and (not resumed or self.cfg.steps >= UNFITTED)
         last_ckpt = time.time()
         val_seconds = 0.0
-        if budget and self.val_samples:
+        if budget and self.val_samples and not resumed:
             t0 = time.time()
             res = self.validate()
             val_seconds = time.time() - t0
             self.log(f"step 0: val click {res['click']:.3f} box {res['box']:.3f} ({val_seconds:.1f} s)")
         if budget:
-            self.cfg.steps = 10**9  # until the timing below fixes it
+            self.cfg.steps = UNFITTED  # until the timing below fixes it
         bar = None
         if progress:
             from tqdm import tqdm
