@@ -195,22 +195,26 @@ def test_cli_distill_passes_loss_weights_and_keeps_the_checkpoint_size(tiny_fold
     assert recipe["w_dice"] == TrainConfig(train_images="", out_dir="").w_dice
 
 
-def test_training_crops_do_not_depend_on_the_worker_count(tiny_folder, tmp_path):
+def test_training_does_not_depend_on_the_worker_count(tiny_folder, tmp_path):
     """Worker processes make the same crops as the main process (each crop is a function
-    of its seed), so a run is reproducible on any machine."""
-    batches = []
+    of the run's seed and the step), so a run gives the same losses with any worker
+    count."""
+    runs = []
     for workers in (0, 2):
-        cfg = _tiny_config(tiny_folder, tmp_path / f"w{workers}", steps=2)
+        cfg = _tiny_config(tiny_folder, tmp_path / f"w{workers}", steps=3)
         cfg.workers = workers
         trainer = Trainer(cfg, log=lambda *_: None)
         try:
-            batches.append([trainer._crop_batch() for _ in range(2)])
+            x, labs, _ = trainer._crop_batch()
+            losses = [trainer.train_step()["loss"] for _ in range(3)]
         finally:
             trainer.close()
-    for (x0, labs0, _), (x1, labs1, _) in zip(*batches):
-        assert torch.equal(x0, x1)
-        assert all(np.array_equal(a, b) for a, b in zip(labs0, labs1))
-        assert all(lab.max() > 0 for lab in labs0)  # crops without objects are drawn again
+        runs.append((x, labs, losses))
+    (x0, labs0, losses0), (x1, labs1, losses1) = runs
+    assert torch.equal(x0, x1)
+    assert all(np.array_equal(a, b) for a, b in zip(labs0, labs1))
+    assert all(lab.max() > 0 for lab in labs0)  # crops without objects are drawn again
+    assert losses0 == losses1
 
 
 def test_time_budget_sets_the_step_count(tiny_folder, tmp_path):

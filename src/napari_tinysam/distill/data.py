@@ -136,3 +136,16 @@ def augment_crop(
         out_lab = np.zeros((crop, crop), np.int32)
         out_lab[: lab.shape[0], : lab.shape[1]] = lab
     return out, out_lab
+
+
+def seeded_crop(
+    samples: list[Sample], seed, crop: int, aug: Augment, require_objects: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The augmented crop of ``seed`` (an int or a sequence of ints): a random field of
+    ``samples``, then a random crop of it, a pure function of the seed. With
+    ``require_objects`` a labelled crop without any object is drawn again."""
+    rng = np.random.default_rng(seed)
+    while True:
+        img, lab = augment_crop(samples[int(rng.integers(len(samples)))], crop, aug, rng)
+        if not require_objects or lab is None or lab.max() > 0:
+            return img, lab

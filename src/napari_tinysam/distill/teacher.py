@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..model import Sam, StoreMismatch, model_fingerprint
-from .data import Augment, Sample, augment_crop
+from .data import Augment, Sample, seeded_crop
 
 STORE_VERSION = 1
 
@@ -87,9 +87,7 @@ class TeacherStore:
 
     def view(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         """The deterministic crop of view ``i``: uint8 RGB (crop, crop, 3) and labels."""
-        rng = np.random.default_rng([self.seed, i])
-        sample = self.samples[int(rng.integers(len(self.samples)))]
-        return augment_crop(sample, self.crop, self.augment, rng)
+        return seeded_crop(self.samples, [self.seed, i], self.crop, self.augment)
 
     @torch.no_grad()
     def compute(self, batch: int = 4, progress: Callable[[int, int], None] | None = None) -> None:

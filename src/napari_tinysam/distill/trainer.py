@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..evaluation import evaluate_prompts
 from ..model import Sam, architecture_config, build_sam, save_checkpoint
 from ..model.build import read_checkpoint
-from .data import Augment, Sample, augment_crop, load_folder
+from .data import Augment, load_folder, seeded_crop
 from .losses import (
     dice_loss,
     embedding_l1,
@@ -97,18 +97,9 @@ def _init_worker(samples, crop, aug) -> None:
     torch.set_num_threads(1)
 
 
-def make_crop(seed: int, samples=None, crop=None, aug=None) -> tuple[np.ndarray, np.ndarray | None]:
-    """One augmented training crop, a pure function of ``seed`` (so the data do not depend
-    on how many worker processes make them): a random field, then a random crop of it;
-    labelled crops without any object are drawn again."""
-    if samples is None:
-        samples, crop, aug = _WORKER
-    rng = np.random.default_rng(seed)
-    while True:
-        s: Sample = samples[int(rng.integers(len(samples)))]
-        img, lab = augment_crop(s, crop, aug, rng)
-        if lab is None or lab.max() > 0:
-            return img, lab
+def _worker_crop(seed) -> tuple[np.ndarray, np.ndarray | None]:
+    samples, crop, aug = _WORKER
+    return seeded_crop(samples, seed, crop, aug, require_objects=True)
 
 
 def make_student(cfg: TrainConfig) -> Sam:
@@ -241,18 +232,21 @@ class Trainer:
             emb = torch.cat([self.store.get(int(i)) for i in idx])
             return x.to(self.device), labs, emb.to(self.device)
         if self.pool is None:
-            crops = [make_crop(int(seed), self.train_samples, self.cfg.crop, self.aug) for seed in self._seeds()]
+            crops = [seeded_crop(self.train_samples, seed, self.cfg.crop, self.aug, require_objects=True)
+                     for seed in self._seeds(self.step)]
         else:
-            # the next batch is made by the workers while this step runs
-            if self.pending is None:
-                self.pending = self.pool.map_async(make_crop, self._seeds())
-            crops = self.pending.get()
-            self.pending = self.pool.map_async(make_crop, self._seeds())
+            # the next step's batch is made by the workers while this step runs
+            if self.pending is None or self.pending[0] != self.step:
+                self.pending = (self.step, self.pool.map_async(_worker_crop, self._seeds(self.step)))
+            crops = self.pending[1].get()
+            self.pending = (self.step + 1, self.pool.map_async(_worker_crop, self._seeds(self.step + 1)))
         x = torch.from_numpy(np.stack([c[0] for c in crops])).permute(0, 3, 1, 2).float()
         return x.to(self.device), [c[1] for c in crops], None
 
-    def _seeds(self) -> list[int]:
-        return [int(v) for v in self.rng.integers(0, 2**63 - 1, self.cfg.batch_crops)]
+    def _seeds(self, step: int) -> list[list[int]]:
+        """The crop seeds of a step: derived from the run's seed and the step, not drawn,
+        so that prefetching, the worker count and resuming change nothing."""
+        return [[self.cfg.seed, step, j] for j in range(self.cfg.batch_crops)]
 
     def close(self) -> None:
         """Stop the crop workers (``run`` does this when it ends)."""
@@ -285,12 +279,13 @@ class Trainer:
 
     def _gather_objects(self, labs: list[np.ndarray | None]):
         """The objects of every crop of the batch as one set: masks (N, crop, crop), the
-        crop each comes from (N,), and each crop's offset (in grid cells) on the model's
-        canvas. The crop is placed at a random cell offset so that the decoder sees the
-        positional encodings of a full-size input."""
+        crop each comes from (N,), each object's pixel offset (x, y) on the model's canvas
+        (N, 2), and each crop's place (b, oy, ox) in grid cells. The crop is placed at a
+        random cell offset so that the decoder sees the positional encodings of a full-size
+        input."""
         grid = self.cfg.crop // 16
         n_cells = self.model.img_size // 16 - grid
-        gts, owner, cells = [], [], []
+        gts, owner, offsets, cells = [], [], [], []
         for b, lab in enumerate(labs):
             gt = self._objects(lab) if lab is not None else None
             if gt is None:
@@ -298,10 +293,12 @@ class Trainer:
             oy, ox = (int(v) for v in self.rng.integers(0, n_cells + 1, size=2))
             gts.append(gt)
             owner += [b] * gt.shape[0]
+            offsets += [(ox * 16.0, oy * 16.0)] * gt.shape[0]
             cells.append((b, oy, ox))
         if not gts:
             return None
-        return torch.cat(gts).to(self.device), torch.tensor(owner, device=self.device), cells
+        dev = self.device
+        return (torch.cat(gts).to(dev), torch.tensor(owner, device=dev), torch.tensor(offsets, device=dev), cells)
 
     @staticmethod
     def _object_pe(pe: torch.Tensor, cells, owner: torch.Tensor, batch: int, grid: int) -> torch.Tensor:
@@ -329,11 +326,7 @@ class Trainer:
         n_masks = 0
         objects = self._gather_objects(labs)
         if objects is not None:
-            gt_all, owner_all, cells = objects
-            offsets = torch.zeros(len(labs), 2)
-            for b, oy, ox in cells:
-                offsets[b] = torch.tensor([ox * 16.0, oy * 16.0])
-            offset_all = offsets.to(dev)[owner_all]
+            gt_all, owner_all, offset_all, cells = objects
             pe_all = self._object_pe(model.prompt_encoder.get_dense_pe(), cells, owner_all, len(labs), grid)
             if self.teacher is not None:
                 t_pe_all = self._object_pe(self.teacher.prompt_encoder.get_dense_pe(), cells, owner_all, len(labs), grid)
