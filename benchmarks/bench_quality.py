@@ -3,6 +3,11 @@
 corrective clicks. Every nucleus of every val field is used.
 
     .venv/bin/python benchmarks/bench_quality.py [--model default] [--data ../shared/data]
+
+``--feedback`` compares the two ways of decoding corrective clicks, click by click: with
+the previous mask's logits as mask input (SAM's interactive protocol, what the annotator
+does) and from scratch (every point set decoded alone). The choice was made on training
+fields: ``--feedback --split train --every 12 --max-objects 25``.
 """
 
 from __future__ import annotations
@@ -26,10 +31,15 @@ def main() -> None:
     ap.add_argument("--data", default=os.environ.get("TINYSAM_DATA_DIR", "../shared/data"))
     ap.add_argument("--split", default="val")
     ap.add_argument("--max-objects", type=int, default=None, help="per field (default: all)")
+    ap.add_argument("--every", type=int, default=1, help="use every N-th field")
+    ap.add_argument("--feedback", action="store_true", help="compare corrective clicks with and without mask input")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    samples = load_folder(Path(args.data) / "bbbc039" / args.split / "images")
+    samples = load_folder(Path(args.data) / "bbbc039" / args.split / "images")[:: args.every]
+    if args.feedback:
+        feedback_table(args, samples)
+        return
     rows = []
     for name in args.model or ["default"]:
         t0 = time.perf_counter()
@@ -44,6 +54,20 @@ def main() -> None:
         })
     print(f"BBBC039 {args.split}, {len(samples)} fields")
     print_table(rows, ["model", "click mIoU", "box mIoU", "3 corrective clicks mIoU", "objects", "seconds"])
+
+
+def feedback_table(args, samples) -> None:
+    rows = []
+    for name in args.model or ["default"]:
+        model = load_model(name)
+        for feedback in (True, False):
+            res = evaluate_prompts(model, samples, max_objects=args.max_objects, mask_feedback=feedback)
+            row = {"model": name, "corrective clicks": "previous mask as input" if feedback else "from scratch",
+                   "click": f"{res['click']:.4f}"}
+            row.update({f"+{k + 1}": f"{v:.4f}" for k, v in enumerate(res["corrective"])})
+            rows.append(row)
+    print(f"BBBC039 {args.split}, {len(samples)} fields, {rows and res['objects']} objects")
+    print_table(rows, ["model", "corrective clicks", "click", "+1", "+2", "+3"])
 
 
 if __name__ == "__main__":

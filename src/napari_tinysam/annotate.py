@@ -33,16 +33,27 @@ class Prompts:
 
 @dataclass
 class Candidates:
-    """Mask candidates for one prompt set: masks (C, H, W) bool, scores (C,), and the
-    index of the one to show first (highest predicted IoU)."""
+    """Mask candidates for one prompt set: masks (C, H, W) bool, scores (C,), their
+    low-resolution logits (C, s/4, s/4), and ``chosen``: the one shown (first the one with
+    the highest predicted IoU; the user may pick another)."""
 
     masks: np.ndarray
     scores: np.ndarray
     low_res: np.ndarray
+    chosen: int = -1
+
+    def __post_init__(self) -> None:
+        if self.chosen < 0:
+            self.chosen = self.best
 
     @property
     def best(self) -> int:
         return int(np.argmax(self.scores))
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The chosen mask (H, W) bool."""
+        return self.masks[self.chosen]
 
 
 def slice_rgb(image2d: np.ndarray, contrast_limits: tuple[float, float] | None) -> np.ndarray:
@@ -55,23 +66,58 @@ def is_embedded(predictor: SamPredictor, rgb: np.ndarray) -> bool:
     return image_key(predictor.model, rgb) in predictor.cache
 
 
-def segment_prompts(predictor: SamPredictor, rgb: np.ndarray, prompts: Prompts) -> Candidates:
-    """Masks for one prompt set on a slice (embedding from the cache or computed now).
+def _prefix_key(prompts: Prompts, n_points: int) -> bytes:
+    box = b"" if prompts.box is None else np.asarray(prompts.box, np.float64).tobytes()
+    pts = np.asarray(prompts.points[:n_points], np.float64).tobytes()
+    return box + b"|" + pts + b"|" + np.asarray(prompts.labels[:n_points], np.int64).tobytes()
 
-    A single point gives TinySAM's three candidates; several points or a box give the
-    single-mask output (SAM's convention for unambiguous prompts).
+
+def segment_prompts(
+    predictor: SamPredictor, rgb: np.ndarray, prompts: Prompts, memo: dict | None = None
+) -> Candidates:
+    """Masks for one object's prompts on a slice (embedding from the cache or computed now).
+
+    The prompts are taken as a sequence of clicks, SAM's interactive way: the box, or the
+    first point, gives the first masks (a single point: TinySAM's three candidates; a box:
+    the single-mask output); each further point refines the mask chosen for the prompts
+    before it, whose low-resolution logits go in as mask input, and gives one mask (see
+    the README for what this is worth against decoding every point set from scratch).
+
+    ``memo``: a dict kept across calls for one object (cleared for the next object), so
+    that each added point costs one decoder pass and a candidate the user picked
+    (``Candidates.chosen``) is the one refined by later points.
     """
     if prompts.empty:
         raise ValueError("no prompts on this slice: add a point or draw a box")
     predictor.set_image(rgb)
-    multimask = prompts.box is None and len(prompts.points) == 1
-    masks, scores, low = predictor.predict(
-        point_coords=prompts.points if len(prompts.points) else None,
-        point_labels=prompts.labels if len(prompts.points) else None,
-        box=prompts.box,
-        multimask_output=multimask,
-    )
-    return Candidates(masks, scores, low)
+    memo = {} if memo is None else memo
+    key = image_key(predictor.model, rgb)
+    if memo.get("image") != key:
+        memo.clear()
+        memo["image"] = key
+    first = 0 if prompts.box is not None else 1
+    previous: Candidates | None = None
+    keep = {"image"}
+    for n in range(first, len(prompts.points) + 1):
+        step_key = _prefix_key(prompts, n)
+        keep.add(step_key)
+        parent = None if previous is None else previous.chosen
+        parent_used, cands = memo.get(step_key, (None, None))
+        if cands is None or parent_used != parent:  # new, or the user picked another mask before it
+            masks, scores, low = predictor.predict(
+                point_coords=prompts.points[:n] if n else None,
+                point_labels=prompts.labels[:n] if n else None,
+                box=prompts.box,
+                mask_input=None if previous is None else previous.low_res[previous.chosen][None],
+                multimask_output=previous is None and prompts.box is None,
+            )
+            cands = Candidates(masks, scores, low)
+            memo[step_key] = (parent, cands)
+        previous = cands
+    for stale in set(memo) - keep:  # prompts moved or deleted: their masks no longer apply
+        del memo[stale]
+    assert previous is not None
+    return previous
 
 
 @dataclass

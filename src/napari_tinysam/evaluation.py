@@ -33,7 +33,7 @@ def _objects(labels: np.ndarray, max_objects: int | None, rng: np.random.Generat
     return ids, slices
 
 
-def _corrective_point(pred: np.ndarray, gt: np.ndarray) -> tuple[tuple[float, float], int] | None:
+def corrective_point(pred: np.ndarray, gt: np.ndarray) -> tuple[tuple[float, float], int] | None:
     """SAM's interactive protocol: the innermost point of the largest error region;
     positive when it is a missed part of the object, negative otherwise."""
     err = pred ^ gt
@@ -114,7 +114,8 @@ def evaluate_prompts(
     seed: int = 0,
     chunk: int = 32,
     predictor: SamPredictor | None = None,
-) -> dict[str, float]:
+    mask_feedback: bool = True,
+) -> dict:
     """Mean IoU with the ground truth for three prompt protocols.
 
     - ``click``: one positive click at each object's innermost point (maximum of its
@@ -122,13 +123,16 @@ def evaluate_prompts(
     - ``box``: the object's tight ground-truth box, single-mask output (token 0);
     - ``click3``: the click result refined by ``corrective_clicks`` clicks, each at the
       innermost point of the largest error region, with the previous low-resolution
-      logits as mask input (SAM's interactive protocol).
+      logits as mask input (SAM's interactive protocol, and the annotator's). With
+      ``mask_feedback=False`` every point set is decoded from scratch instead.
+      ``corrective`` lists the mean IoU after each corrective click.
 
     ``samples`` have ``.image`` and ``.labels`` (see ``distill.data.Sample``).
     """
     predictor = predictor or SamPredictor(model)
     rng = np.random.default_rng(seed)
     scores: dict[str, list[float]] = {"click": [], "box": [], "click3": []}
+    curve: list[list[float]] = [[] for _ in range(corrective_clicks)]
     for sample in samples:
         if sample.labels is None:
             continue
@@ -146,9 +150,9 @@ def evaluate_prompts(
                 point_lists = [[(p[0][0], p[0][1])] for p in pts]
                 label_lists = [[1] for _ in batch]
                 cur_low, cur = low_best, masks
-                for _ in range(corrective_clicks):
+                for k in range(corrective_clicks):
                     for j in range(len(batch)):
-                        nxt = _corrective_point(cur[j], gts[j])
+                        nxt = corrective_point(cur[j], gts[j])
                         if nxt is None:  # perfect: repeat the last point, no change
                             point_lists[j].append(point_lists[j][-1])
                             label_lists[j].append(label_lists[j][-1])
@@ -156,11 +160,14 @@ def evaluate_prompts(
                             point_lists[j].append(nxt[0])
                             label_lists[j].append(nxt[1])
                     lowc, iouc = predict_batch(
-                        predictor, np.array(point_lists), np.array(label_lists), mask_input=cur_low
+                        predictor, np.array(point_lists), np.array(label_lists),
+                        mask_input=cur_low if mask_feedback else None,
                     )
                     cur_low, _ = model.select_masks(lowc, iouc, False)
                     cur = (upscale_logits(predictor, cur_low)[:, 0] > 0).cpu().numpy()
+                    curve[k] += [_iou(m, g) for m, g in zip(cur, gts)]
                 scores["click3"] += [_iou(m, g) for m, g in zip(cur, gts)]
     out = {k: float(np.mean(v)) if v else float("nan") for k, v in scores.items()}
     out["objects"] = len(scores["click"])
+    out["corrective"] = [float(np.mean(v)) for v in curve]
     return out

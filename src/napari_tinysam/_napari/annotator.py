@@ -69,7 +69,7 @@ class AnnotatorWidget(Container):
         self.boxes_layer = None
         self.preview_layer = None
         self.candidates: Candidates | None = None
-        self.candidate_index = 0
+        self._refinements: dict = {}  # the current object's masks per prompt prefix (see segment_prompts)
         self.preview_slice: tuple[int, ...] | None = None
         self.undo_stack: list[tuple[Labels, UndoRecord]] = []
         self._jobs: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (index, rgb, priority)
@@ -289,12 +289,11 @@ class AnnotatorWidget(Container):
         rgb = self._slice_rgb(image, index)
         if self._embedded(index, rgb):
             try:
-                self.candidates = segment_prompts(self.predictor, rgb, prompts)
+                self.candidates = segment_prompts(self.predictor, rgb, prompts, self._refinements)
             except ValueError as exc:
                 show_error(f"TinySAM: {exc}")
                 return
-            self.candidate_index = self.candidates.best
-            self._show(self.candidates.masks[self.candidate_index], index)
+            self._show(self.candidates.mask, index)
             # after the preview has been painted: the user is looking, not clicking
             self._prefetch_index = index
             self._prefetch_timer.start()
@@ -416,8 +415,8 @@ class AnnotatorWidget(Container):
     def next_candidate(self) -> None:
         if self.candidates is None or self.preview_slice is None:
             return
-        self.candidate_index = (self.candidate_index + 1) % len(self.candidates.masks)
-        self._show(self.candidates.masks[self.candidate_index], self.preview_slice)
+        self.candidates.chosen = (self.candidates.chosen + 1) % len(self.candidates.masks)
+        self._show(self.candidates.mask, self.preview_slice)
 
     def _target_labels(self) -> Labels:
         image = self.image_combo.value
@@ -447,7 +446,7 @@ class AnnotatorWidget(Container):
         try:
             target = self._target_labels()
             record = commit_mask(
-                target.data, self.preview_slice, self.candidates.masks[self.candidate_index], self.overwrite.value
+                target.data, self.preview_slice, self.candidates.mask, self.overwrite.value
             )
         except ValueError as exc:
             show_error(f"TinySAM: {exc}")
@@ -462,6 +461,7 @@ class AnnotatorWidget(Container):
         if self.points_layer is None:
             return
         index = self.preview_slice
+        self._refinements.clear()
         with self.points_layer.events.data.blocker(), self.boxes_layer.events.data.blocker():
             self.points_layer.data = np.zeros((0, self.points_layer.ndim))
             self.boxes_layer.data = []
