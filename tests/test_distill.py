@@ -17,6 +17,7 @@ from napari_tinysam.distill.losses import (
     weighted_logit_l1,
 )
 from napari_tinysam.distill.prompts import boxes_from_masks, sample_error_points, sample_points_in
+from napari_tinysam.evaluation import corrective_point
 
 
 def test_hard_mask_weight_known_values():
@@ -266,3 +267,18 @@ def test_a_budgeted_run_resumes_with_the_step_count_it_fitted(tiny_folder, tmp_p
     again = Trainer(again_cfg, log=lambda *_: None)
     again.run(progress=False)
     assert again.cfg.steps == 3 and again.step == 3
+
+
+def test_center_error_points_are_the_benchmark_corrective_clicks():
+    gen = torch.Generator().manual_seed(0)
+    gt = torch.zeros(6, 40, 40, dtype=torch.bool)
+    gt[:, 5:35, 5:35] = True
+    pred = gt.clone()
+    pred[:3, 5:35, 5:20] = False  # a missed half: the click goes to its middle, positive
+    pred[3:, 0:40, 30:40] = True  # a spill to the right: negative
+    pred[5] = gt[5]  # no error: padding point
+    coords, labels = sample_error_points(pred, gt, gen, center_fraction=1.0)
+    for i in range(5):
+        (x, y), label = corrective_point(pred[i].numpy(), gt[i].numpy())
+        assert (float(coords[i, 0]), float(coords[i, 1])) == (x, y) and labels[i] == label
+    assert labels.tolist() == [1, 1, 1, 0, 0, -1]

@@ -114,6 +114,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         batch_crops=args.batch,
         objects_per_crop=args.objects,
         max_rounds=args.max_rounds,
+        center_fraction=args.center_clicks,
         hard_prompts=not args.no_hard_prompts,
         steps=args.steps,
         lr=args.lr,
@@ -121,6 +122,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
         val_every=args.val_every,
+        val_fields=args.val_fields,
+        val_objects=args.val_objects,
         checkpoint_minutes=args.checkpoint_minutes,
         device=args.device,
         amp=args.amp,
@@ -356,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=4, help="crops per step")
     t.add_argument("--objects", type=int, default=12, help="objects per crop")
     t.add_argument("--max-rounds", type=int, default=9, help="hard-prompt rounds drawn from 0..N")
+    t.add_argument("--center-clicks", type=float, default=0.0, metavar="FRACTION",
+                   help="share of hard-prompt points placed at the innermost point of the largest error "
+                        "region (the quality benchmark's corrective click) instead of uniformly in it")
     t.add_argument("--no-hard-prompts", action="store_true")
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--lr", type=float, default=4e-4)
@@ -363,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--val-every", type=int, default=200)
+    t.add_argument("--val-fields", type=int, default=6, help="validation fields used (the first N)")
+    t.add_argument("--val-objects", type=int, default=15, help="objects per validation field")
     t.add_argument("--checkpoint-minutes", type=float, default=3.0)
     t.add_argument("--device", default="cpu", help="torch device to train on (e.g. cuda)")
     t.add_argument("--amp", action="store_true", help="bfloat16 autocast for the forward passes")

@@ -3,7 +3,10 @@ prompts from the regions where the student is still wrong."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from ..evaluation import corrective_point
 
 
 def sample_points_in(masks: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -55,19 +58,33 @@ def jitter_boxes(
 
 
 def sample_error_points(
-    pred: torch.Tensor, gt: torch.Tensor, generator: torch.Generator | None = None
+    pred: torch.Tensor,
+    gt: torch.Tensor,
+    generator: torch.Generator | None = None,
+    center_fraction: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Online hard prompt: one point per object from the region where ``pred`` is wrong.
 
     pred, gt: (N, H, W) bool. A false-negative pixel gives a positive point (label 1), a
     false-positive pixel a negative point (label 0); objects with no error get a
     padding point (label -1), which the prompt encoder ignores.
+    The point is uniform in the error region (SAM's training), except for a random
+    ``center_fraction`` of the objects, which get the innermost point of their largest
+    error region (the click of SAM's interactive evaluation and of a careful user).
     Returns coords (N, 2) as (x, y) and labels (N,).
     """
     fn = gt & ~pred
     fp = pred & ~gt
     err = fn | fp
     coords = sample_points_in(err, generator)
+    if center_fraction > 0:
+        pick = torch.rand(len(gt), generator=generator, device=gt.device) < center_fraction
+        pick &= err.flatten(1).any(1)
+        idx = pick.nonzero()[:, 0].tolist()
+        if idx:
+            p_np, g_np = pred[idx].cpu().numpy(), gt[idx].cpu().numpy()
+            centers = [corrective_point(a, b)[0] for a, b in zip(p_np, g_np)]
+            coords[idx] = torch.tensor(np.array(centers), dtype=coords.dtype, device=coords.device)
     n, h, w = gt.shape
     xi = coords[:, 0].long().clamp(0, w - 1)
     yi = coords[:, 1].long().clamp(0, h - 1)
