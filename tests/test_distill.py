@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import tifffile
@@ -282,3 +284,24 @@ def test_center_error_points_are_the_benchmark_corrective_clicks():
         (x, y), label = corrective_point(pred[i].numpy(), gt[i].numpy())
         assert (float(coords[i, 0]), float(coords[i, 1])) == (x, y) and labels[i] == label
     assert labels.tolist() == [1, 1, 1, 0, 0, -1]
+
+
+def test_a_budgeted_run_refits_its_step_count_when_steps_get_slower(tiny_folder, tmp_path, monkeypatch):
+    cfg = _tiny_config(tiny_folder, tmp_path / "refit", steps=5)
+    cfg.minutes = 1.0
+    monkeypatch.setattr(Trainer, "FIT_AT", (8, 12))
+    logs: list[str] = []
+    trainer = Trainer(cfg, log=logs.append)
+    fast_step = trainer.train_step
+
+    def step():  # steps 10-12 are slower (a GPU that throttles, a laptop that gets busy)
+        out = fast_step()
+        if trainer.step > 9:
+            time.sleep(0.2)
+        return out
+
+    trainer.train_step = step
+    trainer.run(progress=False, stop_after=12)
+    fits = [int(line.split(": ")[1].split()[0]) for line in logs if "steps fit" in line]
+    assert len(fits) == 2 and fits[1] < fits[0]
+    assert trainer.cfg.steps == fits[1]

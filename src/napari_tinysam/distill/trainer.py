@@ -436,6 +436,12 @@ class Trainer:
         finally:
             self.close()
 
+    #: a budgeted run times its steps after the first WARMUP_STEPS (compilation, caches,
+    #: GPU clocks) and fits the step count at these steps: early, then again once the
+    #: timing has settled (the early estimate under-used a GPU budget by a quarter)
+    WARMUP_STEPS = 5
+    FIT_AT = (25, 125)
+
     def _fit_steps(self, elapsed: float, step_seconds: float, val_seconds: float) -> int:
         """The step count that ends a fresh run inside ``cfg.minutes``: the time left over
         the measured cost of a step (plus its share of the validations), 3% held back for
@@ -465,23 +471,26 @@ class Trainer:
 
             bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", mininterval=5)
         done_here = 0
-        timing = (5, 25)  # steps between which a budgeted run times itself (after warm-up)
+        step_time, timed = 0.0, 0  # train-step seconds after warm-up (budgeted runs)
         while self.step < self.cfg.steps:
-            if budget and done_here == timing[0]:
-                t_mark = time.time()
+            t_step = time.time()
             terms = self.train_step()
             done_here += 1
-            if budget and done_here == timing[1]:
-                step_seconds = (time.time() - t_mark) / (timing[1] - timing[0])
-                self.cfg.steps = self._fit_steps(time.time() - started, step_seconds, val_seconds)
-                self.log(f"{step_seconds * 1000:.0f} ms per step: {self.cfg.steps} steps fit {self.cfg.minutes} min")
-                if bar is not None:
-                    bar.total = self.cfg.steps
+            if budget and done_here > self.WARMUP_STEPS:
+                step_time += time.time() - t_step
+                timed += 1
+                if done_here in self.FIT_AT:
+                    self.cfg.steps = self._fit_steps(time.time() - started, step_time / timed, val_seconds)
+                    self.log(f"{step_time / timed * 1000:.0f} ms per step: {self.cfg.steps} steps fit {self.cfg.minutes} min")
+                    if bar is not None:
+                        bar.total = self.cfg.steps
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items() if k != "rounds"}, refresh=False)
             if self.val_samples and (self.step % self.cfg.val_every == 0 or self.step == self.cfg.steps):
+                t0 = time.time()
                 res = self.validate()
+                val_seconds = time.time() - t0
                 self.log(f"step {self.step}: {_val_line(res)}")
             if time.time() - last_ckpt > 60 * self.cfg.checkpoint_minutes or self.step == self.cfg.steps:
                 self.save_state()
