@@ -91,10 +91,10 @@ def segment_prompts(
         raise ValueError("no prompts on this slice: add a point or draw a box")
     predictor.set_image(rgb)
     memo = {} if memo is None else memo
-    key = image_key(predictor.model, rgb)
-    if memo.get("image") != key:
+    features = predictor.get_image_embedding()  # the same tensor while this slice stays embedded
+    if memo.get("image") is not features:
         memo.clear()
-        memo["image"] = key
+        memo["image"] = features
     first = 0 if prompts.box is not None else 1
     previous: Candidates | None = None
     keep = {"image"}
