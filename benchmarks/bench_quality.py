@@ -66,7 +66,7 @@ def feedback_table(args, samples) -> None:
                    "click": f"{res['click']:.4f}"}
             row.update({f"+{k + 1}": f"{v:.4f}" for k, v in enumerate(res["corrective"])})
             rows.append(row)
-    print(f"BBBC039 {args.split}, {len(samples)} fields, {rows and res['objects']} objects")
+    print(f"BBBC039 {args.split}, {len(samples)} fields, {res['objects']} objects")
     print_table(rows, ["model", "corrective clicks", "click", "+1", "+2", "+3"])
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from napari_tinysam import load_model
-from napari_tinysam.annotate import Prompts, segment_prompts, slice_rgb
+from napari_tinysam.annotate import ClickHistory, Prompts, segment_prompts, slice_rgb
 from napari_tinysam.distill.data import load_folder
 from napari_tinysam.evaluation import corrective_point, innermost_point
 from napari_tinysam.predictor import SamPredictor
@@ -42,16 +42,16 @@ def _clicks(predictor, rgb, gt, n):
     """A first click at the object's innermost point, then ``n`` corrective clicks, each at
     the innermost point of the largest error region of the mask so far."""
     pts, labels = [innermost_point(gt)], [1]
-    memo: dict = {}
-    results = [segment_prompts(predictor, rgb, Prompts(np.array(pts), np.array(labels)), memo)]
+    history = ClickHistory()
+    results = [segment_prompts(predictor, rgb, Prompts(np.array(pts), np.array(labels)), history)]
     for _ in range(n):
         nxt = corrective_point(results[-1].mask, gt)
         if nxt is None:
             break
         pts.append(nxt[0])
         labels.append(nxt[1])
-        results.append(segment_prompts(predictor, rgb, Prompts(np.array(pts), np.array(labels)), memo))
-    return np.array(pts), np.array(labels), memo, results
+        results.append(segment_prompts(predictor, rgb, Prompts(np.array(pts), np.array(labels)), history))
+    return np.array(pts), np.array(labels), history, results
 
 
 def test_each_point_refines_the_chosen_mask_with_one_decoder_pass(field):
@@ -59,9 +59,9 @@ def test_each_point_refines_the_chosen_mask_with_one_decoder_pass(field):
     counting = CountingPredictor(predictor)
     ids, counts = np.unique(labels[labels > 0], return_counts=True)
     gt = labels == ids[np.argmax(counts)]
-    pts, lab, memo, results = _clicks(counting, rgb, gt, 3)
+    pts, lab, history, results = _clicks(counting, rgb, gt, 3)
     assert len(results) >= 2
-    assert counting.calls == len(results)  # one decoder pass per click, earlier ones memoised
+    assert counting.calls == len(results)  # one decoder pass per click, earlier ones kept in the history
     first = results[0]
     assert first.masks.shape[0] == 3 and first.chosen == first.best
     # the second click is decoded with the first click's chosen logits as mask input
@@ -70,7 +70,7 @@ def test_each_point_refines_the_chosen_mask_with_one_decoder_pass(field):
         multimask_output=False,
     )
     assert np.array_equal(results[1].masks, masks) and np.allclose(results[1].scores, scores)
-    # a pure function of the prompts: the same masks without a memo
+    # a pure function of the prompts: the same masks without a history
     again = segment_prompts(predictor, rgb, Prompts(pts, lab))
     assert np.array_equal(again.masks, results[-1].masks)
 
@@ -91,19 +91,19 @@ def test_picking_another_candidate_changes_what_later_points_refine(field):
     predictor, rgb, labels = field
     ids = np.unique(labels[labels > 0])
     gt = labels == ids[len(ids) // 2]
-    pts, lab, memo, results = _clicks(predictor, rgb, gt, 1)
+    pts, lab, history, results = _clicks(predictor, rgb, gt, 1)
     first = results[0]
     two = Prompts(pts[:2], lab[:2])
-    before = segment_prompts(predictor, rgb, two, memo)
+    before = segment_prompts(predictor, rgb, two, history)
     other = (first.chosen + 1) % 3
     first.chosen = other  # the user cycled to another candidate of the first click
-    after = segment_prompts(predictor, rgb, two, memo)
+    after = segment_prompts(predictor, rgb, two, history)
     expected, _, _ = predictor.predict(
         point_coords=pts[:2], point_labels=lab[:2], mask_input=first.low_res[other][None], multimask_output=False
     )
     assert np.array_equal(after.masks, expected)
     assert not np.array_equal(after.low_res, before.low_res)
     # deleting the second point returns to the first click's masks; its entry is dropped
-    back = segment_prompts(predictor, rgb, Prompts(pts[:1], lab[:1]), memo)
+    back = segment_prompts(predictor, rgb, Prompts(pts[:1], lab[:1]), history)
     assert back is first
-    assert len(memo) == 2  # the image key and the one-point prefix
+    assert [c for _, c in history.steps.values()] == [first]  # only the one-point prefix is kept

@@ -72,8 +72,21 @@ def _prefix_key(prompts: Prompts, n_points: int) -> bytes:
     return box + b"|" + pts + b"|" + np.asarray(prompts.labels[:n_points], np.int64).tobytes()
 
 
+@dataclass
+class ClickHistory:
+    """The masks of one object's prompt prefixes on one embedded slice, kept across calls
+    of :func:`segment_prompts` (use one per object; ``clear`` it for the next)."""
+
+    features: object = None  # the embedding the masks were decoded on
+    steps: dict[bytes, tuple[int | None, Candidates]] = field(default_factory=dict)  # key -> (parent's choice, masks)
+
+    def clear(self) -> None:
+        self.features = None
+        self.steps.clear()
+
+
 def segment_prompts(
-    predictor: SamPredictor, rgb: np.ndarray, prompts: Prompts, memo: dict | None = None
+    predictor: SamPredictor, rgb: np.ndarray, prompts: Prompts, history: ClickHistory | None = None
 ) -> Candidates:
     """Masks for one object's prompts on a slice (embedding from the cache or computed now).
 
@@ -83,26 +96,24 @@ def segment_prompts(
     before it, whose low-resolution logits go in as mask input, and gives one mask (see
     the README for what this is worth against decoding every point set from scratch).
 
-    ``memo``: a dict kept across calls for one object (cleared for the next object), so
-    that each added point costs one decoder pass and a candidate the user picked
-    (``Candidates.chosen``) is the one refined by later points.
+    ``history`` keeps the masks of the earlier prompts, so that each added point costs one
+    decoder pass and a candidate the user picked (``Candidates.chosen``) is the one refined
+    by later points. Without it every prefix is decoded again: the same masks.
     """
     if prompts.empty:
         raise ValueError("no prompts on this slice: add a point or draw a box")
     predictor.set_image(rgb)
-    memo = {} if memo is None else memo
+    history = ClickHistory() if history is None else history
     features = predictor.get_image_embedding()  # the same tensor while this slice stays embedded
-    if memo.get("image") is not features:
-        memo.clear()
-        memo["image"] = features
-    first = 0 if prompts.box is not None else 1
+    if history.features is not features:
+        history.clear()
+        history.features = features
     previous: Candidates | None = None
-    keep = {"image"}
-    for n in range(first, len(prompts.points) + 1):
-        step_key = _prefix_key(prompts, n)
-        keep.add(step_key)
+    keys = []
+    for n in range(0 if prompts.box is not None else 1, len(prompts.points) + 1):
+        keys.append(_prefix_key(prompts, n))
         parent = None if previous is None else previous.chosen
-        parent_used, cands = memo.get(step_key, (None, None))
+        parent_used, cands = history.steps.get(keys[-1], (None, None))
         if cands is None or parent_used != parent:  # new, or the user picked another mask before it
             masks, scores, low = predictor.predict(
                 point_coords=prompts.points[:n] if n else None,
@@ -112,10 +123,10 @@ def segment_prompts(
                 multimask_output=previous is None and prompts.box is None,
             )
             cands = Candidates(masks, scores, low)
-            memo[step_key] = (parent, cands)
+            history.steps[keys[-1]] = (parent, cands)
         previous = cands
-    for stale in set(memo) - keep:  # prompts moved or deleted: their masks no longer apply
-        del memo[stale]
+    # prompts moved or deleted: their masks no longer apply
+    history.steps = {k: history.steps[k] for k in keys}
     assert previous is not None
     return previous
 

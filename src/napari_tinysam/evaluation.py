@@ -131,8 +131,8 @@ def evaluate_prompts(
     """
     predictor = predictor or SamPredictor(model)
     rng = np.random.default_rng(seed)
-    scores: dict[str, list[float]] = {"click": [], "box": [], "click3": []}
-    curve: list[list[float]] = [[] for _ in range(corrective_clicks)]
+    scores: dict[str, list[float]] = {"click": [], "box": []}
+    curve: list[list[float]] = [[] for _ in range(corrective_clicks)]  # IoUs after each click
     for sample in samples:
         if sample.labels is None:
             continue
@@ -166,8 +166,8 @@ def evaluate_prompts(
                     cur_low, _ = model.select_masks(lowc, iouc, False)
                     cur = (upscale_logits(predictor, cur_low)[:, 0] > 0).cpu().numpy()
                     curve[k] += [_iou(m, g) for m, g in zip(cur, gts)]
-                scores["click3"] += [_iou(m, g) for m, g in zip(cur, gts)]
     out = {k: float(np.mean(v)) if v else float("nan") for k, v in scores.items()}
+    out["corrective"] = [float(np.mean(v)) if v else float("nan") for v in curve]
+    out["click3"] = out["corrective"][-1] if curve else float("nan")
     out["objects"] = len(scores["click"])
-    out["corrective"] = [float(np.mean(v)) for v in curve]
     return out

@@ -15,6 +15,7 @@ from qtpy.QtCore import QTimer
 
 from ..annotate import (
     Candidates,
+    ClickHistory,
     UndoRecord,
     commit_mask,
     is_embedded,
@@ -69,7 +70,7 @@ class AnnotatorWidget(Container):
         self.boxes_layer = None
         self.preview_layer = None
         self.candidates: Candidates | None = None
-        self._refinements: dict = {}  # the current object's masks per prompt prefix (see segment_prompts)
+        self._clicks = ClickHistory()  # the current object's masks per prompt prefix
         self.preview_slice: tuple[int, ...] | None = None
         self.undo_stack: list[tuple[Labels, UndoRecord]] = []
         self._jobs: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (index, rgb, priority)
@@ -289,7 +290,7 @@ class AnnotatorWidget(Container):
         rgb = self._slice_rgb(image, index)
         if self._embedded(index, rgb):
             try:
-                self.candidates = segment_prompts(self.predictor, rgb, prompts, self._refinements)
+                self.candidates = segment_prompts(self.predictor, rgb, prompts, self._clicks)
             except ValueError as exc:
                 show_error(f"TinySAM: {exc}")
                 return
@@ -461,7 +462,7 @@ class AnnotatorWidget(Container):
         if self.points_layer is None:
             return
         index = self.preview_slice
-        self._refinements.clear()
+        self._clicks.clear()
         with self.points_layer.events.data.blocker(), self.boxes_layer.events.data.blocker():
             self.points_layer.data = np.zeros((0, self.points_layer.ndim))
             self.boxes_layer.data = []
