@@ -1,9 +1,11 @@
-"""Instance matching scores and the classical baseline."""
+"""Instance matching scores, the benchmark's click placement and the classical baseline."""
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
+from napari_tinysam.evaluation import corrective_point, innermost_point
 from napari_tinysam.metrics import best_match_iou, match_instances, otsu_watershed
 
 
@@ -28,3 +30,32 @@ def test_otsu_watershed_splits_two_touching_discs():
     img[(yy - 30) ** 2 + (xx - 28) ** 2 <= 144] = 100
     img[(yy - 30) ** 2 + (xx - 50) ** 2 <= 144] = 100
     assert otsu_watershed(img).max() == 2
+
+
+def test_innermost_point_matches_the_whole_image_transform():
+    # the transform runs over the mask's box only; it must pick the same pixel (first in
+    # raster order on ties) as the transform over the whole zero-padded image
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        h, w = rng.integers(3, 90, 2)
+        mask = ndimage.gaussian_filter(rng.random((h, w)), rng.uniform(0.5, 4)) > rng.uniform(0.45, 0.6)
+        if not mask.any():
+            continue
+        dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+        y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+        assert innermost_point(mask) == (float(x), float(y))
+    ring = np.zeros((9, 9), bool)
+    ring[2:7, 2:7] = True
+    ring[4, 4] = False  # a hole: four pixels tie at sqrt(2); the first in raster order wins
+    assert innermost_point(ring) == (3.0, 3.0)
+
+
+def test_corrective_point_targets_the_largest_error_region():
+    gt = np.zeros((40, 40), bool)
+    gt[5:25, 5:25] = True
+    pred = gt.copy()
+    pred[5:25, 5:12] = False  # missed strip, 20 x 7
+    pred[30:33, 30:33] = True  # small false positive
+    (x, y), label = corrective_point(pred, gt)
+    assert label == 1 and 5 <= x < 12 and 5 <= y < 25
+    assert corrective_point(gt, gt) is None
