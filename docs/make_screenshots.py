@@ -23,6 +23,12 @@ def main() -> None:
     from napari_tinysam.evaluation import innermost_point
 
     app = QApplication.instance() or QApplication([])
+    # napari 0.9 toasts a PyQt5 deprecation notice over the canvas when a window first shows;
+    # it is about the test environment's Qt binding, not the plugin, so keep it off the
+    # screenshots (a private flag: without it the notice shows, nothing else changes)
+    import napari._qt.qt_main_window as qt_main_window
+
+    qt_main_window.SHOW_QT_WARNING = False
 
     def wait(cond, timeout=300.0):
         t0 = time.perf_counter()
@@ -32,7 +38,9 @@ def main() -> None:
             if time.perf_counter() - t0 > timeout:
                 raise TimeoutError
 
-    # 1. annotator on the 2D sample: three committed nuclei, one preview, a negative point
+    # 1. annotator on the 2D sample: four nuclei committed from one click each, the fifth
+    #    drawn as a box and shown as the preview (points and a box on one slice are one
+    #    object's prompts, so the click-made objects are committed first)
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1400, 900)
     image, truth = samples.nuclei_2d(), samples.nuclei_2d_labels()
@@ -42,14 +50,11 @@ def main() -> None:
     wait(lambda: not w.busy)
     ids, counts = np.unique(truth[truth > 0], return_counts=True)
     big = ids[np.argsort(-counts)][:5]
-    for i in big[:3]:
+    for i in big[:4]:
         x, y = innermost_point(truth == i)
         w.points_layer.add([y, x])
         wait(lambda: not w.busy and w.preview_layer.data.any())
         w.commit()
-    x, y = innermost_point(truth == big[3])
-    w.points_layer.add([y, x])
-    wait(lambda: not w.busy and w.preview_layer.data.any())
     ys, xs = np.nonzero(truth == big[4])
     w.boxes_layer.add_rectangles(np.array([[ys.min() - 2, xs.min() - 2], [ys.max() + 2, xs.max() + 2]]))
     wait(lambda: not w.busy)
