@@ -8,6 +8,9 @@ corrective clicks. Every nucleus of every val field is used.
 the previous mask's logits as mask input (SAM's interactive protocol, what the annotator
 does) and from scratch (every point set decoded alone). The choice was made on training
 fields: ``--feedback --split train --every 12 --max-objects 25``.
+
+``--by-size`` splits the scores by nucleus area and shows where the 3-click protocol
+loses most (each bin's share of the summed 1 - IoU).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from napari_tinysam import load_model
@@ -33,12 +37,16 @@ def main() -> None:
     ap.add_argument("--max-objects", type=int, default=None, help="per field (default: all)")
     ap.add_argument("--every", type=int, default=1, help="use every N-th field")
     ap.add_argument("--feedback", action="store_true", help="compare corrective clicks with and without mask input")
+    ap.add_argument("--by-size", action="store_true", help="scores by nucleus area (pixels)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     samples = load_folder(Path(args.data) / "bbbc039" / args.split / "images")[:: args.every]
     if args.feedback:
         feedback_table(args, samples)
+        return
+    if args.by_size:
+        size_table(args, samples)
         return
     rows = []
     for name in args.model or ["default"]:
@@ -68,6 +76,33 @@ def feedback_table(args, samples) -> None:
             rows.append(row)
     print(f"BBBC039 {args.split}, {len(samples)} fields, {res['objects']} objects")
     print_table(rows, ["model", "corrective clicks", "click", "+1", "+2", "+3"])
+
+
+#: area bins (pixels of the field): fragments and debris, small, typical, large nuclei
+SIZE_BINS = (0, 150, 300, 600, None)
+
+
+def size_table(args, samples) -> None:
+    rows = []
+    for name in args.model or ["default"]:
+        res = evaluate_prompts(load_model(name), samples, max_objects=args.max_objects, per_object=True)
+        d = {k: np.asarray(v, dtype=float) for k, v in res["objects_detail"].items()}
+        loss = (1 - d["click3"]).sum()
+        for lo, hi in zip(SIZE_BINS[:-1], SIZE_BINS[1:]):
+            m = (d["area"] >= lo) & (d["area"] < (hi if hi is not None else np.inf))
+            if not m.any():
+                continue
+            rows.append({
+                "model": name,
+                "area (px)": f"{lo}-{hi}" if hi is not None else f">= {lo}",
+                "objects": int(m.sum()),
+                "click": f"{d['click'][m].mean():.4f}",
+                "box": f"{d['box'][m].mean():.4f}",
+                "click + 3": f"{d['click3'][m].mean():.4f}",
+                "share of 3-click loss": f"{(1 - d['click3'][m]).sum() / loss:.2f}",
+            })
+    print(f"BBBC039 {args.split}, {len(samples)} fields")
+    print_table(rows, ["model", "area (px)", "objects", "click", "box", "click + 3", "share of 3-click loss"])
 
 
 if __name__ == "__main__":

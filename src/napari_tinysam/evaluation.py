@@ -124,6 +124,7 @@ def evaluate_prompts(
     chunk: int = 32,
     predictor: SamPredictor | None = None,
     mask_feedback: bool = True,
+    per_object: bool = False,
 ) -> dict:
     """Mean IoU with the ground truth for three prompt protocols.
 
@@ -136,11 +137,15 @@ def evaluate_prompts(
       ``mask_feedback=False`` every point set is decoded from scratch instead.
       ``corrective`` lists the mean IoU after each corrective click.
 
+    With ``per_object``, ``objects_detail`` holds one list per key, in object order:
+    ``area`` (pixels), ``click``, ``box`` and ``click3`` IoUs.
+
     ``samples`` have ``.image`` and ``.labels`` (see ``distill.data.Sample``).
     """
     predictor = predictor or SamPredictor(model)
     rng = np.random.default_rng(seed)
     scores: dict[str, list[float]] = {"click": [], "box": []}
+    areas: list[int] = []
     curve: list[list[float]] = [[] for _ in range(corrective_clicks)]  # IoUs after each click
     for sample in samples:
         if sample.labels is None:
@@ -151,6 +156,7 @@ def evaluate_prompts(
         for start in range(0, len(ids), chunk):
             batch = ids[start : start + chunk]
             gts, pts, boxes = _prompts(labels, batch, slices)
+            areas += [int(g.sum()) for g in gts]
             low_best, masks, mb = _click_and_box(model, predictor, pts, boxes)
             scores["click"] += [_iou(m, g) for m, g in zip(masks, gts)]
             scores["box"] += [_iou(m, g) for m, g in zip(mb, gts)]
@@ -179,4 +185,6 @@ def evaluate_prompts(
     out["corrective"] = [float(np.mean(v)) if v else float("nan") for v in curve]
     out["click3"] = out["corrective"][-1] if curve else float("nan")
     out["objects"] = len(scores["click"])
+    if per_object:
+        out["objects_detail"] = {"area": areas, **scores, "click3": curve[-1] if curve else []}
     return out
