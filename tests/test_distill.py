@@ -305,3 +305,25 @@ def test_a_budgeted_run_refits_its_step_count_when_steps_get_slower(tiny_folder,
     fits = [int(line.split(": ")[1].split()[0]) for line in logs if "steps fit" in line]
     assert len(fits) == 2 and fits[1] < fits[0]
     assert trainer.cfg.steps == fits[1]
+
+
+def test_small_object_boost_draws_small_objects_more_often():
+    # a crop with 30 nuclei-sized objects and 6 fragments; 6 objects are drawn per crop
+    lab = np.zeros((128, 128), np.int32)
+    for n in range(30):
+        y, x = divmod(n, 6)
+        lab[y * 20 + 2 : y * 20 + 16, x * 20 + 2 : x * 20 + 16] = n + 1  # 196 px
+    for n in range(6):
+        lab[110:115, n * 20 + 2 : n * 20 + 7] = 31 + n  # 25 px
+    lab[120:122, 0:2] = 40  # 4 px: under min_object_area, never drawn
+
+    def share_of_small(boost: float) -> float:
+        cfg = TrainConfig(train_images="", out_dir="", objects_per_crop=6, small_object_boost=boost)
+        me = type("T", (), {"cfg": cfg, "rng": np.random.default_rng(0)})()
+        drawn = [Trainer._objects(me, lab) for _ in range(300)]
+        sizes = torch.cat([d.flatten(1).sum(1) for d in drawn])
+        assert sizes.min() >= cfg.min_object_area and len(sizes) == 1800
+        return float((sizes < cfg.small_object_area).float().mean())
+
+    assert abs(share_of_small(1.0) - 6 / 36) < 0.03  # uniform
+    assert share_of_small(10.0) > 0.5  # 6 fragments at weight 10 against 30 at weight 1

@@ -115,6 +115,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         objects_per_crop=args.objects,
         max_rounds=args.max_rounds,
         center_fraction=args.center_clicks,
+        small_object_boost=args.small_boost,
+        small_object_area=args.small_area,
         hard_prompts=not args.no_hard_prompts,
         steps=args.steps,
         lr=args.lr,
@@ -362,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--center-clicks", type=float, default=0.0, metavar="FRACTION",
                    help="share of hard-prompt points placed at the innermost point of the largest error "
                         "region (the quality benchmark's corrective click) instead of uniformly in it")
+    t.add_argument("--small-boost", type=float, default=1.0, metavar="FACTOR",
+                   help="draw objects smaller than --small-area this many times as often (when a crop "
+                        "holds more than --objects)")
+    t.add_argument("--small-area", type=int, default=180, metavar="PIXELS",
+                   help="area under which an object counts as small, in crop pixels at the model's scale")
     t.add_argument("--no-hard-prompts", action="store_true")
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--lr", type=float, default=4e-4)

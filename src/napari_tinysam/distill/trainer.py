@@ -46,6 +46,11 @@ class TrainConfig:
     batch_crops: int = 4
     objects_per_crop: int = 12
     min_object_area: int = 12
+    # objects under small_object_area pixels (of the crop, at the model's scale; 180 is about
+    # 150 field pixels at 768/696) are drawn this many times as often as the others when a
+    # crop holds more than objects_per_crop; 1 draws uniformly (the earlier random stream)
+    small_object_boost: float = 1.0
+    small_object_area: int = 180
     max_rounds: int = 9  # hard-prompt rounds drawn from 0..max_rounds per step
     center_fraction: float = 0.0  # share of hard prompts at the innermost point of the largest error region
     box_fraction: float = 0.5
@@ -262,11 +267,16 @@ class Trainer:
 
     def _objects(self, lab: np.ndarray) -> torch.Tensor | None:
         ids, counts = np.unique(lab, return_counts=True)
-        keep = ids[(ids > 0) & (counts >= self.cfg.min_object_area)]
+        usable = (ids > 0) & (counts >= self.cfg.min_object_area)
+        keep, area = ids[usable], counts[usable]
         if len(keep) == 0:
             return None
         if len(keep) > self.cfg.objects_per_crop:
-            keep = self.rng.choice(keep, self.cfg.objects_per_crop, replace=False)
+            p = None
+            if self.cfg.small_object_boost != 1.0:
+                p = np.where(area < self.cfg.small_object_area, self.cfg.small_object_boost, 1.0)
+                p = p / p.sum()
+            keep = self.rng.choice(keep, self.cfg.objects_per_crop, replace=False, p=p)
         return torch.from_numpy(lab[None] == keep[:, None, None])
 
     def _mask_losses(self, logits: torch.Tensor, iou_pred: torch.Tensor, gt: torch.Tensor):
