@@ -1,0 +1,116 @@
+"""How much the low-resolution mask grid (a quarter of the model's input) limits masks, by
+nucleus area, on BBBC039 val ground truth (no model weights involved).
+
+Two ways to put a ground-truth mask through the grid and back with the model's own
+upscaling (``Sam.postprocess_masks``: bilinear to the padded input, crop, bilinear to the
+field):
+
+- area-averaged: the mask resized to the input and averaged over each 4x4 cell, upscaled
+  and cut at 0.5: how a smooth mask looks after the grid (a pessimistic proxy);
+- fitted: logits on the grid optimised (Adam) so that their upscaled version matches the
+  mask: what the grid can represent when the logits are free (an optimistic bound).
+
+    .venv/bin/python benchmarks/mask_grid.py [--sizes 768] [--fit-per-bin 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from napari_tinysam import load_model
+from napari_tinysam.bench import print_table
+from napari_tinysam.distill.data import load_folder
+from napari_tinysam.model import build_sam
+
+#: the quality benchmark's area bins (pixels of the field)
+BINS = ((0, 150), (150, 300), (300, 600), (600, None))
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def _fit(model, gt: torch.Tensor, init: torch.Tensor, input_size, steps: int) -> np.ndarray:
+    """Grid logits fitted to ``gt`` (H, W) by dice + BCE on a window around the object."""
+    ys, xs = np.nonzero(gt.numpy())
+    y0, y1 = max(0, ys.min() - 20), ys.max() + 21
+    x0, x1 = max(0, xs.min() - 20), xs.max() + 21
+    target = gt[y0:y1, x0:x1]
+    low = init.clone().requires_grad_(True)
+    opt = torch.optim.Adam([low], lr=0.5)
+    for _ in range(steps):
+        out = 4 * model.postprocess_masks(low, input_size, tuple(gt.shape))[0, 0, y0:y1, x0:x1]
+        p = torch.sigmoid(out)
+        dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
+        loss = dice + F.binary_cross_entropy_with_logits(out, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return (model.postprocess_masks(low, input_size, tuple(gt.shape))[0, 0] > 0).numpy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=os.environ.get("TINYSAM_DATA_DIR", "../shared/data"))
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[768], help="model input sizes")
+    ap.add_argument("--fit-per-bin", type=int, default=20, help="objects per area bin for the fitted logits")
+    ap.add_argument("--fit-steps", type=int, default=150)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    samples = [s for s in load_folder(Path(args.data) / "bbbc039" / args.split / "images") if s.labels is not None]
+    objects = [(k, i + 1) for k, s in enumerate(samples) for i, sl in enumerate(ndimage.find_objects(s.labels)) if sl is not None]
+    areas = np.array([(samples[k].labels == i).sum() for k, i in objects])
+    rng = np.random.default_rng(args.seed)
+    fit_pick: set[int] = set()
+    for lo, hi in BINS:
+        idx = np.nonzero((areas >= lo) & (areas < (hi or np.inf)))[0]
+        fit_pick |= set(rng.choice(idx, min(args.fit_per_bin, len(idx)), replace=False).tolist())
+    rows = []
+    for size in args.sizes:
+        config = dict(load_model("default").config, img_size=size)
+        model = build_sam(config)
+        averaged, fitted = np.zeros(len(objects)), np.full(len(objects), np.nan)
+        for n, (k, i) in enumerate(objects):
+            labels = samples[k].labels
+            h0, w0 = labels.shape
+            scale = size / max(h0, w0)
+            input_size = (int(h0 * scale + 0.5), int(w0 * scale + 0.5))
+            gt = torch.from_numpy(labels == i).float()
+            canvas = torch.zeros(1, 1, size, size)
+            canvas[..., : input_size[0], : input_size[1]] = F.interpolate(
+                gt[None, None], size=input_size, mode="bilinear", align_corners=False)
+            cells = F.avg_pool2d(canvas, 4)
+            with torch.no_grad():
+                smooth = model.postprocess_masks(cells, input_size, (h0, w0))[0, 0].numpy() > 0.5
+            truth = gt.numpy() > 0.5
+            averaged[n] = _iou(smooth, truth)
+            if n in fit_pick:
+                fitted[n] = _iou(_fit(model, gt, (cells - 0.5) * 20, input_size, args.fit_steps), truth)
+        for lo, hi in BINS:
+            m = (areas >= lo) & (areas < (hi or np.inf))
+            rows.append({
+                "input": size,
+                "area (px)": f"{lo}-{hi}" if hi else f">= {lo}",
+                "objects": int(m.sum()),
+                "area-averaged mIoU": f"{averaged[m].mean():.4f}",
+                "fitted logits mIoU": f"{np.nanmean(fitted[m]):.4f} ({int(np.isfinite(fitted[m]).sum())})",
+            })
+        rows.append({"input": size, "area (px)": "all", "objects": len(objects),
+                     "area-averaged mIoU": f"{averaged.mean():.4f}", "fitted logits mIoU": ""})
+    print(f"BBBC039 {args.split}, {len(samples)} fields, ground truth through the low-resolution grid")
+    print_table(rows, ["input", "area (px)", "objects", "area-averaged mIoU", "fitted logits mIoU"])
+
+
+if __name__ == "__main__":
+    main()
