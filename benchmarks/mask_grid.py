@@ -27,17 +27,15 @@ from scipy import ndimage
 from napari_tinysam import load_model
 from napari_tinysam.bench import print_table
 from napari_tinysam.distill.data import load_folder
+from napari_tinysam.distill.losses import mask_iou
 from napari_tinysam.model import build_sam
+from napari_tinysam.predictor import preprocess_shape
 
 #: the quality benchmark's area bins (pixels of the field)
 BINS = ((0, 150), (150, 300), (300, 600), (600, None))
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max(1, (a | b).sum()))
-
-
-def _fit(model, gt: torch.Tensor, init: torch.Tensor, input_size, steps: int) -> np.ndarray:
+def _fit(model, gt: torch.Tensor, init: torch.Tensor, input_size, steps: int) -> torch.Tensor:
     """Grid logits fitted to ``gt`` (H, W) by dice + BCE on a window around the object."""
     ys, xs = np.nonzero(gt.numpy())
     y0, y1 = max(0, ys.min() - 20), ys.max() + 21
@@ -54,7 +52,7 @@ def _fit(model, gt: torch.Tensor, init: torch.Tensor, input_size, steps: int) ->
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return (model.postprocess_masks(low, input_size, tuple(gt.shape))[0, 0] > 0).numpy()
+        return model.postprocess_masks(low, input_size, tuple(gt.shape))[0, 0] > 0
 
 
 def main() -> None:
@@ -77,26 +75,24 @@ def main() -> None:
         idx = np.nonzero((areas >= lo) & (areas < (hi or np.inf)))[0]
         fit_pick |= set(rng.choice(idx, min(args.fit_per_bin, len(idx)), replace=False).tolist())
     rows = []
+    config = load_model("default").config  # the bundled architecture; only the input size varies
     for size in args.sizes:
-        config = dict(load_model("default").config, img_size=size)
-        model = build_sam(config)
+        model = build_sam(dict(config, img_size=size))
         averaged, fitted = np.zeros(len(objects)), np.full(len(objects), np.nan)
         for n, (k, i) in enumerate(objects):
             labels = samples[k].labels
             h0, w0 = labels.shape
-            scale = size / max(h0, w0)
-            input_size = (int(h0 * scale + 0.5), int(w0 * scale + 0.5))
+            input_size = preprocess_shape(h0, w0, size)
             gt = torch.from_numpy(labels == i).float()
             canvas = torch.zeros(1, 1, size, size)
             canvas[..., : input_size[0], : input_size[1]] = F.interpolate(
                 gt[None, None], size=input_size, mode="bilinear", align_corners=False)
             cells = F.avg_pool2d(canvas, 4)
             with torch.no_grad():
-                smooth = model.postprocess_masks(cells, input_size, (h0, w0))[0, 0].numpy() > 0.5
-            truth = gt.numpy() > 0.5
-            averaged[n] = _iou(smooth, truth)
+                smooth = model.postprocess_masks(cells, input_size, (h0, w0))[0, 0] > 0.5
+            averaged[n] = float(mask_iou(smooth, gt))
             if n in fit_pick:
-                fitted[n] = _iou(_fit(model, gt, (cells - 0.5) * 20, input_size, args.fit_steps), truth)
+                fitted[n] = float(mask_iou(_fit(model, gt, (cells - 0.5) * 20, input_size, args.fit_steps), gt))
         for lo, hi in BINS:
             m = (areas >= lo) & (areas < (hi or np.inf))
             rows.append({
