@@ -26,7 +26,7 @@ import torch
 from napari_tinysam import load_model
 from napari_tinysam.bench import print_table
 from napari_tinysam.distill.data import load_folder
-from napari_tinysam.evaluation import evaluate_prompts
+from napari_tinysam.evaluation import area_bins, evaluate_prompts
 
 
 def main() -> None:
@@ -78,23 +78,16 @@ def feedback_table(args, samples) -> None:
     print_table(rows, ["model", "corrective clicks", "click", "+1", "+2", "+3"])
 
 
-#: area bins (pixels of the field): fragments and debris, small, typical, large nuclei
-SIZE_BINS = (0, 150, 300, 600, None)
-
-
 def size_table(args, samples) -> None:
     rows = []
     for name in args.model or ["default"]:
         res = evaluate_prompts(load_model(name), samples, max_objects=args.max_objects, per_object=True)
         d = {k: np.asarray(v, dtype=float) for k, v in res["objects_detail"].items()}
         loss = (1 - d["click3"]).sum()
-        for lo, hi in zip(SIZE_BINS[:-1], SIZE_BINS[1:]):
-            m = (d["area"] >= lo) & (d["area"] < (hi if hi is not None else np.inf))
-            if not m.any():
-                continue
+        for label, m in area_bins(d["area"]):
             rows.append({
                 "model": name,
-                "area (px)": f"{lo}-{hi}" if hi is not None else f">= {lo}",
+                "area (px)": label,
                 "objects": int(m.sum()),
                 "click": f"{d['click'][m].mean():.4f}",
                 "box": f"{d['box'][m].mean():.4f}",

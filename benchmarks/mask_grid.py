@@ -28,11 +28,9 @@ from napari_tinysam import load_model
 from napari_tinysam.bench import print_table
 from napari_tinysam.distill.data import load_folder
 from napari_tinysam.distill.losses import mask_iou
+from napari_tinysam.evaluation import area_bins
 from napari_tinysam.model import build_sam
 from napari_tinysam.predictor import preprocess_shape
-
-#: the quality benchmark's area bins (pixels of the field)
-BINS = ((0, 150), (150, 300), (300, 600), (600, None))
 
 
 def _fit(model, gt: torch.Tensor, init: torch.Tensor, input_size, steps: int) -> torch.Tensor:
@@ -71,8 +69,8 @@ def main() -> None:
     areas = np.array([(samples[k].labels == i).sum() for k, i in objects])
     rng = np.random.default_rng(args.seed)
     fit_pick: set[int] = set()
-    for lo, hi in BINS:
-        idx = np.nonzero((areas >= lo) & (areas < (hi or np.inf)))[0]
+    for _, sel in area_bins(areas):
+        idx = np.nonzero(sel)[0]
         fit_pick |= set(rng.choice(idx, min(args.fit_per_bin, len(idx)), replace=False).tolist())
     rows = []
     config = load_model("default").config  # the bundled architecture; only the input size varies
@@ -93,11 +91,10 @@ def main() -> None:
             averaged[n] = float(mask_iou(smooth, gt))
             if n in fit_pick:
                 fitted[n] = float(mask_iou(_fit(model, gt, (cells - 0.5) * 20, input_size, args.fit_steps), gt))
-        for lo, hi in BINS:
-            m = (areas >= lo) & (areas < (hi or np.inf))
+        for label, m in area_bins(areas):
             rows.append({
                 "input": size,
-                "area (px)": f"{lo}-{hi}" if hi else f">= {lo}",
+                "area (px)": label,
                 "objects": int(m.sum()),
                 "area-averaged mIoU": f"{averaged[m].mean():.4f}",
                 "fitted logits mIoU": f"{np.nanmean(fitted[m]):.4f} ({int(np.isfinite(fitted[m]).sum())})",

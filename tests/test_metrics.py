@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from napari_tinysam.evaluation import corrective_point, innermost_point
+from napari_tinysam.evaluation import area_bins, corrective_point, innermost_point
 from napari_tinysam.metrics import best_match_iou, match_instances, otsu_watershed
 
 
@@ -59,3 +59,11 @@ def test_corrective_point_targets_the_largest_error_region():
     (x, y), label = corrective_point(pred, gt)
     assert label == 1 and 5 <= x < 12 and 5 <= y < 25
     assert corrective_point(gt, gt) is None
+
+
+def test_area_bins_split_objects_at_the_bin_edges():
+    areas = np.array([10, 149, 150, 299, 300, 5000])
+    bins = area_bins(areas)
+    assert [label for label, _ in bins] == ["0-150", "150-300", "300-600", ">= 600"]
+    assert [np.nonzero(sel)[0].tolist() for _, sel in bins] == [[0, 1], [2, 3], [4], [5]]
+    assert [label for label, _ in area_bins(np.array([700]))] == [">= 600"]  # empty bins left out

@@ -29,6 +29,21 @@ def innermost_point(mask: np.ndarray) -> tuple[float, float]:
     return float(x + sx.start), float(y + sy.start)
 
 
+#: object-area bins (pixels of the field) of the size-split quality tables: fragments and
+#: debris, small, typical and large BBBC039 nuclei
+AREA_BINS = ((0, 150), (150, 300), (300, 600), (600, None))
+
+
+def area_bins(areas: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """(label, selection) per non-empty bin of ``AREA_BINS`` for object areas (N,)."""
+    out = []
+    for lo, hi in AREA_BINS:
+        sel = (areas >= lo) & (areas < (np.inf if hi is None else hi))
+        if sel.any():
+            out.append((f"{lo}-{hi}" if hi is not None else f">= {lo}", sel))
+    return out
+
+
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
