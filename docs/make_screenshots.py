@@ -23,12 +23,6 @@ def main() -> None:
     from napari_tinysam.evaluation import innermost_point
 
     app = QApplication.instance() or QApplication([])
-    # napari 0.9 toasts a PyQt5 deprecation notice over the canvas when a window first shows;
-    # it is about the test environment's Qt binding, not the plugin, so keep it off the
-    # screenshots (a private flag: without it the notice shows, nothing else changes)
-    import napari._qt.qt_main_window as qt_main_window
-
-    qt_main_window.SHOW_QT_WARNING = False
 
     def wait(cond, timeout=300.0):
         t0 = time.perf_counter()
