@@ -125,3 +125,29 @@ def test_bad_checkpoints(tmp_path, conformance_dir):
 def test_registry_names_without_files_say_where_to_put_them():
     with pytest.raises(CheckpointError, match=r"tinysam_42\.3\.pth.*TINYSAM_CACHE_DIR"):
         load_model("tinysam")
+
+
+def test_batched_decoding_equals_one_prompt_at_a_time_and_the_textbook_form(vit_t_model):
+    """A batch of prompts on one image shares the image side of the decoder's first block;
+    the masks and scores are those of each prompt decoded alone, and of SAM's textbook
+    attention."""
+    from napari_tinysam.model.transformer import Attention
+
+    model = vit_t_model
+    g = torch.Generator().manual_seed(0)
+    side = model.img_size // 16
+    features = torch.randn(1, 256, side, side, generator=g)
+    coords = torch.rand(6, 2, 2, generator=g) * model.img_size
+    labels = torch.tensor([[1.0, 0.0], [1.0, 1.0]] * 3)
+    with torch.no_grad():
+        low, iou = model.decode(features, (coords, labels), None, None)
+        alone = [model.decode(features, (coords[i : i + 1], labels[i : i + 1]), None, None) for i in range(6)]
+        Attention.reassociate = False
+        try:
+            low_tb, iou_tb = model.decode(features, (coords, labels), None, None)
+        finally:
+            Attention.reassociate = True
+    scale = float(low_tb.abs().max())
+    for ref_low, ref_iou in ((torch.cat([a[0] for a in alone]), torch.cat([a[1] for a in alone])), (low_tb, iou_tb)):
+        assert (low - ref_low).abs().max() <= 1e-5 * scale
+        assert torch.allclose(iou, ref_iou, atol=1e-5)

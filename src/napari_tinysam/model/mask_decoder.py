@@ -66,8 +66,11 @@ class MaskDecoder(nn.Module):
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.unsqueeze(0).expand(b, -1, -1)
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
-        src = image_embeddings + dense_prompt_embeddings
-        if src.shape[0] != b:
+        dense = dense_prompt_embeddings
+        if dense.shape[0] > 1 and dense.stride(0) == 0:
+            dense = dense[:1]  # the same for every prompt (no mask input): added once
+        src = image_embeddings + dense
+        if src.shape[0] != b:  # one image for the batch: stays shared (see TwoWayTransformer)
             src = src.expand(b, -1, -1, -1)
         _, c, h, w = src.shape
         hs, src = self.transformer(src, image_pe, tokens)

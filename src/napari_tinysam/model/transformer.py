@@ -98,6 +98,44 @@ class Attention(nn.Module):
         vo = torch.matmul(vh, wo).reshape(b, h * nk, c)  # (B, h*nk, C)
         return torch.baddbmm(self.out_proj.bias.expand(b, nq, c), attn, vo)
 
+    # -- one image shared by a batch of prompts ------------------------------------------
+    # In the decoder's first block every prompt sees the same image tokens (one embedding
+    # and the same dense prompt embedding, expanded over the batch). Their projections are
+    # then computed once for the whole batch (the textbook products on the image side),
+    # instead of once per prompt.
+
+    def shared_keys(self, q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+        """``forward(q, k, v)`` for q (B, Nq, C) when every prompt's k and v are the same
+        k1 and v1 (1, Nk, C)."""
+        b, nq, _ = q.shape
+        h = self.num_heads
+        qh = self._heads(self.q_proj(q))  # (B, h, nq, d)
+        kh = self._heads(self.k_proj(k1))[0]  # (h, nk, d), once for the batch
+        vh = self._heads(self.v_proj(v1))[0]
+        d = qh.shape[-1]
+        qs = qh.transpose(0, 1).reshape(h, b * nq, d)  # every prompt's queries, per head
+        attn = (torch.matmul(qs, kh.transpose(1, 2)) * d**-0.5).softmax(-1)  # (h, B*nq, nk)
+        out = torch.matmul(attn, vh).view(h, b, nq, d).permute(1, 2, 0, 3).reshape(b, nq, h * d)
+        return self.out_proj(out)
+
+    def shared_queries(self, q1: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``forward(q, k, v)`` for few keys and values k, v (B, Nk, C) when every prompt's
+        queries are the same q1 (1, Nq, C); returns (B, Nq, C). The output projection is
+        folded into the values as in ``_few_keys``."""
+        b, nk, c = k.shape
+        nq = q1.shape[1]
+        h = self.num_heads
+        qh = self._heads(self.q_proj(q1))[0]  # (h, nq, d), once for the batch
+        kh = self._heads(self.k_proj(k))  # (B, h, nk, d)
+        vh = self._heads(self.v_proj(v))
+        d = qh.shape[-1]
+        ks = kh.permute(1, 3, 0, 2).reshape(h, d, b * nk)
+        scores = torch.matmul(qh, ks).view(h, nq, b, nk)  # (h, nq, B, nk)
+        attn = _short_softmax(scores * d**-0.5).permute(2, 1, 0, 3).reshape(b, nq, h * nk)
+        wo = self.out_proj.weight.view(c, h, d).permute(1, 2, 0)  # (h, d, C)
+        vo = torch.matmul(vh, wo).reshape(b, h * nk, c)  # (B, h*nk, C)
+        return torch.baddbmm(self.out_proj.bias.expand(b, nq, c), attn, vo)
+
 
 class TwoWayAttentionBlock(nn.Module):
     """Token self-attention, token-to-image cross-attention, MLP on tokens, and
@@ -136,12 +174,24 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
         q = queries + query_pe
-        k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        # one image for every prompt of the batch (an expanded tensor): its side of both
+        # cross-attentions is computed once (see Attention.shared_keys)
+        shared = (keys.shape[0] > 1 and keys.stride(0) == 0 and self.cross_attn_token_to_image.reassociate
+                  and self.cross_attn_image_to_token.reassociate)
+        if shared:
+            k = keys[:1] + key_pe
+            attn_out = self.cross_attn_token_to_image.shared_keys(q, k, keys[:1])
+        else:
+            k = keys + key_pe  # the keys do not change before the second use below
+            attn_out = self.cross_attn_token_to_image(q, k, keys)
+        queries = self.norm2(queries + attn_out)
         queries = self.norm3(queries + self.mlp(queries))
         q = queries + query_pe
-        k = keys + key_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        if shared:
+            attn_out = self.cross_attn_image_to_token.shared_queries(k, q, queries)
+        else:
+            attn_out = self.cross_attn_image_to_token(k.expand_as(keys), q, queries)
+        keys = self.norm4(keys + attn_out)
         return queries, keys
 
 
@@ -177,7 +227,7 @@ class TwoWayTransformer(nn.Module):
     def forward(
         self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = image_embedding.flatten(2).permute(0, 2, 1)
+        keys = image_embedding.flatten(2).permute(0, 2, 1)  # an expanded batch stays expanded
         key_pe = image_pe.flatten(2).permute(0, 2, 1)
         queries = point_embedding
         for layer in self.layers:
