@@ -95,10 +95,13 @@ def _candidates_from_points(
     thr, off = model.mask_threshold, params["stability_score_offset"]
     low_thr = thr - off
     ry = rx = None
-    # Decode in chunks of at most 32 prompts: the decoder's first block computes the image
-    # side once per chunk, and on a 2-core CPU 32 was faster than 16 or 64 (one field,
-    # grid mode: 5.3-5.5 s against 5.7-5.8 and 5.7); points_per_batch bounds memory as in SAM.
-    chunk = min(params["points_per_batch"], 32)
+    # Decode in chunks of at most 16 prompts (points_per_batch bounds memory as in SAM).
+    # At input 768 one chunk's image-token tensors are then about 38 MB each. Larger chunks
+    # share the first block's image side over more prompts: 32 was 5% faster in one
+    # 2-thread process, but in a one-thread Dask worker 32 took 19 s where 16 took 12 for
+    # the same field. Tensors of 75 MB came fresh from the kernel on every operation
+    # (an add cost 30-35 ms, against under 2 ms at 38 MB once runtime.tune_allocator ran).
+    chunk = min(params["points_per_batch"], 16)
     for start in range(0, len(points), chunk):
         pts = points[start : start + chunk]
         coords = torch.as_tensor(predictor.transform_coords(pts), dtype=torch.float32)[:, None]
