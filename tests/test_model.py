@@ -127,12 +127,20 @@ def test_registry_names_without_files_say_where_to_put_them():
         load_model("tinysam")
 
 
-def test_batched_decoding_equals_one_prompt_at_a_time_and_the_textbook_form(vit_t_model):
+def test_batched_decoding_equals_one_prompt_at_a_time_and_the_textbook_form(vit_t_model, monkeypatch):
     """A batch of prompts on one image shares the image side of the decoder's first block;
     the masks and scores are those of each prompt decoded alone, and of SAM's textbook
     attention."""
     from napari_tinysam.model.transformer import Attention
 
+    calls = []
+    shared_keys = Attention.shared_keys
+
+    def spy(self, q, k1, v1):
+        calls.append(q.shape[0])
+        return shared_keys(self, q, k1, v1)
+
+    monkeypatch.setattr(Attention, "shared_keys", spy)
     model = vit_t_model
     g = torch.Generator().manual_seed(0)
     side = model.img_size // 16
@@ -141,6 +149,7 @@ def test_batched_decoding_equals_one_prompt_at_a_time_and_the_textbook_form(vit_
     labels = torch.tensor([[1.0, 0.0], [1.0, 1.0]] * 3)
     with torch.no_grad():
         low, iou = model.decode(features, (coords, labels), None, None)
+        assert calls == [6]  # the batch took the shared path, in the first block only
         alone = [model.decode(features, (coords[i : i + 1], labels[i : i + 1]), None, None) for i in range(6)]
         Attention.reassociate = False
         try:
