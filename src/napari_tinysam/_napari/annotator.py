@@ -83,6 +83,12 @@ class AnnotatorWidget(Container):
         self._prefetch_timer.setSingleShot(True)
         self._prefetch_timer.setInterval(200)
         self._prefetch_timer.timeout.connect(lambda: self._prefetch_neighbours(self._prefetch_index))
+        # after a preview, the next queued (prefetch) embedding waits until napari has
+        # painted it: started at once, the encoder's threads competed with the repaint
+        self._next_job_timer = QTimer(self.native)
+        self._next_job_timer.setSingleShot(True)
+        self._next_job_timer.setInterval(100)
+        self._next_job_timer.timeout.connect(self._start_next_job)
         self._contrast_timer = QTimer(self.native)
         self._contrast_timer.setSingleShot(True)
         self._contrast_timer.setInterval(300)
@@ -375,7 +381,9 @@ class AnnotatorWidget(Container):
                 self._pending_update = None
                 self.status.value = ""
                 self._refresh(index)
-            self._start_next_job()
+                self._next_job_timer.start()
+            else:
+                self._start_next_job()
 
         def failed(exc):
             self._running = None
