@@ -94,9 +94,17 @@ class Attention(nn.Module):
         bias = torch.matmul(self.q_proj.bias.view(1, h, 1, d), kh.transpose(2, 3))  # (B, h, 1, nk)
         scores = torch.matmul(q, m).view(b, nq, h, nk) + bias.reshape(b, 1, h, nk)
         attn = _short_softmax(scores * d**-0.5).reshape(b, nq, h * nk)
+        return self._folded_output(attn, vh)
+
+    def _folded_output(self, attn: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+        """sum_h A_h (V_h W_oh^T) + b_o for few keys: attention weights (B, Nq, h*nk) of
+        every head side by side and the values' heads vh (B, h, nk, d) -> (B, Nq, C); the
+        output projection is folded into the few values instead of applied to Nq rows."""
+        b, h, nk, d = vh.shape
+        c = self.out_proj.out_features
         wo = self.out_proj.weight.view(c, h, d).permute(1, 2, 0)  # (h, d, C)
         vo = torch.matmul(vh, wo).reshape(b, h * nk, c)  # (B, h*nk, C)
-        return torch.baddbmm(self.out_proj.bias.expand(b, nq, c), attn, vo)
+        return torch.baddbmm(self.out_proj.bias.expand(b, attn.shape[1], c), attn, vo)
 
     # -- one image shared by a batch of prompts ------------------------------------------
     # In the decoder's first block every prompt sees the same image tokens (one embedding
@@ -120,9 +128,8 @@ class Attention(nn.Module):
 
     def shared_queries(self, q1: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``forward(q, k, v)`` for few keys and values k, v (B, Nk, C) when every prompt's
-        queries are the same q1 (1, Nq, C); returns (B, Nq, C). The output projection is
-        folded into the values as in ``_few_keys``."""
-        b, nk, c = k.shape
+        queries are the same q1 (1, Nq, C); returns (B, Nq, C)."""
+        b, nk, _ = k.shape
         nq = q1.shape[1]
         h = self.num_heads
         qh = self._heads(self.q_proj(q1))[0]  # (h, nq, d), once for the batch
@@ -132,9 +139,7 @@ class Attention(nn.Module):
         ks = kh.permute(1, 3, 0, 2).reshape(h, d, b * nk)
         scores = torch.matmul(qh, ks).view(h, nq, b, nk)  # (h, nq, B, nk)
         attn = _short_softmax(scores * d**-0.5).permute(2, 1, 0, 3).reshape(b, nq, h * nk)
-        wo = self.out_proj.weight.view(c, h, d).permute(1, 2, 0)  # (h, d, C)
-        vo = torch.matmul(vh, wo).reshape(b, h * nk, c)  # (B, h*nk, C)
-        return torch.baddbmm(self.out_proj.bias.expand(b, nq, c), attn, vo)
+        return self._folded_output(attn, vh)
 
 
 class TwoWayAttentionBlock(nn.Module):
