@@ -27,7 +27,7 @@ from scipy import ndimage
 from napari_tinysam import load_model
 from napari_tinysam.bench import print_table
 from napari_tinysam.distill.data import load_folder
-from napari_tinysam.distill.losses import mask_iou
+from napari_tinysam.distill.losses import dice_loss, mask_iou
 from napari_tinysam.evaluation import area_bins
 from napari_tinysam.model import build_sam
 from napari_tinysam.predictor import preprocess_shape
@@ -43,9 +43,7 @@ def _fit(model, gt: torch.Tensor, init: torch.Tensor, input_size, steps: int) ->
     opt = torch.optim.Adam([low], lr=0.5)
     for _ in range(steps):
         out = 4 * model.postprocess_masks(low, input_size, tuple(gt.shape))[0, 0, y0:y1, x0:x1]
-        p = torch.sigmoid(out)
-        dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
-        loss = dice + F.binary_cross_entropy_with_logits(out, target)
+        loss = dice_loss(out[None, None], target[None, None])[0, 0] + F.binary_cross_entropy_with_logits(out, target)
         opt.zero_grad()
         loss.backward()
         opt.step()
