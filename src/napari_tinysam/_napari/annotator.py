@@ -82,13 +82,7 @@ class AnnotatorWidget(Container):
         self._prefetch_timer = QTimer(self.native)
         self._prefetch_timer.setSingleShot(True)
         self._prefetch_timer.setInterval(200)
-        self._prefetch_timer.timeout.connect(lambda: self._prefetch_neighbours(self._prefetch_index))
-        # after a preview, the next queued (prefetch) embedding waits until napari has
-        # painted it: started at once, the encoder's threads competed with the repaint
-        self._next_job_timer = QTimer(self.native)
-        self._next_job_timer.setSingleShot(True)
-        self._next_job_timer.setInterval(100)
-        self._next_job_timer.timeout.connect(self._start_next_job)
+        self._prefetch_timer.timeout.connect(self._after_preview)
         self._contrast_timer = QTimer(self.native)
         self._contrast_timer.setSingleShot(True)
         self._contrast_timer.setInterval(300)
@@ -381,8 +375,9 @@ class AnnotatorWidget(Container):
                 self._pending_update = None
                 self.status.value = ""
                 self._refresh(index)
-                self._next_job_timer.start()
-            else:
+            # after a preview the queue resumes with the prefetch timer, once napari has
+            # painted it: started at once, the encoder's threads competed with the repaint
+            if not self._prefetch_timer.isActive():
                 self._start_next_job()
 
         def failed(exc):
@@ -394,6 +389,12 @@ class AnnotatorWidget(Container):
         worker.errored.connect(failed)
         self._running = worker
         worker.start()
+
+    def _after_preview(self) -> None:
+        """A preview has been painted: queue its slice's neighbours and resume the
+        embedding queue (jobs queued before the preview waited for this too)."""
+        self._prefetch_neighbours(self._prefetch_index)
+        self._start_next_job()
 
     def _prefetch_neighbours(self, index: tuple[int, ...]) -> None:
         """Queue the embeddings of the neighbouring slices (z - 1, z + 1), low priority."""
