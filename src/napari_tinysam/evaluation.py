@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .annotate import ClickHistory, Prompts, Zoom, segment_prompts, zoom_window
 from .model import Sam
-from .predictor import SamPredictor, predict_batch, upscale_logits
+from .predictor import SamPredictor, predict_batch, to_uint8_rgb, upscale_logits
 
 
 def innermost_point(mask: np.ndarray) -> tuple[float, float]:
@@ -129,6 +130,28 @@ def compare_models(
     return out
 
 
+def _zoom_objects(predictor, rgb, zoom, gts, pts, boxes, masks, click, box, curve) -> None:
+    """Replace the scores of the objects that ``zoom`` magnifies by the annotator's
+    prompt-by-prompt results (``click``, ``box`` and ``curve`` are updated in place)."""
+    scale = predictor.input_size[0] / rgb.shape[0]
+    for j, gt in enumerate(gts):
+        if zoom_window(zoom, Prompts(box=boxes[j]), gt, scale) is not None:
+            box[j] = _iou(segment_prompts(predictor, rgb, Prompts(box=boxes[j]), zoom=zoom).mask, gt)
+        points, labels = [tuple(pts[j][0])], [1]
+        first = Prompts(np.array(points), np.array(labels))
+        if zoom_window(zoom, first, masks[j], scale) is None:
+            continue
+        history = ClickHistory()
+        cur = segment_prompts(predictor, rgb, first, history, zoom)
+        click[j] = _iou(cur.mask, gt)
+        for k in range(len(curve)):
+            nxt = corrective_point(cur.mask, gt)
+            points.append(points[-1] if nxt is None else nxt[0])
+            labels.append(labels[-1] if nxt is None else nxt[1])
+            cur = segment_prompts(predictor, rgb, Prompts(np.array(points), np.array(labels)), history, zoom)
+            curve[k][j] = _iou(cur.mask, gt)
+
+
 @torch.no_grad()
 def evaluate_prompts(
     model: Sam,
@@ -140,6 +163,7 @@ def evaluate_prompts(
     predictor: SamPredictor | None = None,
     mask_feedback: bool = True,
     per_object: bool = False,
+    zoom: Zoom | None = None,
 ) -> dict:
     """Mean IoU with the ground truth for three prompt protocols.
 
@@ -151,6 +175,10 @@ def evaluate_prompts(
       logits as mask input (SAM's interactive protocol, and the annotator's). With
       ``mask_feedback=False`` every point set is decoded from scratch instead.
       ``corrective`` lists the mean IoU after each corrective click.
+
+    With ``zoom``, the objects that :class:`~napari_tinysam.annotate.Zoom` magnifies (by
+    their click mask, or their box) are segmented as the annotator does it, prompt by
+    prompt through :func:`~napari_tinysam.annotate.segment_prompts` in their window.
 
     With ``per_object``, ``objects_detail`` holds one list per key, in object order:
     ``area`` (pixels), ``click``, ``box`` and ``click3`` IoUs.
@@ -165,7 +193,8 @@ def evaluate_prompts(
     for sample in samples:
         if sample.labels is None:
             continue
-        predictor.set_image(sample.image)
+        rgb = to_uint8_rgb(sample.image)
+        predictor.set_image(rgb)
         labels = sample.labels
         ids, slices = _objects(labels, max_objects, rng)
         for start in range(0, len(ids), chunk):
@@ -173,8 +202,9 @@ def evaluate_prompts(
             gts, pts, boxes = _prompts(labels, batch, slices)
             areas += [int(g.sum()) for g in gts]
             low_best, masks, mb = _click_and_box(model, predictor, pts, boxes)
-            scores["click"] += [_iou(m, g) for m, g in zip(masks, gts)]
-            scores["box"] += [_iou(m, g) for m, g in zip(mb, gts)]
+            click = [_iou(m, g) for m, g in zip(masks, gts)]
+            box = [_iou(m, g) for m, g in zip(mb, gts)]
+            chunk_curve: list[list[float]] = [[] for _ in range(corrective_clicks)]
             # corrective clicks
             if corrective_clicks:
                 point_lists = [[(p[0][0], p[0][1])] for p in pts]
@@ -195,7 +225,14 @@ def evaluate_prompts(
                     )
                     cur_low, _ = model.select_masks(lowc, iouc, False)
                     cur = (upscale_logits(predictor, cur_low)[:, 0] > 0).cpu().numpy()
-                    curve[k] += [_iou(m, g) for m, g in zip(cur, gts)]
+                    chunk_curve[k] += [_iou(m, g) for m, g in zip(cur, gts)]
+            if zoom is not None:
+                _zoom_objects(predictor, rgb, zoom, gts, pts, boxes, masks, click, box, chunk_curve)
+                predictor.set_image(rgb)
+            scores["click"] += click
+            scores["box"] += box
+            for k in range(corrective_clicks):
+                curve[k] += chunk_curve[k]
     out = {k: float(np.mean(v)) if v else float("nan") for k, v in scores.items()}
     out["corrective"] = [float(np.mean(v)) if v else float("nan") for v in curve]
     out["click3"] = out["corrective"][-1] if curve else float("nan")
