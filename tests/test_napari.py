@@ -11,6 +11,7 @@ from napari.layers import Labels  # noqa: E402
 from napari_tinysam import samples  # noqa: E402
 from napari_tinysam._napari.annotator import KEYS, NEW_LAYER, AnnotatorWidget  # noqa: E402
 from napari_tinysam._napari.everything_widget import EverythingWidget  # noqa: E402
+from napari_tinysam.annotate import Prompts, Zoom, segment_prompts, slice_rgb  # noqa: E402
 from napari_tinysam.evaluation import innermost_point  # noqa: E402
 
 pytestmark = pytest.mark.gui
@@ -108,6 +109,35 @@ def test_annotator_negative_point_shrinks_and_box(annotator, qtbot, nuclei):
     assert list(w.points_layer.features["positive"]) == [True, True, False]
     assert w.points_layer.symbol[-1].value != w.points_layer.symbol[0].value
     assert (w.preview_layer.data > 0).sum() < both
+
+
+def test_annotator_zooms_in_on_a_small_nucleus(annotator, qtbot, nuclei):
+    viewer, w = annotator
+    truth = nuclei[1]
+    ids, areas = np.unique(truth[truth > 0], return_counts=True)
+    small = truth == ids[areas >= 100][np.argmin(areas[areas >= 100])]  # a small nucleus, not a fragment
+    xa, ya = innermost_point(truth == _largest_objects(truth, 1)[0])
+    w.points_layer.add([ya, xa])  # a large nucleus first: the slice gets embedded, no window
+    _wait(qtbot, w)
+    assert w.candidates.window is None and w.candidates.pending_window is None
+    w.clear()
+    x, y = innermost_point(small)
+    w.points_layer.add([y, x])
+    assert w.candidates is not None and w.candidates.window is None  # the slice's mask at once
+    assert w.candidates.pending_window is not None and w.busy  # the window is being embedded
+    _wait(qtbot, w)
+    assert w.candidates.window is not None  # then the magnified window's mask replaced it
+    zoomed = w.preview_layer.data > 0
+    assert np.array_equal(zoomed, w.candidates.mask)
+    y0, x0, h, w_ = w.candidates.window
+    assert zoomed[y0 : y0 + h, x0 : x0 + w_].sum() == zoomed.sum()
+    # exactly what the engine gives for that click on the slice as displayed
+    rgb = slice_rgb(nuclei[0], tuple(viewer.layers["nuclei"].contrast_limits))
+    engine = segment_prompts(w.predictor, rgb, Prompts(np.array([[x, y]]), np.array([1])), zoom=Zoom())
+    assert engine.window == w.candidates.window and np.array_equal(engine.mask, zoomed)
+    w.zoom.value = False  # off: the slice's mask again, no window
+    _wait(qtbot, w)
+    assert w.candidates.window is None and w.candidates.pending_window is None
 
 
 def test_annotator_3d_scaled_slices(make_napari_viewer, qtbot):

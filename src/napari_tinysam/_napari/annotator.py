@@ -17,6 +17,7 @@ from ..annotate import (
     Candidates,
     ClickHistory,
     UndoRecord,
+    Zoom,
     commit_mask,
     is_embedded,
     segment_prompts,
@@ -52,6 +53,7 @@ class AnnotatorWidget(Container):
         self.labels_combo = ComboBox(label="labels", choices=self._labels_choices)
         self.overwrite = CheckBox(text="overwrite existing objects", value=False)
         self.negative = CheckBox(text=f"negative points ({KEYS['polarity']})", value=False)
+        self.zoom = CheckBox(text="zoom in on small objects", value=True)
         self.cache_mb = SpinBox(label="cache (MB)", min=16, max=65536, value=512)
         self.store_file = FileEdit(label="embedding store", mode="d")
         self.commit_btn = PushButton(text=f"Commit ({KEYS['commit']})")
@@ -61,7 +63,7 @@ class AnnotatorWidget(Container):
         self.status = Label(value="")
         self.extend([
             self.image_combo, self.model_combo, self.model_file, self.labels_combo,
-            self.overwrite, self.negative, self.cache_mb, self.store_file, self.commit_btn, self.clear_btn,
+            self.overwrite, self.negative, self.zoom, self.cache_mb, self.store_file, self.commit_btn, self.clear_btn,
             self.next_btn, self.undo_btn, self.status,
         ])
         self.predictor: SamPredictor | None = None
@@ -100,6 +102,7 @@ class AnnotatorWidget(Container):
         self.next_btn.clicked.connect(self.next_candidate)
         self.undo_btn.clicked.connect(self.undo)
         self.negative.changed.connect(self._polarity_changed)
+        self.zoom.changed.connect(lambda _: self._refresh() if self.preview_slice is not None else None)
         self.viewer.layers.events.inserted.connect(self._reset_choices)
         self.viewer.layers.events.removed.connect(self._reset_choices)
         self.load_model(self.model_combo.value)
@@ -290,11 +293,16 @@ class AnnotatorWidget(Container):
         rgb = self._slice_rgb(image, index)
         if self._embedded(index, rgb):
             try:
-                self.candidates = segment_prompts(self.predictor, rgb, prompts, self._clicks)
+                self.candidates = segment_prompts(
+                    self.predictor, rgb, prompts, self._clicks, Zoom() if self.zoom.value else None, encode=False
+                )
             except ValueError as exc:
                 show_error(f"TinySAM: {exc}")
                 return
             self._show(self.candidates.mask, index)
+            if self.candidates.pending_window is not None:  # a small object: a closer look, then refresh
+                self._pending_update = index
+                self._request_embedding(index, self.candidates.pending_window, priority=True, what="a magnified window of slice")
             # after the preview has been painted: the user is looking, not clicking
             self._prefetch_index = index
             self._prefetch_timer.start()
@@ -347,13 +355,13 @@ class AnnotatorWidget(Container):
         layer.refresh()
 
     # -- embeddings off the GUI thread -------------------------------------------------------
-    def _request_embedding(self, index, rgb, priority: bool) -> None:
+    def _request_embedding(self, index, rgb, priority: bool, what: str = "") -> None:
         key = image_key(self.predictor.model, rgb)
         if priority:
             self._jobs.pop(key, None)
             self._jobs[key] = (index, rgb)
             self._jobs.move_to_end(key, last=False)
-            self.status.value = f"embedding slice {index or '(2D)'}…"
+            self.status.value = f"embedding {what or 'slice'} {index or '(2D)'}…"
         elif key not in self._jobs:
             self._jobs[key] = (index, rgb)
         self._start_next_job()
