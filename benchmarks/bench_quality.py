@@ -11,6 +11,10 @@ fields: ``--feedback --split train --every 12 --max-objects 25``.
 
 ``--by-size`` splits the scores by nucleus area and shows where the 3-click protocol
 loses most (each bin's share of the summed 1 - IoU).
+
+``--zoom`` adds rows for the annotator's magnified second look at small objects
+(``napari_tinysam.annotate.Zoom``; ``--zoom-target`` and ``--zoom-max`` set its two
+parameters, chosen on training fields: ``--split train --every 8 --zoom --zoom-target T``).
 """
 
 from __future__ import annotations
