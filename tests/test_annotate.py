@@ -205,6 +205,10 @@ def test_zoom_window_geometry():
     # no window for objects that are large already, or too large to fit with their margin
     assert zoom.window((520, 696), (300, 200, 330, 230), 700, 1.1) is None
     assert zoom.window((520, 696), (0, 0, 300, 250), 50, 1.1) is None
+    # a slice the model already enlarges as far as it may (max_upscale) gains nothing
+    assert zoom.window((57, 61), (20, 20, 29, 29), 80, 4.0, max_scale=4.0) is None
+    assert zoom.window((57, 61), (20, 20, 29, 29), 80, 3.3, max_scale=4.0) is None  # 1.21x < min_zoom
+    assert Zoom().window((120, 150), (20, 20, 29, 29), 80, 2.5, max_scale=4.0)[2:] == (75, 94)  # 1.6x, not 2x
 
 
 def test_zoom_improves_small_objects(data_dir):

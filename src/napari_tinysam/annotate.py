@@ -101,13 +101,19 @@ class Zoom:
     margin: float = 0.5
 
     def window(
-        self, shape: tuple[int, int], bbox: tuple[float, float, float, float], area: float, input_scale: float
+        self,
+        shape: tuple[int, int],
+        bbox: tuple[float, float, float, float],
+        area: float,
+        input_scale: float,
+        max_scale: float = math.inf,
     ) -> tuple[int, int, int, int] | None:
         """(y0, x0, h, w) of the window for an object of ``area`` pixels inside ``bbox``
         (x0, y0, x1, y1, inclusive) on a slice of ``shape`` that the model sees scaled by
-        ``input_scale``; None when the object needs no magnification."""
+        ``input_scale`` and may see at most ``max_scale`` (the model's ``max_upscale``);
+        None when the object needs no magnification or cannot get enough."""
         height, width = shape
-        z = min(self.max_zoom, math.sqrt(self.target_area / (max(area, 1.0) * input_scale**2)))
+        z = min(self.max_zoom, max_scale / input_scale, math.sqrt(self.target_area / (max(area, 1.0) * input_scale**2)))
         bw, bh = bbox[2] - bbox[0] + 1, bbox[3] - bbox[1] + 1
         pad = 2 * (self.margin * max(bw, bh) + 4)
         z = min(z, width / (bw + pad), height / (bh + pad))
@@ -128,23 +134,26 @@ def _holds(window: tuple[int, int, int, int], prompts: Prompts) -> bool:
 
 
 def zoom_window(
-    zoom: Zoom, prompts: Prompts, first_mask: np.ndarray | None, input_scale: float
+    zoom: Zoom, prompts: Prompts, first_mask: np.ndarray, predictor: SamPredictor
 ) -> tuple[int, int, int, int] | None:
-    """The window ``zoom`` gives an object: sized by the box drawn, or else by the first
-    click's chosen mask (H, W) (the click itself when that mask is empty); None when the
-    object needs no magnification or a prompt lies outside the window."""
+    """The window ``zoom`` gives an object on the predictor's current slice: sized by the
+    box drawn, or else by the first click's chosen mask (H, W) (the click itself when that
+    mask is empty; with a box only the mask's shape is used); None when the object needs
+    no magnification or a prompt lies outside the window."""
     shape = first_mask.shape
+    input_scale = predictor.input_size[0] / shape[0]
+    max_scale = predictor.model.max_upscale or math.inf
     if prompts.box is not None:
         x0, y0, x1, y1 = (float(v) for v in prompts.box)
-        window = zoom.window(shape, (x0, y0, x1, y1), (x1 - x0 + 1) * (y1 - y0 + 1) * math.pi / 4, input_scale)
+        window = zoom.window(shape, (x0, y0, x1, y1), (x1 - x0 + 1) * (y1 - y0 + 1) * math.pi / 4, input_scale, max_scale)
     else:
         rows, cols = np.flatnonzero(first_mask.any(1)), np.flatnonzero(first_mask.any(0))
         if len(rows):
             bbox = (float(cols[0]), float(rows[0]), float(cols[-1]), float(rows[-1]))
-            window = zoom.window(shape, bbox, float(first_mask.sum()), input_scale)
+            window = zoom.window(shape, bbox, float(first_mask.sum()), input_scale, max_scale)
         else:
             x, y = (float(v) for v in prompts.points[0])
-            window = zoom.window(shape, (x, y, x, y), 1.0, input_scale)
+            window = zoom.window(shape, (x, y, x, y), 1.0, input_scale, max_scale)
     return window if window is not None and _holds(window, prompts) else None
 
 
@@ -238,7 +247,7 @@ def segment_prompts(
     window, first_keys = None, []
     if zoom is not None:
         first, first_keys = _decode_prefixes(predictor, prompts, history, 0 if prompts.box is not None else 1, None, shape)
-        window = zoom_window(zoom, prompts, first.mask, predictor.input_size[0] / shape[0])
+        window = zoom_window(zoom, prompts, first.mask, predictor)
     pending = None
     if window is not None:
         y0, x0, h, w = window

@@ -133,13 +133,12 @@ def compare_models(
 def _zoom_objects(predictor, rgb, zoom, gts, pts, boxes, masks, click, box, curve) -> None:
     """Replace the scores of the objects that ``zoom`` magnifies by the annotator's
     prompt-by-prompt results (``click``, ``box`` and ``curve`` are updated in place)."""
-    scale = predictor.input_size[0] / rgb.shape[0]
     for j, gt in enumerate(gts):
-        if zoom_window(zoom, Prompts(box=boxes[j]), gt, scale) is not None:
+        if zoom_window(zoom, Prompts(box=boxes[j]), gt, predictor) is not None:
             box[j] = _iou(segment_prompts(predictor, rgb, Prompts(box=boxes[j]), zoom=zoom).mask, gt)
         points, labels = [tuple(pts[j][0])], [1]
         first = Prompts(np.array(points), np.array(labels))
-        if zoom_window(zoom, first, masks[j], scale) is None:
+        if zoom_window(zoom, first, masks[j], predictor) is None:
             continue
         history = ClickHistory()
         cur = segment_prompts(predictor, rgb, first, history, zoom)
