@@ -76,6 +76,7 @@ class AnnotatorWidget(Container):
         self.preview_slice: tuple[int, ...] | None = None
         self.undo_stack: list[tuple[Labels, UndoRecord]] = []
         self._jobs: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (index, rgb, priority)
+        self._window_jobs: set[tuple] = set()  # keys of queued magnified windows of the current object
         self._rgb_memo: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._running = None
         self._pending_update: tuple[int, ...] | None = None
@@ -302,7 +303,9 @@ class AnnotatorWidget(Container):
             self._show(self.candidates.mask, index)
             if self.candidates.pending_window is not None:  # a small object: a closer look, then refresh
                 self._pending_update = index
-                self._request_embedding(index, self.candidates.pending_window, priority=True, what="a magnified window of slice")
+                self._window_jobs.add(
+                    self._request_embedding(index, self.candidates.pending_window, priority=True, what="a magnified window of slice")
+                )
             # after the preview has been painted: the user is looking, not clicking
             self._prefetch_index = index
             self._prefetch_timer.start()
@@ -355,7 +358,8 @@ class AnnotatorWidget(Container):
         layer.refresh()
 
     # -- embeddings off the GUI thread -------------------------------------------------------
-    def _request_embedding(self, index, rgb, priority: bool, what: str = "") -> None:
+    def _request_embedding(self, index, rgb, priority: bool, what: str = "") -> tuple:
+        """Queue an embedding (first with ``priority``); returns its cache key."""
         key = image_key(self.predictor.model, rgb)
         if priority:
             self._jobs.pop(key, None)
@@ -365,6 +369,7 @@ class AnnotatorWidget(Container):
         elif key not in self._jobs:
             self._jobs[key] = (index, rgb)
         self._start_next_job()
+        return key
 
     def _start_next_job(self) -> None:
         if self._running is not None or not self._jobs:
@@ -480,6 +485,9 @@ class AnnotatorWidget(Container):
             return
         index = self.preview_slice
         self._clicks.clear()
+        for key in self._window_jobs:  # magnified windows of this object not started yet
+            self._jobs.pop(key, None)
+        self._window_jobs.clear()
         with self.points_layer.events.data.blocker(), self.boxes_layer.events.data.blocker():
             self.points_layer.data = np.zeros((0, self.points_layer.ndim))
             self.boxes_layer.data = []
