@@ -21,6 +21,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clicks", type=int, default=20)
     ap.add_argument("--model", default="default")
+    ap.add_argument("--no-zoom", action="store_true", help="turn off the magnified second look at small objects")
     args = ap.parse_args()
 
     import napari
@@ -41,6 +42,7 @@ def main() -> None:
     viewer.add_image(stack, name="nuclei stack")
     widget = AnnotatorWidget(viewer)
     widget.model_combo.value = args.model
+    widget.zoom.value = not args.no_zoom
     viewer.window.add_dock_widget(widget)
 
     def wait(cond, timeout=120.0):
@@ -97,7 +99,8 @@ def main() -> None:
         {"measure": "4 new slices: click -> preview incl. embedding (mean)", "value_ms": f"{t_embed / 4 * 1e3:.0f}",
          "target_ms": ""},
     ]
-    print(f"napari {napari.__version__}, model {args.model}, {len(latencies)} clicks, image {stack.shape}")
+    print(f"napari {napari.__version__}, model {args.model}, zoom {'off' if args.no_zoom else 'on'}, "
+          f"{len(latencies)} clicks, image {stack.shape}")
     print_table(rows, ["measure", "value_ms", "target_ms"])
     viewer.close()
 
