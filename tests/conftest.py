@@ -22,6 +22,18 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _qt_workers_finish_before_exit():
+    """Let napari's thread-pool workers (embeddings) end before the interpreter does: a
+    pool thread still unwinding at exit can crash the process after every test passed."""
+    yield
+    try:
+        from qtpy.QtCore import QThreadPool
+    except Exception:  # no Qt binding: headless install
+        return
+    QThreadPool.globalInstance().waitForDone(30000)
+
+
 @pytest.fixture(scope="session")
 def conformance_dir() -> Path:
     if not CONFORMANCE_DIR.is_dir():
