@@ -134,19 +134,20 @@ def _holds(window: tuple[int, int, int, int], prompts: Prompts) -> bool:
 
 
 def zoom_window(
-    zoom: Zoom, prompts: Prompts, first_mask: np.ndarray, predictor: SamPredictor
+    zoom: Zoom, prompts: Prompts, first_mask: np.ndarray | None, predictor: SamPredictor
 ) -> tuple[int, int, int, int] | None:
     """The window ``zoom`` gives an object on the predictor's current slice: sized by the
     box drawn, or else by the first click's chosen mask (H, W) (the click itself when that
-    mask is empty; with a box only the mask's shape is used); None when the object needs
-    no magnification or a prompt lies outside the window."""
-    shape = first_mask.shape
+    mask is empty; not needed with a box); None when the object needs no magnification or
+    a prompt lies outside the window."""
+    shape = predictor.original_size
     input_scale = predictor.input_size[0] / shape[0]
     max_scale = predictor.model.max_upscale or math.inf
     if prompts.box is not None:
         x0, y0, x1, y1 = (float(v) for v in prompts.box)
         window = zoom.window(shape, (x0, y0, x1, y1), (x1 - x0 + 1) * (y1 - y0 + 1) * math.pi / 4, input_scale, max_scale)
     else:
+        assert first_mask is not None, "a click's window is sized by its first mask"
         rows, cols = np.flatnonzero(first_mask.any(1)), np.flatnonzero(first_mask.any(0))
         if len(rows):
             bbox = (float(cols[0]), float(rows[0]), float(cols[-1]), float(rows[-1]))

@@ -132,23 +132,28 @@ def compare_models(
 
 def _zoom_objects(predictor, rgb, zoom, gts, pts, boxes, masks, click, box, curve) -> None:
     """Replace the scores of the objects that ``zoom`` magnifies by the annotator's
-    prompt-by-prompt results (``click``, ``box`` and ``curve`` are updated in place)."""
+    prompt-by-prompt results (``click``, ``box`` and ``curve`` are updated in place).
+    The predictor is on the slice ``rgb`` before and after."""
     for j, gt in enumerate(gts):
-        if zoom_window(zoom, Prompts(box=boxes[j]), gt, predictor) is not None:
-            box[j] = _iou(segment_prompts(predictor, rgb, Prompts(box=boxes[j]), zoom=zoom).mask, gt)
         points, labels = [tuple(pts[j][0])], [1]
         first = Prompts(np.array(points), np.array(labels))
-        if zoom_window(zoom, first, masks[j], predictor) is None:
-            continue
-        history = ClickHistory()
-        cur = segment_prompts(predictor, rgb, first, history, zoom)
-        click[j] = _iou(cur.mask, gt)
-        for k in range(len(curve)):
-            nxt = corrective_point(cur.mask, gt)
-            points.append(points[-1] if nxt is None else nxt[0])
-            labels.append(labels[-1] if nxt is None else nxt[1])
-            cur = segment_prompts(predictor, rgb, Prompts(np.array(points), np.array(labels)), history, zoom)
-            curve[k][j] = _iou(cur.mask, gt)
+        # both decisions while the predictor is on the slice (a session leaves it on a window)
+        by_box = zoom_window(zoom, Prompts(box=boxes[j]), None, predictor) is not None
+        by_click = zoom_window(zoom, first, masks[j], predictor) is not None
+        if by_box:
+            box[j] = _iou(segment_prompts(predictor, rgb, Prompts(box=boxes[j]), zoom=zoom).mask, gt)
+        if by_click:
+            history = ClickHistory()
+            cur = segment_prompts(predictor, rgb, first, history, zoom)
+            click[j] = _iou(cur.mask, gt)
+            for k in range(len(curve)):
+                nxt = corrective_point(cur.mask, gt)
+                points.append(points[-1] if nxt is None else nxt[0])
+                labels.append(labels[-1] if nxt is None else nxt[1])
+                cur = segment_prompts(predictor, rgb, Prompts(np.array(points), np.array(labels)), history, zoom)
+                curve[k][j] = _iou(cur.mask, gt)
+        if by_box or by_click:
+            predictor.set_image(rgb)  # from the cache
 
 
 @torch.no_grad()
@@ -227,7 +232,6 @@ def evaluate_prompts(
                     chunk_curve[k] += [_iou(m, g) for m, g in zip(cur, gts)]
             if zoom is not None:
                 _zoom_objects(predictor, rgb, zoom, gts, pts, boxes, masks, click, box, chunk_curve)
-                predictor.set_image(rgb)
             scores["click"] += click
             scores["box"] += box
             for k in range(corrective_clicks):
