@@ -76,3 +76,19 @@ def blobs_image() -> tuple[np.ndarray, np.ndarray]:
         labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i
     image = (200 + 3000 * (labels > 0)).astype(np.uint16)
     return image, labels
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config._tinysam_exitstatus = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    """After the GUI tests, end the process without the interpreter's teardown: in 2 of
+    4 fresh-clone CI runs of the eighth session it crashed there (segmentation fault
+    after every test had passed, with no worker left running). The exit status is kept."""
+    import sys
+
+    if "qtpy" in sys.modules and hasattr(config, "_tinysam_exitstatus"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(config._tinysam_exitstatus)
