@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .image_encoder import ImageEncoderViT
+from .instance_head import build_instance_head
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 from .sam import Sam
@@ -145,7 +146,8 @@ def build_sam(config: dict[str, Any]) -> Sam:
         iou_head_hidden_dim=dec["iou_head_hidden_dim"],
     )
     prompt_encoder = PromptEncoder(embed_dim, (grid, grid), (img_size, img_size), 16)
-    return Sam(image_encoder, prompt_encoder, mask_decoder, config)
+    head = build_instance_head(config["instance_head"]) if config.get("instance_head") else None
+    return Sam(image_encoder, prompt_encoder, mask_decoder, config, instance_head=head)
 
 
 def _count(sd: dict[str, torch.Tensor], pattern: str) -> int:

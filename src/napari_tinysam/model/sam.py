@@ -57,11 +57,15 @@ class Sam(nn.Module):
         prompt_encoder: PromptEncoder,
         mask_decoder: MaskDecoder,
         config: dict[str, Any] | None = None,
+        instance_head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
+        # Optional (project checkpoints only): foreground and distance maps from the
+        # embedding, which seed everything mode with one prompt per object.
+        self.instance_head = instance_head
         self.config = config or {}
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
@@ -79,6 +83,20 @@ class Sam(nn.Module):
         nuclei model) set it so that small slices are not blown up past that size."""
         value = getattr(self, "meta", {}).get("max_upscale")
         return float(value) if value else None
+
+    @property
+    def has_instance_head(self) -> bool:
+        return self.instance_head is not None
+
+    def instance_maps(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """Probabilities (B, 3, s/4, s/4) of the instance head: foreground, normalised
+        centre distance and normalised boundary distance (see ``instance_head``)."""
+        if self.instance_head is None:
+            raise ValueError(
+                "this model has no instance head (official checkpoints carry none); use "
+                "mode='hierarchical' or 'grid', or a model trained with one (the bundled 'default')"
+            )
+        return torch.sigmoid(self.instance_head(image_embeddings.float()))
 
     @property
     def device(self) -> torch.device:
