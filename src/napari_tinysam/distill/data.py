@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from ..io import read_image
 from ..predictor import to_uint8_rgb
@@ -82,7 +83,18 @@ def _resize(arr: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray
 @dataclass
 class Augment:
     """Augmentation settings. ``scale`` is the base factor that brings training images to
-    the scale they are seen at by the model (e.g. 512 / 696 for BBBC039 at img_size 512)."""
+    the scale they are seen at by the model (e.g. 512 / 696 for BBBC039 at img_size 512).
+    With ``fit`` > 0 the base factor is instead each image's own inference scale:
+    ``min(fit / longest side, max_upscale)``, as ``SamPredictor`` resizes it.
+
+    The microscope augmentations (all off by default) act on the raw intensities, in the
+    image's own pixels, before scaling to uint8 and resizing, as a real microscope's
+    defects do: ``dim`` (probability that a random subset of the objects is dimmed to
+    15-70% of its contrast), ``illumination`` (largest relative amplitude of a smooth
+    illumination gradient), ``blur`` (largest Gaussian sigma of a defocus blur, applied
+    to half the views), ``shot_noise`` (probability of Poisson noise at a signal-to-noise
+    ratio drawn log-uniformly in [``snr_min``, 20], plus Gaussian read noise).
+    """
 
     scale: float = 1.0
     scale_jitter: float = 0.25  # factor drawn log-uniformly in [1/(1+j), 1+j]
@@ -90,27 +102,88 @@ class Augment:
     contrast_jitter: float = 2.0  # percentile offsets, in percent
     noise: float = 0.03  # std of additive Gaussian noise, fraction of 255
     flips: bool = True
+    fit: int = 0
+    max_upscale: float = 4.0
+    dim: float = 0.0
+    illumination: float = 0.0
+    blur: float = 0.0
+    shot_noise: float = 0.0
+    snr_min: float = 2.0
+
+    @property
+    def microscope(self) -> bool:
+        return bool(self.dim or self.illumination or self.blur or self.shot_noise)
+
+
+def _microscope(
+    raw: np.ndarray, lab: np.ndarray | None, lo: float, hi: float, aug: Augment, rng: np.random.Generator
+) -> np.ndarray:
+    """Raw-intensity augmentations of a (crop of a) 2D or RGB image, float32 result in the
+    image's intensity units; ``lo``/``hi`` are its display limits (background / bright)."""
+    img = raw.astype(np.float32)
+    span = max(hi - lo, 1e-6)
+    if lab is not None and aug.dim and rng.random() < aug.dim:
+        ids = np.unique(lab[lab > 0])
+        if len(ids):
+            chosen = ids[rng.random(len(ids)) < rng.uniform(0.2, 0.8)]
+            factor = np.ones(int(lab.max()) + 1, np.float32)
+            factor[chosen] = rng.uniform(0.15, 0.7, len(chosen))
+            f = factor[lab]
+            if img.ndim == 3:
+                f = f[..., None]
+            img = lo + (img - lo) * f
+    if aug.illumination:
+        h, w = img.shape[:2]
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        theta = rng.uniform(0, 2 * np.pi)
+        ramp = (np.cos(theta) * xx + np.sin(theta) * yy) / max(h, w)
+        gain = 1 + rng.uniform(-1, 1) * aug.illumination * (ramp - ramp.mean())
+        img = lo + (img - lo) * (gain[..., None] if img.ndim == 3 else gain)
+    if aug.blur and rng.random() < 0.5:
+        sigma = rng.uniform(0.5, aug.blur)
+        sig = (sigma, sigma, 0) if img.ndim == 3 else sigma
+        img = ndimage.gaussian_filter(img, sig)
+    if aug.shot_noise and rng.random() < aug.shot_noise:
+        snr = float(np.exp(rng.uniform(np.log(aug.snr_min), np.log(20.0))))
+        signal = np.clip((img - lo) / span, 0, None)  # 0 background, ~1 bright objects
+        fg = signal[signal > 0.25]
+        level = float(np.median(fg)) if fg.size else 1.0
+        photons = snr**2 / max(level, 1e-3)  # Poisson: SNR = sqrt(photons at the typical object)
+        noisy = rng.poisson(signal * photons).astype(np.float32) / photons
+        noisy += rng.normal(0, rng.uniform(0, 0.5) * level / snr, noisy.shape).astype(np.float32)
+        img = lo + noisy * span
+    return img
 
 
 def augment_crop(
-    sample: Sample, crop: int, aug: Augment, rng: np.random.Generator
+    sample: Sample, crop: int, aug: Augment, rng: np.random.Generator, pad: bool = True
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """A random augmented crop: uint8 RGB (crop, crop, 3) and labels (crop, crop) int32.
-    Images smaller than the crop are zero-padded (as the model pads its input)."""
+    Images smaller than the crop are zero-padded (as the model pads its input); with
+    ``pad=False`` the crop keeps its own size (at most crop x crop)."""
     img, lab = sample.image, sample.labels
     lo = max(0.0, 0.5 + rng.uniform(-1, 1) * aug.contrast_jitter / 2)
     hi = min(100.0, 99.5 + rng.uniform(-1, 1) * aug.contrast_jitter / 2)
-    rgb = to_uint8_rgb(img, percentiles=(lo, hi)) if img.dtype != np.uint8 or img.ndim == 2 else img[..., :3]
-    f = aug.scale * float(np.exp(rng.uniform(-1, 1) * np.log1p(aug.scale_jitter)))
-    h, w = rgb.shape[:2]
-    nh, nw = max(2, int(round(h * f))), max(2, int(round(w * f)))
+    rgb_in = img.ndim == 3
+    if aug.microscope:
+        limits = tuple(float(v) for v in np.percentile(img, (lo, hi)))
+    else:
+        img = to_uint8_rgb(img, percentiles=(lo, hi)) if img.dtype != np.uint8 or img.ndim == 2 else img[..., :3]
+    base = aug.scale
+    if aug.fit:
+        base = min(aug.fit / max(img.shape[:2]), aug.max_upscale)
+    f = base * float(np.exp(rng.uniform(-1, 1) * np.log1p(aug.scale_jitter)))
+    h, w = img.shape[:2]
     # Crop first in original pixels (with margin), then resize: cheaper than resizing all.
     ch, cw = min(h, int(np.ceil(crop / f)) + 2), min(w, int(np.ceil(crop / f)) + 2)
     y0 = int(rng.integers(0, h - ch + 1))
     x0 = int(rng.integers(0, w - cw + 1))
-    rgb = rgb[y0 : y0 + ch, x0 : x0 + cw]
+    rgb = img[y0 : y0 + ch, x0 : x0 + cw]
     if lab is not None:
         lab = lab[y0 : y0 + ch, x0 : x0 + cw]
+    if aug.microscope:
+        raw = _microscope(rgb[..., :3] if rgb_in else rgb, lab, *limits, aug, rng)
+        rgb = to_uint8_rgb(raw, contrast_limits=limits)
     nh, nw = max(2, int(round(ch * f))), max(2, int(round(cw * f)))
     rgb = np.clip(_resize(rgb.astype(np.float32), (nh, nw), False), 0, 255)
     if lab is not None:
@@ -129,6 +202,8 @@ def augment_crop(
         if rng.random() < 0.5:
             rgb = rgb[:, ::-1]
             lab = None if lab is None else lab[:, ::-1]
+    if not pad:
+        return np.ascontiguousarray(rgb), None if lab is None else np.ascontiguousarray(lab, dtype=np.int32)
     out = np.zeros((crop, crop, 3), np.uint8)
     out[: rgb.shape[0], : rgb.shape[1]] = rgb
     out_lab = None
@@ -139,13 +214,19 @@ def augment_crop(
 
 
 def seeded_crop(
-    samples: list[Sample], seed, crop: int, aug: Augment, require_objects: bool = False
+    samples: list[Sample], seed, crop: int, aug: Augment, require_objects: bool = False,
+    weights: np.ndarray | None = None, pad: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The augmented crop of ``seed`` (an int or a sequence of ints): a random field of
-    ``samples``, then a random crop of it, a pure function of the seed. With
-    ``require_objects`` a labelled crop without any object is drawn again."""
+    ``samples`` (drawn with probabilities ``weights`` when given, else uniformly), then a
+    random crop of it, a pure function of the seed. With ``require_objects`` a labelled
+    crop without any object is drawn again."""
     rng = np.random.default_rng(seed)
     while True:
-        img, lab = augment_crop(samples[int(rng.integers(len(samples)))], crop, aug, rng)
+        if weights is None:
+            pick = int(rng.integers(len(samples)))
+        else:
+            pick = int(rng.choice(len(samples), p=weights))
+        img, lab = augment_crop(samples[pick], crop, aug, rng, pad=pad)
         if not require_objects or lab is None or lab.max() > 0:
             return img, lab

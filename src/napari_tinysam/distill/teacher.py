@@ -35,6 +35,10 @@ def data_fingerprint(samples: list[Sample]) -> str:
     return h.hexdigest()
 
 
+def data_fingerprint_array(a: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=8).hexdigest()
+
+
 class TeacherStore:
     """Stored teacher embeddings of ``n_views`` fixed views of ``samples``."""
 
@@ -47,6 +51,7 @@ class TeacherStore:
         crop: int,
         augment: Augment,
         seed: int = 0,
+        weights: np.ndarray | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.teacher = teacher
@@ -55,6 +60,7 @@ class TeacherStore:
         self.crop = int(crop)
         self.augment = augment
         self.seed = int(seed)
+        self.weights = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
         self.grid = crop // 16
         self.signature = {
             "version": STORE_VERSION,
@@ -65,6 +71,9 @@ class TeacherStore:
             "augment": vars(augment),
             "seed": self.seed,
         }
+        if self.weights is not None:
+            self.signature["weights"] = data_fingerprint_array(self.weights)
+        self.signature.update(self._extra_signature())
         self.folder.mkdir(parents=True, exist_ok=True)
         sig_path = self.folder / "signature.json"
         if sig_path.exists():
@@ -85,9 +94,21 @@ class TeacherStore:
         self.done = np.load(done_path) if done_path.exists() else np.zeros(self.n_views, bool)
         self.encoder_calls = 0
 
+    def _extra_signature(self) -> dict:
+        """What a subclass stores beyond the embeddings (part of the signature)."""
+        return {}
+
     def view(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         """The deterministic crop of view ``i``: uint8 RGB (crop, crop, 3) and labels."""
-        return seeded_crop(self.samples, [self.seed, i], self.crop, self.augment)
+        return seeded_crop(self.samples, [self.seed, i], self.crop, self.augment, weights=self.weights)
+
+    def _mark_done(self, idx) -> None:
+        """Record views as computed, after their data is on disk (atomic rewrite)."""
+        self.done[idx] = True
+        tmp = self.folder / "done.npy.partial"
+        with open(tmp, "wb") as fh:
+            np.save(fh, self.done)
+        tmp.replace(self.folder / "done.npy")
 
     @torch.no_grad()
     def compute(self, batch: int = 4, progress: Callable[[int, int], None] | None = None) -> None:
@@ -101,11 +122,7 @@ class TeacherStore:
             self.encoder_calls += 1
             self.embeddings[idx] = emb.numpy().astype(np.float16)
             self.embeddings.flush()
-            self.done[idx] = True  # only after the data is on disk
-            tmp = self.folder / "done.npy.partial"
-            with open(tmp, "wb") as fh:
-                np.save(fh, self.done)
-            tmp.replace(self.folder / "done.npy")
+            self._mark_done(idx)
             if progress:
                 progress(int(self.done.sum()), self.n_views)
 
