@@ -16,7 +16,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 
+from .instances import (
+    HEAD_THRESHOLDS,
+    check_head_params,
+    decode_objects,
+    grid_cell_area,
+    head_maps,
+    labels_from_maps,
+    object_prompts,
+)
 from .masks import box_nms, build_point_grid, paint_labels, remove_small_regions, stitch_pair
 from .model import Sam
 from .model.sam import _upscale_matrix
@@ -181,7 +191,7 @@ def _postprocess(masks: _Masks, params: dict[str, Any]) -> _Masks:
     return cleaned.select(sorted(keep.tolist()))
 
 
-#: SAM's automatic-mask-generator thresholds (the defaults of :func:`segment_everything`).
+#: SAM's automatic-mask-generator thresholds (used for models that store no tuned values).
 SAM_THRESHOLDS = {
     "pred_iou_thresh": 0.88,
     "stability_score_thresh": 0.95,
@@ -189,18 +199,52 @@ SAM_THRESHOLDS = {
     "box_nms_thresh": 0.7,
 }
 
+#: Defaults of ``mode="auto"`` for models with an instance head and no tuned values.
+AUTO_THRESHOLDS = {
+    "pred_iou_thresh": 0.5,
+    "box_nms_thresh": 0.7,
+    "min_agreement": 0.3,
+    **HEAD_THRESHOLDS,
+}
 
-def recommended_thresholds(model: Sam) -> dict[str, float]:
-    """Thresholds to use with ``model``: those tuned for it on its training data and
-    stored in its checkpoint (``meta["everything"]``), else SAM's. The command line and
-    the napari widget start from these; ``segment_everything`` keeps SAM's defaults."""
-    tuned = (getattr(model, "meta", None) or {}).get("everything", {})
-    return {k: float(tuned.get(k, v)) for k, v in SAM_THRESHOLDS.items()}
+#: Dense points of hierarchical round 2 are skipped where the head's foreground
+#: probability is below this (confident background), when the model has a head.
+BACKGROUND_THRESH = 0.1
+
+MODES = ("auto", "hierarchical", "grid")
 
 
-def _check_params(mode: str, params: dict[str, Any]) -> None:
-    if mode not in ("hierarchical", "grid"):
-        raise ValueError(f"mode must be 'hierarchical' or 'grid', got {mode!r}")
+def default_mode(model: Sam) -> str:
+    """``"auto"`` for models with an instance head, else TinySAM's ``"hierarchical"``."""
+    return "auto" if model.has_instance_head else "hierarchical"
+
+
+def recommended_thresholds(model: Sam, mode: str | None = None) -> dict[str, float]:
+    """Thresholds of ``mode`` (default: the model's default mode) for ``model``: the values
+    tuned for it and stored in its checkpoint (``meta["everything"]`` for the point-grid
+    modes, ``meta["auto"]`` for auto), else the generic defaults (SAM's for the grid
+    modes). ``segment_everything`` uses these for every threshold left at None."""
+    mode = mode or default_mode(model)
+    meta = getattr(model, "meta", None) or {}
+    if mode == "auto":
+        base, tuned = AUTO_THRESHOLDS, meta.get("auto", {})
+    else:
+        base, tuned = dict(SAM_THRESHOLDS), meta.get("everything", {})
+        if model.has_instance_head:
+            base["background_thresh"] = BACKGROUND_THRESH
+    return {k: float(tuned.get(k, v)) for k, v in base.items()}
+
+
+def _check_params(mode: str, params: dict[str, Any], model: Sam) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    if mode == "auto" and not model.has_instance_head:
+        raise ValueError(
+            "mode='auto' needs a model with an instance head (the bundled 'default' has one; "
+            "official checkpoints have none); this model supports mode='hierarchical' and 'grid'"
+        )
+    if params["head_only"] and mode != "auto":
+        raise ValueError("head_only=True applies to mode='auto' only")
     n = params["points_per_side"]
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"points_per_side must be a positive integer, got {n!r}")
@@ -211,8 +255,8 @@ def _check_params(mode: str, params: dict[str, Any]) -> None:
         )
     if params["points_per_batch"] < 1:
         raise ValueError("points_per_batch must be >= 1")
-    for name in ("pred_iou_thresh", "stability_score_thresh"):
-        if not 0.0 <= params[name] <= 1.0:
+    for name in ("pred_iou_thresh", "stability_score_thresh", "min_agreement", "background_thresh"):
+        if name in params and not 0.0 <= params[name] <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {params[name]}")
     if not 0.0 < params["box_nms_thresh"] <= 1.0:
         raise ValueError(f"box_nms_thresh must be in (0, 1], got {params['box_nms_thresh']}")
@@ -220,20 +264,66 @@ def _check_params(mode: str, params: dict[str, Any]) -> None:
         raise ValueError("stability_score_offset must be > 0")
     if params["min_mask_region_area"] < 0:
         raise ValueError("min_mask_region_area must be >= 0")
+    if mode == "auto":
+        check_head_params(params)
+
+
+def _auto_masks(predictor: SamPredictor, params: dict[str, Any]) -> _Masks:
+    """Everything mode ``"auto"``: instances of the head, each prompting the decoder once
+    (positive point at its innermost pixel, and its box). A decoded mask replaces its head
+    instance when its predicted IoU reaches ``pred_iou_thresh`` and it overlaps the
+    instance by IoU >= ``min_agreement``; otherwise the head instance stays. With
+    ``head_only`` the head instances are the result (no decoder)."""
+    model, emb = predictor.model, predictor._embedding
+    maps = head_maps(model, emb)
+    head = labels_from_maps(
+        maps, params["foreground_thresh"], params["center_thresh"], params["boundary_thresh"],
+        params["min_size"] * grid_cell_area(emb, model.img_size),
+    )
+    ids, points, boxes = object_prompts(head)
+    decoded = [None] * len(ids) if params["head_only"] else decode_objects(predictor, points, boxes)
+    out = _Masks()
+    slices = ndimage.find_objects(head)
+    for i, pt, dec in zip(ids, points, decoded):
+        sl = slices[i - 1]
+        place = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
+        own = head[sl] == i
+        crop, score = own, float(maps[0][sl][own].mean())
+        if dec is not None and dec[2] >= params["pred_iou_thresh"]:
+            mask, (y0, x0, y1, x1), iou = dec
+            inter = mask[place[0] - y0 : place[2] - y0, place[1] - x0 : place[3] - x0] & own
+            agreement = inter.sum() / (mask.sum() + own.sum() - inter.sum())
+            tight = _tight(mask, y0, x0)
+            if agreement >= params["min_agreement"] and tight is not None:
+                crop, place = tight
+                score = iou
+        out.crops.append(crop)
+        out.places.append(place)
+        out.iou.append(score)
+        out.stability.append(1.0)
+        out.points.append((float(pt[0]), float(pt[1])))
+    return out
 
 
 def segment_everything(
     model_or_predictor: Sam | SamPredictor,
     image: np.ndarray,
-    mode: str = "hierarchical",
+    mode: str | None = None,
     points_per_side: int = 32,
     points_per_batch: int = 64,
-    pred_iou_thresh: float = 0.88,
-    stability_score_thresh: float = 0.95,
-    stability_score_offset: float = 1.0,
+    pred_iou_thresh: float | None = None,
+    stability_score_thresh: float | None = None,
+    stability_score_offset: float | None = None,
     high_score_thresh: float = 8.5,
-    box_nms_thresh: float = 0.7,
+    box_nms_thresh: float | None = None,
     min_mask_region_area: int = 0,
+    head_only: bool = False,
+    foreground_thresh: float | None = None,
+    center_thresh: float | None = None,
+    boundary_thresh: float | None = None,
+    min_size: float | None = None,
+    min_agreement: float | None = None,
+    background_thresh: float | None = None,
     return_records: bool = False,
     contrast_limits: tuple[float, float] | None = None,
 ):
@@ -242,22 +332,34 @@ def segment_everything(
     Args:
         model_or_predictor: a ``Sam`` or a ``SamPredictor`` (whose embedding cache is used).
         image: (H, W) or (H, W, 3), any real dtype (scaled as ``SamPredictor.set_image``).
-        mode: ``"grid"`` is SAM's automatic mask generator without crop layers: one
+        mode: ``None`` picks ``"auto"`` for models with an instance head (the bundled
+            ``default``) and ``"hierarchical"`` otherwise.
+            ``"auto"``: the instance head's seeds and a seeded watershed give one
+            instance per object; each prompts the mask decoder once (a point at its
+            innermost pixel and its box); ``head_only=True`` skips the decoder.
+            ``"grid"`` is SAM's automatic mask generator without crop layers: one
             positive point at every cell centre ((i + 0.5) / n) of an n x n grid, the
             three multimask outputs of each. ``"hierarchical"`` is TinySAM's strategy:
             round 1 prompts a sparse grid with n / 4 points per side; masks that pass the
             filters mark as covered the pixels where their logits exceed
             ``high_score_thresh``; round 2 prompts only the points of the dense n x n grid
-            that are not covered; both rounds are merged before NMS and postprocessing.
-            Unlike the reference, round 2 uses the dense grid's own points (the
-            reference's sit at sparse points +/- a stride, off the grid), an image fully
-            covered after round 1 simply has no round 2 (the reference crashes), and
-            masks are filtered before they are upscaled (the reference upscales every
-            mask of every batch to full resolution first).
+            that are not covered and, when the model has a head, not confident background
+            (foreground probability below ``background_thresh``); both rounds are merged
+            before NMS and postprocessing. Unlike the reference, round 2 uses the dense
+            grid's own points (the reference's sit at sparse points +/- a stride, off the
+            grid), an image fully covered after round 1 simply has no round 2 (the
+            reference crashes), and masks are filtered before they are upscaled.
         pred_iou_thresh, stability_score_thresh, stability_score_offset: SAM's filters.
         box_nms_thresh: IoU above which the lower-scored of two boxes is dropped.
         min_mask_region_area: islands and holes smaller than this (pixels) are removed.
+        foreground_thresh, center_thresh, boundary_thresh: the head's seed and mask
+            thresholds; min_size: smallest head instance, in low-resolution grid cells
+            (4 x 4 model-input pixels); min_agreement: smallest IoU between a decoded mask
+            and its head instance for the mask to replace it (``"auto"`` only).
         return_records: also return SAM-style records.
+
+    Every threshold left at ``None`` takes the model's tuned value for the mode (see
+    :func:`recommended_thresholds`); SAM's values only for models that store none.
 
     Returns:
         An (H, W) int32 label image, 0 = background, ids 1..N in order of decreasing
@@ -266,20 +368,33 @@ def segment_everything(
         with segmentation (H, W) bool (the mask before overlaps were resolved), area,
         bbox (XYWH), predicted_iou, stability_score, point_coords and label.
     """
-    params = dict(
-        points_per_side=points_per_side,
-        points_per_batch=points_per_batch,
-        pred_iou_thresh=pred_iou_thresh,
-        stability_score_thresh=stability_score_thresh,
-        stability_score_offset=stability_score_offset,
-        high_score_thresh=high_score_thresh,
-        box_nms_thresh=box_nms_thresh,
-        min_mask_region_area=min_mask_region_area,
-    )
-    _check_params(mode, params)
     predictor = (
         model_or_predictor if isinstance(model_or_predictor, SamPredictor) else SamPredictor(model_or_predictor)
     )
+    model = predictor.model
+    mode = mode or default_mode(model)
+    given = dict(
+        pred_iou_thresh=pred_iou_thresh,
+        stability_score_thresh=stability_score_thresh,
+        stability_score_offset=stability_score_offset,
+        box_nms_thresh=box_nms_thresh,
+        foreground_thresh=foreground_thresh,
+        center_thresh=center_thresh,
+        boundary_thresh=boundary_thresh,
+        min_size=min_size,
+        min_agreement=min_agreement,
+        background_thresh=background_thresh,
+    )
+    params = {**SAM_THRESHOLDS, **(recommended_thresholds(model, mode) if mode in MODES else {})}
+    params.update({k: v for k, v in given.items() if v is not None})
+    params.update(
+        points_per_side=points_per_side,
+        points_per_batch=points_per_batch,
+        high_score_thresh=high_score_thresh,
+        min_mask_region_area=min_mask_region_area,
+        head_only=head_only,
+    )
+    _check_params(mode, params, model)
     rgb = to_uint8_rgb(image, contrast_limits)
     h, w = rgb.shape[:2]
     if rgb.min() == rgb.max():  # a constant image holds no objects
@@ -289,7 +404,9 @@ def segment_everything(
         predictor.set_image(rgb)
         scale = np.array([w, h], dtype=np.float64)
         dense = build_point_grid(points_per_side) * scale
-        if mode == "grid":
+        if mode == "auto":
+            masks = _auto_masks(predictor, params)
+        elif mode == "grid":
             masks = _candidates_from_points(predictor, dense, params, None)
         else:
             coverage = np.zeros((h, w), bool)
@@ -297,7 +414,10 @@ def segment_everything(
             masks = _candidates_from_points(predictor, sparse, params, coverage)
             xi = np.clip(dense[:, 0].astype(np.int64), 0, w - 1)
             yi = np.clip(dense[:, 1].astype(np.int64), 0, h - 1)
-            remaining = dense[~coverage[yi, xi]]
+            skip = coverage[yi, xi]
+            if model.has_instance_head:
+                skip |= head_maps(model, predictor._embedding)[0][yi, xi] < params["background_thresh"]
+            remaining = dense[~skip]
             if len(remaining):
                 masks.extend(_candidates_from_points(predictor, remaining, params, None))
         masks = _postprocess(masks, params)
@@ -367,7 +487,7 @@ def link_slice(
 def segment_volume(
     model: Sam | SamPredictor,
     stack: np.ndarray,
-    mode: str = "hierarchical",
+    mode: str | None = None,
     stitch: bool = True,
     stitch_iou: float = 0.5,
     progress: Progress | None = None,

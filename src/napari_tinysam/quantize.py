@@ -642,6 +642,8 @@ def record_calibration(
                 prev = lp[torch.arange(len(p)), best][:, None].detach().requires_grad_(True)
                 lm, im = qmodel.decode(emb, points=(p[:, None], torch.ones(len(p), 1)), mask_input=prev)
                 loss = _task_loss(lp, ip) + _task_loss(lb, ib) + _task_loss(lm, im)
+                if qmodel.has_instance_head:  # quantized like the rest: its layers need samples
+                    loss = loss + qmodel.instance_maps(emb).square().mean()
                 loss.backward()
     finally:
         rec.remove()
