@@ -139,6 +139,31 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Everything-mode thresholds settable on the command line (None: the model's tuned value).
+THRESHOLD_OPTIONS = {
+    "pred_iou_thresh": "predicted-IoU filter",
+    "stability_score_thresh": "stability filter (grid modes)",
+    "box_nms_thresh": "box NMS IoU",
+    "foreground_thresh": "head foreground threshold (auto)",
+    "center_thresh": "head centre-distance seed threshold (auto)",
+    "boundary_thresh": "head boundary-distance seed threshold (auto)",
+}
+
+
+def cmd_train_head(args: argparse.Namespace) -> int:
+    from .distill.instance import HeadConfig, train_head
+
+    _threads(args.threads)
+    cfg = HeadConfig(
+        sources=args.data, out_dir=args.out, model=args.model, val=args.val or [], views=args.views,
+        z_step=args.z_step, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+        val_every=args.val_every, val_limit=args.val_limit, minutes=args.minutes,
+    )
+    path = train_head(cfg)
+    print(f"wrote {path} (the model with the head that scored best on validation)")
+    return 0
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -159,7 +184,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     params = {
         "mode": args.mode,
         "points_per_side": args.points_per_side,
-        **_thresholds(args, model),
+        **_thresholds(args),
         "min_mask_region_area": args.min_area,
         "contrast_limits": tuple(args.contrast_limits) if args.contrast_limits else None,
         "stitch": not args.no_stitch,
@@ -182,14 +207,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _thresholds(args: argparse.Namespace, model) -> dict:
-    """The model's tuned everything thresholds, overridden by those given on the command line."""
-    from .everything import recommended_thresholds
-
-    out = recommended_thresholds(model)
-    for key in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh"):
-        if getattr(args, key) is not None:
-            out[key] = getattr(args, key)
+def _thresholds(args: argparse.Namespace) -> dict:
+    """The thresholds given on the command line; the engine fills the others with the
+    model's tuned values."""
+    out = {key: getattr(args, key) for key in THRESHOLD_OPTIONS if getattr(args, key) is not None}
+    if args.head_only:
+        out["head_only"] = True
     return out
 
 
@@ -200,7 +223,6 @@ def _segment_distributed(args: argparse.Namespace, inputs, outputs) -> int:
     from .bench import print_table
     from .distributed import connect, segment_volume_distributed
     from .io import open_zarr, read_image
-    from .weights import load_model
 
     for out in outputs:
         if out.suffix.lower() != ".zarr":
@@ -218,7 +240,7 @@ def _segment_distributed(args: argparse.Namespace, inputs, outputs) -> int:
                 contrast_limits=tuple(args.contrast_limits) if args.contrast_limits else None,
                 progress=lambda d, t, bar=bar: bar.update(1), overwrite=args.overwrite,
                 points_per_side=args.points_per_side, min_mask_region_area=args.min_area,
-                **_thresholds(args, load_model(args.model)),
+                **_thresholds(args),
             )
             bar.close()
             seconds = time.perf_counter() - t0
@@ -319,13 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", required=True,
                    help="output file (.tif/.zarr/.npy) for one input, else an existing folder")
     g.add_argument("--model", default="default", help="registry name or checkpoint path")
-    g.add_argument("--mode", choices=["hierarchical", "grid"], default="hierarchical")
+    g.add_argument("--mode", choices=["auto", "hierarchical", "grid"], default=None,
+                   help="default: auto for models with an instance head (the bundled default), else hierarchical")
+    g.add_argument("--head-only", action="store_true",
+                   help="auto mode: instances of the head alone, without the prompt decoder (faster)")
     g.add_argument("--points-per-side", type=int, default=32)
-    g.add_argument("--pred-iou-thresh", type=float, default=None,
-                   help="default: the model's tuned value (models list), else SAM's 0.88")
-    g.add_argument("--stability-score-thresh", type=float, default=None,
-                   help="default: the model's tuned value, else SAM's 0.95")
-    g.add_argument("--box-nms-thresh", type=float, default=None, help="default: 0.7")
+    for key, what in THRESHOLD_OPTIONS.items():
+        g.add_argument("--" + key.replace("_", "-"), type=float, default=None,
+                       help=f"{what} (default: the model's tuned value for the mode)")
     g.add_argument("--min-area", type=int, default=0, help="remove islands/holes below this area")
     g.add_argument("--contrast-limits", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="intensity range mapped to 0..255 (default: 0.5 / 99.5 percentiles)")
@@ -387,6 +410,27 @@ def build_parser() -> argparse.ArgumentParser:
     for term, what in LOSS_TERMS.items():
         t.add_argument(f"--w-{term}", type=float, default=None, help=f"weight of the {what} (default: TrainConfig's)")
     t.set_defaults(func=cmd_distill)
+
+    h = sub.add_parser("train-head", help="train the instance head (auto everything mode) on labelled images")
+    h.add_argument("--data", action="append", required=True, metavar="PATH[:WEIGHT]",
+                   help="a folder with images/ and labels/, or a 3D stack NAME_raw.tif with NAME_labels.tif "
+                        "beside it (sliced along every axis), with its share of the draws; repeatable")
+    h.add_argument("--val", action="append", metavar="PATH",
+                   help="held-out folder or stack, reported separately; the best mean F1 is kept; repeatable")
+    h.add_argument("-o", "--out", required=True, help="run folder (views, checkpoints; resumes if present)")
+    h.add_argument("--model", default="default", help="the (float) model whose frozen encoder feeds the head")
+    h.add_argument("--views", type=int, default=2400, help="augmented views embedded once and stored")
+    h.add_argument("--z-step", type=float, default=1.0,
+                   help="z spacing over xy spacing of 3D stacks (their side views are stretched by it)")
+    h.add_argument("--steps", type=int, default=6000)
+    h.add_argument("--batch", type=int, default=8)
+    h.add_argument("--lr", type=float, default=2e-3)
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--val-every", type=int, default=500)
+    h.add_argument("--val-limit", type=int, default=30, help="images (or slices) per validation source")
+    h.add_argument("--minutes", type=float, default=None, help="time budget: fewer steps when they would not fit")
+    h.add_argument("--threads", type=int, default=2)
+    h.set_defaults(func=cmd_train_head)
 
     q = sub.add_parser("quantize", help="post-training W8A8 quantization of a model")
     q.add_argument("model", help="registry name or checkpoint path of the float model")
