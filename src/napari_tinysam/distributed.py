@@ -68,7 +68,7 @@ def segment_volume_distributed(
     stack,
     out_path: str | os.PathLike,
     client,
-    mode: str = "hierarchical",
+    mode: str | None = None,
     stitch: bool = True,
     stitch_iou: float = 0.5,
     contrast_limits: tuple[float, float] | None = None,

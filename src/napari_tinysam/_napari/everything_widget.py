@@ -22,7 +22,14 @@ from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 
-from ..everything import Cancelled, recommended_thresholds, segment_everything, segment_volume
+from ..everything import (
+    MODES,
+    Cancelled,
+    default_mode,
+    recommended_thresholds,
+    segment_everything,
+    segment_volume,
+)
 from .layers import image_ndim, slice_of
 from .models import get_model, model_choices
 
@@ -63,14 +70,16 @@ class _Relay(QObject):
 
 
 class EverythingWidget(Container):
-    """Automatic segmentation of every object (hierarchical or grid everything mode)."""
+    """Automatic segmentation of every object: auto (instance head + one prompt per
+    object), TinySAM's hierarchical mode or SAM's grid."""
 
     def __init__(self, napari_viewer) -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
         self.image_combo = ComboBox(label="image", choices=self._image_layers, nullable=True)
         self.model_combo = ComboBox(label="model", choices=model_choices(), value="default")
-        self.mode = ComboBox(label="mode", choices=["hierarchical", "grid"], value="hierarchical")
+        self.mode = ComboBox(label="mode", choices=list(MODES), value="hierarchical")
+        self.head_only = CheckBox(text="instance head only (fastest, no prompt decoder)", value=False)
         self.points_per_side = SpinBox(label="points per side", min=4, max=128, value=32)
         self.scope = ComboBox(label="scope", choices=[CURRENT, STACK], value=STACK)
         self.stitch = CheckBox(text="link objects across slices", value=True)
@@ -81,18 +90,25 @@ class EverythingWidget(Container):
         self.high_score = FloatSpinBox(label="high score thresh", min=-50, max=50, step=0.5, value=8.5)
         self.nms = FloatSpinBox(label="box NMS thresh", min=0.01, max=1.0, step=0.05, value=0.7)
         self.min_area = SpinBox(label="min region area", min=0, max=100000, value=0)
+        self.foreground = FloatSpinBox(label="foreground thresh", min=0.01, max=0.99, step=0.05, value=0.5)
+        self.center = FloatSpinBox(label="centre seed thresh", min=0.01, max=0.99, step=0.05, value=0.5)
+        self.boundary = FloatSpinBox(label="boundary seed thresh", min=0.01, max=0.99, step=0.05, value=0.5)
         self.advanced_box = Container(
-            widgets=[self.pred_iou, self.stability, self.high_score, self.nms, self.min_area], visible=False
+            widgets=[self.pred_iou, self.stability, self.high_score, self.nms, self.min_area,
+                     self.foreground, self.center, self.boundary],
+            visible=False,
         )
         self.run_btn = PushButton(text="Run")
         self.cancel_btn = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
         self.extend([
-            self.image_combo, self.model_combo, self.mode, self.points_per_side, self.scope,
+            self.image_combo, self.model_combo, self.mode, self.head_only, self.points_per_side, self.scope,
             self.stitch, self.output, self.advanced, self.advanced_box, self.run_btn,
             self.cancel_btn, self.status,
         ])
         self.advanced.changed.connect(lambda v: setattr(self.advanced_box, "visible", v))
+        self._model = None
+        self.mode.changed.connect(self._mode_changed)
         self._model_worker = None
         self.model_combo.changed.connect(self._model_changed)
         self._model_changed(self.model_combo.value)
@@ -114,10 +130,10 @@ class EverythingWidget(Container):
         worker = create_worker(get_model, name, _ignore_errors=True)
 
         def apply(model):
-            t = recommended_thresholds(model)
-            self.pred_iou.value = t["pred_iou_thresh"]
-            self.stability.value = t["stability_score_thresh"]
-            self.nms.value = t["box_nms_thresh"]
+            self._model = model
+            self.mode.choices = [m for m in MODES if m != "auto" or model.has_instance_head]
+            self.mode.value = default_mode(model)
+            self._mode_changed(self.mode.value)
 
         def failed(exc):
             show_error(f"TinySAM: could not load model {name!r}: {exc}")
@@ -133,6 +149,24 @@ class EverythingWidget(Container):
         self.run_btn.enabled = False  # until the model and its thresholds are loaded
         worker.start()
 
+    def _mode_changed(self, mode: str) -> None:
+        """Show the settings of the mode, starting from the model's tuned values."""
+        auto = mode == "auto"
+        self.head_only.visible = auto
+        self.points_per_side.visible = not auto
+        for w in (self.stability, self.high_score):
+            w.visible = not auto
+        for w in (self.foreground, self.center, self.boundary):
+            w.visible = auto
+        if self._model is None or mode is None:
+            return
+        t = recommended_thresholds(self._model, mode)
+        for key, w in (("pred_iou_thresh", self.pred_iou), ("stability_score_thresh", self.stability),
+                       ("box_nms_thresh", self.nms), ("foreground_thresh", self.foreground),
+                       ("center_thresh", self.center), ("boundary_thresh", self.boundary)):
+            if key in t:
+                w.value = t[key]
+
     def _layers_changed(self, event=None) -> None:
         self.image_combo.reset_choices()
         if self.image_combo.value is None and self._image_layers():
@@ -142,14 +176,25 @@ class EverythingWidget(Container):
         return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
 
     def params(self) -> dict:
-        return {
+        common = {
             "mode": self.mode.value,
-            "points_per_side": self.points_per_side.value,
             "pred_iou_thresh": self.pred_iou.value,
-            "stability_score_thresh": self.stability.value,
-            "high_score_thresh": self.high_score.value,
             "box_nms_thresh": self.nms.value,
             "min_mask_region_area": self.min_area.value,
+        }
+        if self.mode.value == "auto":
+            return {
+                **common,
+                "head_only": self.head_only.value,
+                "foreground_thresh": self.foreground.value,
+                "center_thresh": self.center.value,
+                "boundary_thresh": self.boundary.value,
+            }
+        return {
+            **common,
+            "points_per_side": self.points_per_side.value,
+            "stability_score_thresh": self.stability.value,
+            "high_score_thresh": self.high_score.value,
         }
 
     def run(self) -> None:
