@@ -1,0 +1,244 @@
+"""The instance head and everything mode "auto": seeds, head-only labels, one prompt per
+object, defaults from the model, checkpoints with a head, training and resuming."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_tinysam import SamPredictor, segment_everything, segment_volume
+from napari_tinysam.distill.data import Augment, Sample, augment_crop
+from napari_tinysam.distill.instance import instance_targets, mixture, parse_source, stack_slices
+from napari_tinysam.everything import default_mode, recommended_thresholds
+from napari_tinysam.instances import labels_from_maps, object_prompts
+from napari_tinysam.masks import build_point_grid
+from napari_tinysam.model import build_sam, read_checkpoint, sam_from_checkpoint, save_checkpoint
+from tests.fakes import FakeSam
+
+
+def _discs(side: int = 128, spec=((24, 24, 14), (30, 90, 18), (90, 40, 20), (95, 100, 12))) -> np.ndarray:
+    yy, xx = np.mgrid[:side, :side]
+    labels = np.zeros((side, side), np.int32)
+    for i, (cy, cx, r) in enumerate(spec, 1):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i
+    return labels
+
+
+def _best_iou(labels: np.ndarray, obj: np.ndarray) -> float:
+    ids = np.unique(labels[obj])
+    ids = ids[ids > 0]
+    return max((np.logical_and(labels == i, obj).sum() / np.logical_or(labels == i, obj).sum() for i in ids), default=0.0)
+
+
+def test_targets_are_zero_at_centres_and_one_in_background():
+    labels = _discs()
+    t = instance_targets(labels, factor=1)
+    assert t.shape == (3, 128, 128)
+    assert t[0][labels > 0].min() == 1 and t[0][labels == 0].max() == 0
+    assert (t[1:, labels == 0] == 1).all()
+    for cy, cx in [(24, 24), (30, 90), (90, 40), (95, 100)]:
+        assert t[1, cy, cx] == 0 and t[2, cy, cx] == 0
+    coarse = instance_targets(labels, factor=4, shape=(40, 40))
+    assert coarse.shape == (3, 40, 40) and (coarse[0, 32:] == 0).all() and (coarse[1:, 32:] == 1).all()
+
+
+def test_seeds_from_hand_made_maps_give_one_object_and_point_each():
+    labels = _discs()
+    maps = instance_targets(labels, factor=1)
+    out = labels_from_maps(maps, 0.5, 0.5, 0.5, min_area=10)
+    assert out.max() == 4
+    for k in range(1, 5):
+        assert _best_iou(out, labels == k) > 0.95
+    ids, points, boxes = object_prompts(out)
+    assert len(ids) == 4
+    centres = {(24, 24), (90, 30), (40, 90), (100, 95)}  # (x, y)
+    for x, y in points:
+        assert min(abs(x - cx) + abs(y - cy) for cx, cy in centres) <= 2
+    # a seed smaller than min_area is dropped, background stays background
+    assert labels_from_maps(maps, 0.5, 0.5, 0.5, min_area=10_000).max() == 0
+
+
+def test_touching_objects_are_split_by_their_seeds():
+    labels = _discs(spec=((64, 48, 18), (64, 82, 18)))  # two discs that touch
+    assert np.unique(labels).tolist() == [0, 1, 2]
+    out = labels_from_maps(instance_targets(labels, factor=1), 0.5, 0.5, 0.5, 10)
+    assert out.max() == 2 and _best_iou(out, labels == 1) > 0.9 and _best_iou(out, labels == 2) > 0.9
+
+
+@pytest.mark.parametrize("head_only", [False, True])
+def test_auto_mode_finds_each_object_once(head_only):
+    truth = _discs()
+    fake = FakeSam(truth, head=True)
+    image = (truth > 0).astype(np.uint8) * 200 + 10
+    labels, records = segment_everything(SamPredictor(fake), image, head_only=head_only, return_records=True)
+    assert labels.max() == 4 and len(records) == 4
+    for k in range(1, 5):
+        assert _best_iou(labels, truth == k) > 0.75  # the fake's masks are 4x coarser
+    # one prompt per object (no grid) unless head only (no prompt at all)
+    assert fake.prompts_seen == (0 if head_only else 4)
+
+
+def test_default_mode_and_thresholds_come_from_the_model(monkeypatch):
+    truth = _discs()
+    fake = FakeSam(truth, head=True)
+    assert default_mode(fake) == "auto" and default_mode(FakeSam(truth)) == "hierarchical"
+    fake.meta = {"auto": {"foreground_thresh": 0.3, "center_thresh": 0.2}}
+    t = recommended_thresholds(fake)
+    assert t["foreground_thresh"] == 0.3 and t["center_thresh"] == 0.2 and t["boundary_thresh"] == 0.5
+    seen = {}
+    import napari_tinysam.everything as ev
+
+    real = ev.labels_from_maps
+
+    def spy(maps, fg, c, b, area):
+        seen.update(fg=fg, c=c, b=b)
+        return real(maps, fg, c, b, area)
+
+    monkeypatch.setattr(ev, "labels_from_maps", spy)
+    segment_everything(SamPredictor(fake), truth.astype(np.uint8) * 50)
+    assert seen == {"fg": 0.3, "c": 0.2, "b": 0.5}
+    segment_everything(SamPredictor(fake), truth.astype(np.uint8) * 50, foreground_thresh=0.6)
+    assert seen["fg"] == 0.6  # a value given wins
+    # grid modes: no tuned values -> SAM's
+    fake.meta = {}
+    assert recommended_thresholds(FakeSam(truth), "grid")["pred_iou_thresh"] == 0.88
+
+
+def test_model_without_head_refuses_auto_and_keeps_hierarchical():
+    truth = _discs()
+    fake = FakeSam(truth)
+    with pytest.raises(ValueError, match="hierarchical"):
+        segment_everything(SamPredictor(fake), truth.astype(np.uint8), mode="auto")
+    with pytest.raises(ValueError, match="auto"):
+        segment_everything(SamPredictor(fake), truth.astype(np.uint8), mode="grid", head_only=True)
+    assert segment_everything(SamPredictor(fake), truth.astype(np.uint8) * 50, points_per_side=16).max() == 4
+
+
+def test_hierarchical_with_head_skips_background_points():
+    truth = _discs()
+    image = (truth > 0).astype(np.uint8) * 200 + 10
+    counts = {}
+    for head in (False, True):
+        fake = FakeSam(truth, head=head)
+        labels = segment_everything(SamPredictor(fake), image, mode="hierarchical", points_per_side=16)
+        assert labels.max() == 4
+        counts[head] = fake.prompts_seen
+    pts = build_point_grid(16) * 128
+    background = sum(truth[int(y), int(x)] == 0 for x, y in pts)
+    assert counts[True] <= counts[False] - 0.9 * background
+
+
+def test_empty_constant_and_nan_images():
+    fake = FakeSam(_discs(), head=True)
+    assert segment_everything(SamPredictor(fake), np.full((128, 128), 3, np.uint16)).max() == 0
+    with pytest.raises(ValueError, match="NaN"):
+        segment_everything(SamPredictor(fake), np.full((128, 128), np.nan))
+    empty = FakeSam(np.zeros((128, 128), np.int32), head=True)
+    noise = np.random.default_rng(0).integers(0, 50, (128, 128)).astype(np.uint16)
+    assert segment_everything(SamPredictor(empty), noise).max() == 0
+
+
+def test_segment_volume_auto_links_slices():
+    truth = _discs()
+    fake = FakeSam(truth, head=True)
+    stack = np.stack([(truth > 0) * 200 + 10] * 3).astype(np.uint8)
+    out = segment_volume(SamPredictor(fake), stack)
+    assert out.shape == stack.shape and len(np.unique(out)) == 5  # 4 objects through 3 slices
+
+
+def _small_model(head: bool):
+    from napari_tinysam.model import architecture_config
+
+    cfg = architecture_config("vit_t", 256)
+    cfg["image_encoder"].update(embed_dims=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_heads=[1, 2, 3, 4])
+    if head:
+        cfg["instance_head"] = {"channels": [32, 16, 8]}
+    torch.manual_seed(0)
+    return build_sam(cfg).eval()
+
+
+def test_checkpoint_with_head_round_trips(tmp_path):
+    model = _small_model(head=True)
+    assert model.has_instance_head
+    path = tmp_path / "m.pt"
+    save_checkpoint(model, path, meta={"auto": {"foreground_thresh": 0.4}})
+    loaded = sam_from_checkpoint(path)
+    assert loaded.has_instance_head and loaded.meta["auto"]["foreground_thresh"] == 0.4
+    emb = torch.randn(1, 256, 16, 16)
+    torch.testing.assert_close(loaded.instance_maps(emb), model.instance_maps(emb))
+    assert loaded.instance_maps(emb).shape == (1, 3, 64, 64)
+    # official layout: a raw state dict without head keys loads, without a head
+    raw = {k: v for k, v in model.state_dict().items() if not k.startswith("instance_head")}
+    ckpt = read_checkpoint(_save_raw(raw, tmp_path / "raw.pth"))
+    assert "instance_head" not in ckpt["config"]
+    plain = sam_from_checkpoint(tmp_path / "raw.pth")
+    assert not plain.has_instance_head and default_mode(plain) == "hierarchical"
+    with pytest.raises(ValueError, match="no instance head"):
+        plain.instance_maps(emb)
+
+
+def _save_raw(sd, path):
+    torch.save(sd, path)
+    return path
+
+
+def test_augmentations_keep_labels_aligned():
+    rng = np.random.default_rng(0)
+    labels = _discs(spec=((30, 30, 10), (60, 90, 14), (100, 40, 12)))
+    image = (100 + 1000 * (labels > 0)).astype(np.uint16)
+    aug = Augment(fit=128, max_upscale=4, scale_jitter=0.5, dim=1.0, illumination=0.5, blur=1.5,
+                  shot_noise=1.0, snr_min=6.0, gamma_jitter=0.2, noise=0.0)
+    for _ in range(10):
+        rgb, lab = augment_crop(Sample("s", image, labels), 128, aug, rng, pad=False)
+        assert rgb.shape[:2] == lab.shape and rgb.dtype == np.uint8
+        inside, outside = rgb[..., 0][lab > 0], rgb[..., 0][lab == 0]
+        if inside.size and outside.size:
+            assert inside.mean() > outside.mean() + 20  # objects stay where their labels are
+
+
+def test_stack_slices_and_mixture_weights():
+    img = np.zeros((10, 20, 30), np.uint8)
+    lab = np.zeros((10, 20, 30), np.int32)
+    lab[3:7, 5:15, 10:20] = 1
+    smp = stack_slices("s", img, lab, z_step=2.0)
+    assert len(smp) == 10 + 20 + 30
+    assert smp[10].image.shape == (20, 30)  # a ZX plane, z stretched by 2
+    assert smp[10 + 20].image.shape == (20, 20)  # a ZY plane
+    a = [Sample(f"a{i}", img[0], lab[5]) for i in range(3)]
+    b = [Sample(f"b{i}", img[0], lab[5]) for i in range(6)] + [Sample("empty", img[0], lab[0])]
+    samples, p = mixture([(a, 1.0), (b, 2.0)])
+    assert len(samples) == 9  # the empty one is left out
+    assert p[:3].sum() == pytest.approx(1 / 3) and p[3:].sum() == pytest.approx(2 / 3)
+    assert parse_source("x/y:2") == ("x/y", 2.0) and parse_source("C:/data") == ("C:/data", 1.0)
+
+
+def test_head_training_lowers_loss_and_resumes(tmp_path, data_dir, monkeypatch):
+    from napari_tinysam.distill import instance
+
+    cfg = instance.HeadConfig(
+        sources=[str(data_dir / "bbbc039" / "train")], out_dir=str(tmp_path / "run"), views=6,
+        steps=30, batch=4, lr=3e-3, warmup=5, val_every=30, head={"channels": [32, 16, 8]},
+    )
+    losses = []
+    real = instance.head_loss
+
+    def spy(*a):
+        loss = real(*a)
+        losses.append(float(loss))
+        return loss
+
+    monkeypatch.setattr(instance, "head_loss", spy)
+    path = instance.train_head(cfg)
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    model = sam_from_checkpoint(path)
+    assert model.has_instance_head and model.config["instance_head"]["channels"] == [32, 16, 8]
+    # resume: more steps continue from the saved state, the stored views are reused
+    cfg.steps = 40
+    n = len(losses)
+    instance.train_head(cfg)
+    assert len(losses) - n == 10
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["step"] == 40 and json.loads(state["history"])[-1]["step"] == 40
