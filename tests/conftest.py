@@ -83,9 +83,9 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_unconfigure(config):
-    """After the GUI tests, end the process without the interpreter's teardown: in 2 of
-    4 fresh-clone CI runs of the eighth session it crashed there (segmentation fault
-    after every test had passed, with no worker left running). The exit status is kept."""
+    """After the GUI tests, end the process without the interpreter's teardown: in some
+    fresh-clone CI runs it crashed there (segmentation fault after every test had passed,
+    with no worker left running). The exit status is kept."""
     import sys
 
     if "qtpy" in sys.modules and hasattr(config, "_tinysam_exitstatus"):

@@ -140,12 +140,11 @@ def test_annotator_zooms_in_on_a_small_nucleus(annotator, qtbot, nuclei):
     assert w.candidates.window is None and w.candidates.pending_window is None
 
 
-def test_annotator_3d_scaled_slices(make_napari_viewer, qtbot):
+def test_annotator_3d_scaled_slices(make_napari_viewer, qtbot, data_dir):
     stack = samples.nuclei_3d()
     from napari_tinysam.io import read_image
-    from tests.conftest import DATA_DIR
 
-    truth = read_image(DATA_DIR / "nuclei3d_synthetic" / "mask3d.tif").astype(np.int32)
+    truth = read_image(data_dir / "nuclei3d_synthetic" / "mask3d.tif").astype(np.int32)
     viewer = make_napari_viewer()
     layer = viewer.add_image(stack, name="stack", scale=(2, 0.5, 0.5), translate=(1, 3, -2))
     w = AnnotatorWidget(viewer)
