@@ -1,46 +1,114 @@
-"""Everything mode: speed (grid vs hierarchical, same model, same image, medians) and
-quality on BBBC039 val (instance F1 at IoU 0.5, mean matched IoU) next to a classical
-Otsu + watershed baseline computed in the same run.
+"""Everything mode: speed of every mode on one field (medians, embedding included, grid
+as the baseline of the same run) and quality against ground truth next to a classical
+Otsu + watershed baseline computed in the same run:
+
+- BBBC039 val (2D fields), DSB2018 val (2D, many kinds and sizes): F1@0.5, precision,
+  recall, mean matched IoU, seconds per image;
+- 3D: the GoNuclear confocal crops and noisy stand-in stacks built from BBBC039 val
+  fields (``volumes.noisy_stack``), ``segment_volume`` with its defaults, 3D F1@0.5.
+
+Every call uses the API defaults (thresholds None = the model's tuned values).
 
     .venv/bin/python benchmarks/bench_everything.py [--model default] [--repeats 3]
-        [--data ../shared/data] [--fields 20] [--reference-weights PATH]
+        [--data ../shared/data] [--fields 20] [--dsb 50] [--no-3d] [--slow]
 
---reference-weights (e.g. ../shared/conformance/vit_t_perturbed_fp16.pt) adds rows for
-an official-size 1024 vit_t model, the setting of the public reference's timing.
+--slow adds the point-grid modes (hierarchical, grid) to the DSB2018 and 3D tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from volumes import gonuclear, noisy_stack
 
-from napari_tinysam import SamPredictor, load_model, samples
+from napari_tinysam import SamPredictor, load_model, samples, segment_everything, segment_volume
 from napari_tinysam.bench import median_time, print_table
 from napari_tinysam.distill.data import load_folder
-from napari_tinysam.everything import recommended_thresholds, segment_everything
+from napari_tinysam.everything import link_volume
 from napari_tinysam.metrics import best_match_iou, match_instances, otsu_watershed
 
+#: name -> keyword arguments of segment_everything; "paper" is TinySAM's round 2 exactly
+#: (no background skipping: background_thresh 0)
+METHODS = {
+    "auto": {},
+    "auto, head only": {"head_only": True},
+    "hierarchical + head (skips background)": {"mode": "hierarchical"},
+    "hierarchical (paper)": {"mode": "hierarchical", "background_thresh": 0.0},
+    "grid 32x32": {"mode": "grid"},
+}
+FAST = ("auto", "auto, head only")
 
-def speed_rows(model, name: str, image: np.ndarray, repeats: int) -> list[dict]:
-    rows, results = [], {}
-    thresholds = recommended_thresholds(model)
-    for mode in ("grid", "hierarchical"):
-        def run(mode=mode):
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def speed_rows(model, image: np.ndarray, repeats: int) -> list[dict]:
+    rows, results, times = [], {}, {}
+    for name, kw in METHODS.items():
+        def run(name=name, kw=kw):
             # embedding included: a fresh predictor (empty cache) every run
-            results[mode] = segment_everything(SamPredictor(model), image, mode=mode, **thresholds)
+            results[name] = segment_everything(SamPredictor(model), image, **kw)
 
-        t, _ = median_time(run, repeats, warmup=1)
-        rows.append({"model": name, "mode": mode, "median_s": f"{t:.2f}", "objects": int(results[mode].max()), "_t": t})
-    g, h = rows
-    h["speedup_vs_grid"] = f"{g['_t'] / h['_t']:.2f}x"
-    g["speedup_vs_grid"] = "1.00x"
-    h["agreement"] = f"{best_match_iou(results['grid'], results['hierarchical']):.3f}"
+        times[name], _ = median_time(run, repeats, warmup=1)
+    grid = "grid 32x32"
+    for name in METHODS:
+        rows.append({
+            "mode": name,
+            "median_s": f"{times[name]:.2f}",
+            "speedup_vs_grid": f"{times[grid] / times[name]:.2f}x",
+            "agreement_with_grid": f"{best_match_iou(results[grid], results[name]):.3f}",
+            "objects": int(results[name].max()),
+        })
     return rows
+
+
+def quality_table(title: str, model, items, methods: dict, volume: bool = False) -> None:
+    scores: dict[str, list] = {name: [] for name in methods} | {"otsu+watershed (classical)": []}
+    seconds: dict[str, list] = {name: [] for name in scores}
+    for image, truth in items:
+        pred = None if volume else SamPredictor(model)
+        for name, kw in methods.items():
+            t = time.perf_counter()
+            if volume:
+                labels = segment_volume(model, image, **kw)
+            else:
+                labels = segment_everything(pred, image, **kw)
+                pred.cache.clear()  # every method pays its embedding
+            seconds[name].append(time.perf_counter() - t)
+            scores[name].append(match_instances(labels, truth))
+        t = time.perf_counter()
+        if volume:
+            classical = link_volume(np.stack([otsu_watershed(s) for s in image]))
+        else:
+            classical = otsu_watershed(image)
+        seconds["otsu+watershed (classical)"].append(time.perf_counter() - t)
+        scores["otsu+watershed (classical)"].append(match_instances(classical, truth))
+    rows = []
+    for method, per in scores.items():
+        rows.append({
+            "method": method,
+            "F1@0.5": f"{np.mean([p['f1'] for p in per]):.3f}",
+            "precision": f"{np.mean([p['precision'] for p in per]):.3f}",
+            "recall": f"{np.mean([p['recall'] for p in per]):.3f}",
+            "matched_IoU": f"{np.mean([p['mean_matched_iou'] for p in per]):.3f}",
+            "s/item": f"{np.median(seconds[method]):.2f}",
+        })
+    print(f"\n{title}")
+    print_table(rows, ["method", "F1@0.5", "precision", "recall", "matched_IoU", "s/item"])
+
 
 
 def main() -> None:
@@ -48,49 +116,42 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--repeats", type=int, default=3, help="speed runs (0: quality only)")
     ap.add_argument("--data", default=os.environ.get("TINYSAM_DATA_DIR", "../shared/data"))
-    ap.add_argument("--fields", type=int, default=20)
-    ap.add_argument("--reference-weights", default=None)
+    ap.add_argument("--fields", type=int, default=20, help="BBBC039 val fields (0: none)")
+    ap.add_argument("--dsb", type=int, default=50, help="DSB2018 val images (0: none)")
+    ap.add_argument("--no-3d", action="store_true")
+    ap.add_argument("--slow", action="store_true", help="point-grid modes on DSB2018 and 3D too")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
-    image = samples.nuclei_2d()
+    data = Path(args.data)
+    print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{time.strftime('%Y-%m-%d')}, model {args.model}")
     model = load_model(args.model)
+    if not model.has_instance_head:
+        for name in FAST + ("hierarchical + head (skips background)",):
+            METHODS.pop(name)
     if args.repeats > 0:
-        rows = speed_rows(model, args.model, image, args.repeats)
-        if args.reference_weights:
-            rows += speed_rows(load_model(args.reference_weights), "vit_t 1024 (conformance weights)", image, 1)
-        print("\nSpeed on one 520x696 BBBC039 field, embedding included, each model's recommended "
-              "thresholds (public reference, hierarchical, 1024 vit_t random weights: 169 s worst "
-              "case on this machine):")
-        print_table(rows, ["model", "mode", "median_s", "speedup_vs_grid", "agreement", "objects"])
-
-    val = load_folder(Path(args.data) / "bbbc039" / "val" / "images")[: args.fields]
-    tuned = recommended_thresholds(model)
-    print(f"\nthresholds tuned for {args.model} on train (meta): {tuned}")
-    runs = {
-        "grid, tuned thresholds": {"mode": "grid", **tuned},
-        "hierarchical, tuned thresholds": {"mode": "hierarchical", **tuned},
-        "hierarchical, SAM thresholds (0.88 / 0.95)": {"mode": "hierarchical"},
-    }
-    scores: dict[str, list[dict]] = {name: [] for name in runs} | {"otsu+watershed (classical)": []}
-    for s in val:
-        pred = SamPredictor(model)
-        for name, kw in runs.items():
-            scores[name].append(match_instances(segment_everything(pred, s.image, **kw), s.labels))
-        scores["otsu+watershed (classical)"].append(match_instances(otsu_watershed(s.image), s.labels))
-    qrows = []
-    for method, per in scores.items():
-        qrows.append({
-            "method": method,
-            "F1@0.5": f"{np.mean([p['f1'] for p in per]):.3f}",
-            "precision": f"{np.mean([p['precision'] for p in per]):.3f}",
-            "recall": f"{np.mean([p['recall'] for p in per]):.3f}",
-            "mean_matched_iou": f"{np.mean([p['mean_matched_iou'] for p in per]):.3f}",
-        })
-    print(f"\nQuality on BBBC039 val ({len(val)} fields, mean over fields):")
-    print_table(qrows, ["method", "F1@0.5", "precision", "recall", "mean_matched_iou"])
+        print("\nSpeed on one 520x696 BBBC039 field (the bundled sample), embedding included, API defaults:")
+        print_table(speed_rows(model, samples.nuclei_2d(), args.repeats),
+                    ["mode", "median_s", "speedup_vs_grid", "agreement_with_grid", "objects"])
+    fast = {k: v for k, v in METHODS.items() if args.slow or k in FAST} or METHODS
+    if args.fields:
+        val = load_folder(data / "bbbc039" / "val" / "images")[: args.fields]
+        quality_table(f"BBBC039 val ({len(val)} fields, mean over fields):", model,
+                      [(s.image, s.labels) for s in val], METHODS)
+    if args.dsb:
+        val = load_folder(data / "dsb2018" / "val" / "images")[: args.dsb]
+        quality_table(f"DSB2018 val ({len(val)} images, mean over images):", model,
+                      [(s.image, s.labels) for s in val], fast)
+    if not args.no_3d:
+        vols = [(img, lab) for _, img, lab in gonuclear(data)]
+        quality_table(f"GoNuclear 3D crops ({len(vols)}, 3D F1, mean over stacks; 1135 and 1136 are "
+                      "head training data, 1139 is held out):", model, vols, fast, volume=True)
+        bbbc = load_folder(data / "bbbc039" / "val" / "images")[:4]
+        stand_in = [noisy_stack(s.image, s.labels, seed=i) for i, s in enumerate(bbbc)]
+        quality_table(f"Noisy 3D stand-in ({len(stand_in)} stacks of 24x128x128 from BBBC039 val, "
+                      "SNR 3, 3D F1):", model, stand_in, fast, volume=True)
 
 
 if __name__ == "__main__":

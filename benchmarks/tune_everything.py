@@ -1,8 +1,15 @@
-"""Tune everything-mode thresholds for a model on TRAINING fields (never val) and,
-with --write, store them in the checkpoint's meta["everything"], from where the command
-line and the napari widget take their defaults.
+"""Tune everything-mode thresholds for a model on TRAINING data (never val) and, with
+--write, store them in the checkpoint's meta (``meta["everything"]`` for the point-grid
+modes, ``meta["auto"]`` for auto mode), from where every entry point (Python API,
+command line, napari widget, Dask) takes its defaults.
 
-    .venv/bin/python benchmarks/tune_everything.py --checkpoint PATH [--fields 4] [--write]
+    .venv/bin/python benchmarks/tune_everything.py --checkpoint PATH [--mode auto] [--write]
+
+Point-grid modes: predicted-IoU and stability thresholds on BBBC039 train fields.
+Auto mode: the head's seed and mask thresholds on head-only labels (maps computed once per
+image), then the decoder's filters, scored as the mean over sources of the mean F1@0.5:
+BBBC039 train and DSB2018 train (the GoNuclear crops score 0 in every setting: their
+slices carry almost no signal, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -19,42 +26,107 @@ from napari_tinysam import SamPredictor
 from napari_tinysam.bench import print_table
 from napari_tinysam.distill.data import load_folder
 from napari_tinysam.everything import segment_everything
+from napari_tinysam.instances import grid_cell_area, head_maps, labels_from_maps
 from napari_tinysam.metrics import match_instances
 from napari_tinysam.model.build import update_checkpoint_meta
 from napari_tinysam.weights import load_model
 
 
+def pick(items: list, n: int, seed: int = 0) -> list:
+    rng = np.random.default_rng(seed)
+    return [items[i] for i in sorted(rng.choice(len(items), min(n, len(items)), replace=False))]
+
+
+def tune_grid_modes(model, data: Path, n: int, ious, stabs) -> dict:
+    fields = pick(load_folder(data / "bbbc039" / "train" / "images"), n)
+    preds = [SamPredictor(model) for _ in fields]
+    rows = []
+    for iou, stab in itertools.product(ious, stabs):
+        f1 = [match_instances(segment_everything(p, s.image, mode="hierarchical", pred_iou_thresh=iou,
+                                                 stability_score_thresh=stab), s.labels)["f1"]
+              for p, s in zip(preds, fields)]
+        rows.append({"pred_iou_thresh": iou, "stability_score_thresh": stab, "train F1@0.5": float(np.mean(f1))})
+    rows.sort(key=lambda r: -r["train F1@0.5"])
+    print_table([{**r, "train F1@0.5": f"{r['train F1@0.5']:.3f}"} for r in rows[:8]],
+                ["pred_iou_thresh", "stability_score_thresh", "train F1@0.5"])
+    best = rows[0]
+    return {"pred_iou_thresh": best["pred_iou_thresh"], "stability_score_thresh": best["stability_score_thresh"],
+            "tuned_on": f"{n} BBBC039 train fields, hierarchical mode, F1@0.5"}
+
+
+def auto_sources(data: Path, n: int) -> dict[str, list]:
+    return {
+        "bbbc039 train": pick(load_folder(data / "bbbc039" / "train" / "images"), n),
+        "dsb2018 train": pick(load_folder(data / "dsb2018" / "train" / "images"), 2 * n),
+    }
+
+
+def _score(per_source: dict[str, list[float]]) -> float:
+    return float(np.mean([np.mean(v) for v in per_source.values()]))
+
+
+def tune_auto(model, data: Path, n: int) -> dict:
+    sources = auto_sources(data, n)
+    cached = {}
+    for name, items in sources.items():
+        cached[name] = []
+        for s in items:
+            p = SamPredictor(model)
+            p.set_image(s.image)
+            emb = p._embedding
+            cached[name].append((p, head_maps(model, emb), grid_cell_area(emb, model.img_size), s))
+    grid = itertools.product((0.4, 0.5, 0.6), (0.4, 0.5, 0.6), (0.4, 0.5, 0.6), (0.5, 2.0))
+    rows = []
+    for fg, c, b, ms in grid:
+        per = {name: [match_instances(labels_from_maps(maps, fg, c, b, ms * cell), s.labels)["f1"]
+                      for _, maps, cell, s in items] for name, items in cached.items()}
+        rows.append({"foreground_thresh": fg, "center_thresh": c, "boundary_thresh": b, "min_size": ms,
+                     **{k: float(np.mean(v)) for k, v in per.items()}, "score": _score(per)})
+    rows.sort(key=lambda r: -r["score"])
+    cols = ["foreground_thresh", "center_thresh", "boundary_thresh", "min_size", *sources, "score"]
+    print("\nhead only (train):")
+    print_table([{k: (f"{v:.3f}" if isinstance(v, float) and k not in cols[:4] else v) for k, v in r.items()}
+                 for r in rows[:6]], cols)
+    head = {k: rows[0][k] for k in cols[:4]}
+    rows2 = []
+    for iou, agree in itertools.product((0.0, 0.6), (0.0, 0.3, 0.5)):
+        per = {name: [match_instances(segment_everything(p, s.image, pred_iou_thresh=iou, min_agreement=agree,
+                                                         **head), s.labels)["f1"]
+                      for p, _, _, s in items] for name, items in cached.items()}
+        rows2.append({"pred_iou_thresh": iou, "min_agreement": agree,
+                      **{k: float(np.mean(v)) for k, v in per.items()}, "score": _score(per)})
+    rows2.sort(key=lambda r: -r["score"])
+    cols2 = ["pred_iou_thresh", "min_agreement", *sources, "score"]
+    print("\nauto, head thresholds above (train):")
+    print_table([{k: (f"{v:.3f}" if k in (*sources, "score") else v) for k, v in r.items()} for r in rows2], cols2)
+    best = rows2[0]
+    return {**head, "pred_iou_thresh": best["pred_iou_thresh"], "min_agreement": best["min_agreement"],
+            "tuned_on": f"train: {', '.join(f'{len(v)} {k}' for k, v in sources.items())}; mean F1@0.5"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--mode", choices=["hierarchical", "auto"], default="hierarchical")
     ap.add_argument("--data", default=os.environ.get("TINYSAM_DATA_DIR", "../shared/data"))
-    ap.add_argument("--fields", type=int, default=4)
+    ap.add_argument("--fields", type=int, default=None, help="images per source (default 4; auto: 10)")
     ap.add_argument("--iou", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.88])
     ap.add_argument("--stability", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9, 0.95])
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
     model = load_model(args.checkpoint)
-    fields = load_folder(Path(args.data) / "bbbc039" / "train" / "images")
-    rng = np.random.default_rng(0)
-    fields = [fields[i] for i in rng.choice(len(fields), args.fields, replace=False)]
-    preds = [SamPredictor(model) for _ in fields]
-    rows = []
-    for iou, stab in itertools.product(args.iou, args.stability):
-        f1 = [match_instances(segment_everything(p, s.image, pred_iou_thresh=iou, stability_score_thresh=stab),
-                              s.labels)["f1"] for p, s in zip(preds, fields)]
-        rows.append({"pred_iou_thresh": iou, "stability_score_thresh": stab, "train F1@0.5": float(np.mean(f1))})
-    rows.sort(key=lambda r: -r["train F1@0.5"])
-    print_table([{**r, "train F1@0.5": f"{r['train F1@0.5']:.3f}"} for r in rows[:8]],
-                ["pred_iou_thresh", "stability_score_thresh", "train F1@0.5"])
-    best = rows[0]
+    data = Path(args.data)
+    if args.mode == "auto":
+        tuned = {"auto": tune_auto(model, data, args.fields or 10)}
+    else:
+        tuned = {"everything": tune_grid_modes(model, data, args.fields or 4, args.iou, args.stability)}
+    print(f"\ntuned: {tuned}")
     if args.write:
-        tuned = {"pred_iou_thresh": best["pred_iou_thresh"],
-                 "stability_score_thresh": best["stability_score_thresh"],
-                 "tuned_on": f"{args.fields} BBBC039 train fields, hierarchical mode, F1@0.5"}
-        update_checkpoint_meta(args.checkpoint, {"everything": tuned})
-        print(f"wrote thresholds {tuned} into {args.checkpoint}")
+        update_checkpoint_meta(args.checkpoint, tuned)
+        print(f"wrote them into {args.checkpoint}")
 
 
 if __name__ == "__main__":

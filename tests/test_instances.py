@@ -242,3 +242,19 @@ def test_head_training_lowers_loss_and_resumes(tmp_path, data_dir, monkeypatch):
     assert len(losses) - n == 10
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["step"] == 40 and json.loads(state["history"])[-1]["step"] == 40
+
+
+def test_linking_survives_one_missed_slice():
+    from napari_tinysam.everything import link_volume
+
+    disc = _discs(spec=((40, 40, 12),))
+    other = _discs(spec=((90, 90, 10),))
+    stack = np.stack([disc, disc, np.zeros_like(disc), disc, disc + 0])  # missed in slice 2
+    stack[1][other > 0] = 2
+    linked = link_volume(stack.copy())
+    assert len(np.unique(linked[linked > 0])) == 2
+    assert linked[0][40, 40] == linked[4][40, 40] == linked[3][40, 40]
+    # two missed slices: a new object
+    stack2 = np.stack([disc, np.zeros_like(disc), np.zeros_like(disc), disc])
+    linked2 = link_volume(stack2.copy())
+    assert linked2[0][40, 40] != linked2[3][40, 40]

@@ -108,9 +108,9 @@ def segment_volume_distributed(
         if progress is not None:
             progress(done, z)
     out = zarr.open_array(str(out_path), mode="r+")
-    previous, next_id = None, 1
-    for i in range(z):  # the stitching pass: two slices in memory at a time
-        labels, next_id = link_slice(previous, np.asarray(out[i]), next_id, stitch, stitch_iou)
+    previous, before, next_id = None, None, 1
+    for i in range(z):  # the stitching pass: three slices in memory at a time
+        labels, next_id = link_slice(previous, np.asarray(out[i]), next_id, stitch, stitch_iou, before)
         out[i] = labels
-        previous = labels
+        previous, before = labels, previous
     return zarr.open_array(str(out_path), mode="r")

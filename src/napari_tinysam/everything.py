@@ -473,15 +473,43 @@ def check_volume(stack) -> bool:
 
 
 def link_slice(
-    previous: np.ndarray | None, labels: np.ndarray, next_id: int, stitch: bool, stitch_iou: float
+    previous: np.ndarray | None,
+    labels: np.ndarray,
+    next_id: int,
+    stitch: bool,
+    stitch_iou: float,
+    before: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Give one slice's labels (ids 1..n) volume-wide ids: linked to ``previous`` (the
     slice before, already relabelled) when ``stitch``, otherwise offset to be unique.
-    Returns the relabelled slice and the next free id."""
-    if stitch and previous is not None:
-        return stitch_pair(previous, labels, next_id, stitch_iou)
-    out = np.where(labels > 0, labels + next_id - 1, 0).astype(np.int32)
-    return out, (int(out.max()) + 1 if out.max() > 0 else next_id)
+    With ``before`` (the slice two back), an object that ``previous`` does not continue
+    can still continue an object of ``before`` that ``previous`` lost (a nucleus missed
+    in one slice keeps its id). Returns the relabelled slice and the next free id."""
+    if not (stitch and previous is not None):
+        out = np.where(labels > 0, labels + next_id - 1, 0).astype(np.int32)
+        return out, (int(out.max()) + 1 if out.max() > 0 else next_id)
+    out, new_next = stitch_pair(previous, labels, next_id, stitch_iou)
+    if before is None:
+        return out, new_next
+    fresh = out >= next_id
+    lost = np.setdiff1d(np.unique(before[before > 0]), np.unique(previous))
+    if not fresh.any() or len(lost) == 0:
+        return out, new_next
+    candidates = np.where(np.isin(before, lost), before, 0)
+    relinked, new_next = stitch_pair(candidates, np.where(fresh, out, 0), next_id, stitch_iou)
+    out[fresh] = relinked[fresh]
+    return out, new_next
+
+
+def link_volume(labels: np.ndarray, stitch_iou: float = 0.5) -> np.ndarray:
+    """Link per-slice labels (Z, H, W), ids 1..n in each slice, into volume-wide ids, in
+    place (as ``segment_volume`` does); returns the array."""
+    next_id = 1
+    for z in range(labels.shape[0]):
+        labels[z], next_id = link_slice(
+            labels[z - 1] if z else None, labels[z], next_id, True, stitch_iou, labels[z - 2] if z > 1 else None
+        )
+    return labels
 
 
 def segment_volume(
@@ -519,7 +547,9 @@ def segment_volume(
         if cancel is not None and cancel():
             raise Cancelled(f"cancelled before slice {i} of {z}")
         lab = segment_everything(predictor, stack[i], mode=mode, contrast_limits=limits, **kwargs)
-        out[i], next_id = link_slice(out[i - 1] if i else None, lab, next_id, stitch, stitch_iou)
+        out[i], next_id = link_slice(
+            out[i - 1] if i else None, lab, next_id, stitch, stitch_iou, out[i - 2] if i > 1 else None
+        )
         if progress is not None:
             progress(i + 1, z)
     return out

@@ -381,5 +381,5 @@ def train_head(cfg: HeadConfig, log: Callable[[str], None] = print) -> Path:
     meta = dict(getattr(model, "meta", {}) or {})
     meta["instance_head"] = {"config": asdict(cfg), "validation": history[-1] if history else None,
                              "best_validation_mean_f1": best, "history": history}
-    save_checkpoint(model, out / "model.pt", meta=meta)
+    save_checkpoint(model, out / "model.pt", meta=meta, half=True)  # as bundled
     return out / "model.pt"
