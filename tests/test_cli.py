@@ -64,6 +64,10 @@ def test_segment_folder_zarr_and_refusals(files, model_file, tmp_path, capsys):
     assert main(["segment", str(files / "t.npy"), "-o", str(out / "t.npy"), "--model", model_file, *ARGS]) == 2
     assert "--index" in capsys.readouterr().err
     assert main(["segment", str(files / "t.npy"), "-o", str(out / "t.npy"), "--model", model_file, "--index", "0", *ARGS]) == 0
+    # auto mode needs an instance head: the message names the modes this model supports
+    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(out / "auto.tif"), "--model", model_file,
+                 "--mode", "auto"]) == 2
+    assert "'hierarchical'" in capsys.readouterr().err and not (out / "auto.tif").exists()
 
 
 def test_write_labels_is_atomic(tmp_path):

@@ -207,6 +207,13 @@ def test_everything_widget_stack_and_cancel(make_napari_viewer, qtbot):
     viewer.add_image(stack, name="stack")
     w = EverythingWidget(viewer)
     qtbot.waitUntil(lambda: w._model_worker is None, timeout=60000)
+    # the bundled model has an instance head: auto by default, with its tuned thresholds
+    assert w.mode.value == "auto" and "auto" in w.mode.choices
+    assert w.foreground.value == pytest.approx(w._model.meta["auto"]["foreground_thresh"])
+    assert w.params()["mode"] == "auto" and not w.points_per_side.visible
+    w.mode.value = "hierarchical"
+    assert w.points_per_side.visible and "foreground_thresh" not in w.params()
+    w.mode.value = "auto"
     w.points_per_side.value = 16
     n_layers = len(viewer.layers)
     w.run()
