@@ -210,9 +210,9 @@ def test_everything_widget_stack_and_cancel(make_napari_viewer, qtbot):
     # the bundled model has an instance head: auto by default, with its tuned thresholds
     assert w.mode.value == "auto" and "auto" in w.mode.choices
     assert w.foreground.value == pytest.approx(w._model.meta["auto"]["foreground_thresh"])
-    assert w.params()["mode"] == "auto" and not w.points_per_side.visible
+    assert w.params()["mode"] == "auto" and w.points_per_side.native.isHidden()
     w.mode.value = "hierarchical"
-    assert w.points_per_side.visible and "foreground_thresh" not in w.params()
+    assert not w.points_per_side.native.isHidden() and "foreground_thresh" not in w.params()
     w.mode.value = "auto"
     w.points_per_side.value = 16
     n_layers = len(viewer.layers)
