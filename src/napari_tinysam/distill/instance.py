@@ -26,7 +26,7 @@ from scipy import ndimage
 from ..io import read_image
 from ..model import Sam, save_checkpoint
 from ..model.instance_head import DEFAULT_HEAD, build_instance_head
-from .data import IMAGE_SUFFIXES, Augment, Sample, _resize, load_folder
+from .data import IMAGE_SUFFIXES, Augment, Sample, _resize, load_folder, seeded_crop
 from .teacher import TeacherStore
 
 #: Microscope augmentations used for the head (see ``Augment``).
@@ -172,8 +172,6 @@ class HeadStore(TeacherStore):
         self.sizes = np.lib.format.open_memmap(path, mode=mode, dtype=np.int32, shape=(self.n_views, 2))
 
     def view(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        from .data import seeded_crop
-
         return seeded_crop(
             self.samples, [self.seed, i], self.crop, self.augment, require_objects=True,
             weights=self.weights, pad=False,
