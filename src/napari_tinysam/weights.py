@@ -39,13 +39,13 @@ REGISTRY: dict[str, ModelInfo] = {
         ModelInfo(
             "default",
             "default.pt",
-            "TinySAM (vit_t) at 768 px, trained on BBBC039 fluorescent nuclei; bundled",
+            "TinySAM (vit_t) at 768 px, trained on BBBC039 fluorescent nuclei, with an instance head (auto everything mode); bundled",
             bundled=True,
         ),
         ModelInfo(
             "default-int8",
             "default-int8.pt",
-            "the default model quantized to 8 bits (W8A8, int8 CPU kernels); bundled",
+            "the default model quantized to 8 bits (W8A8, int8 CPU kernels), without the instance head; bundled",
             bundled=True,
         ),
         ModelInfo(
