@@ -74,7 +74,7 @@ def tune_auto(model, data: Path, n: int) -> dict:
             p = SamPredictor(model)
             p.set_image(s.image)
             emb = p._embedding
-            cached[name].append((p, head_maps(model, emb), grid_cell_area(emb, model.img_size), s))
+            cached[name].append((p, head_maps(model, emb), grid_cell_area(emb), s))
     grid = itertools.product((0.4, 0.5, 0.6), (0.4, 0.5, 0.6), (0.4, 0.5, 0.6), (0.5, 2.0))
     rows = []
     for fg, c, b, ms in grid:

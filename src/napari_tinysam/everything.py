@@ -159,13 +159,15 @@ def _candidates_from_points(
     return out
 
 
-def _postprocess(masks: _Masks, params: dict[str, Any]) -> _Masks:
+def _postprocess(masks: _Masks, params: dict[str, Any], nms: bool = True) -> _Masks:
     """NMS, then (when ``min_mask_region_area`` > 0) removal of small islands and holes
-    followed by a second NMS that prefers unchanged masks, as SAM does."""
+    followed by a second NMS that prefers unchanged masks, as SAM does. ``nms=False``
+    for masks that are disjoint by construction (head-only instances): no NMS at all."""
     if len(masks) == 0:
         return masks
-    keep = box_nms(masks.boxes_xyxy(), np.array(masks.iou), params["box_nms_thresh"])
-    masks = masks.select(keep)
+    if nms:
+        keep = box_nms(masks.boxes_xyxy(), np.array(masks.iou), params["box_nms_thresh"])
+        masks = masks.select(keep)
     area = params["min_mask_region_area"]
     if area <= 0:
         return masks
@@ -185,7 +187,7 @@ def _postprocess(masks: _Masks, params: dict[str, Any]) -> _Masks:
         cleaned.stability.append(masks.stability[i])
         cleaned.points.append(masks.points[i])
         unchanged.append(0.0 if (ch1 or ch2) else 1.0)
-    if len(cleaned) == 0:
+    if len(cleaned) == 0 or not nms:
         return cleaned
     keep = box_nms(cleaned.boxes_xyxy(), np.array(unchanged), params["box_nms_thresh"])
     return cleaned.select(sorted(keep.tolist()))
@@ -278,7 +280,7 @@ def _auto_masks(predictor: SamPredictor, params: dict[str, Any]) -> _Masks:
     maps = head_maps(model, emb)
     head = labels_from_maps(
         maps, params["foreground_thresh"], params["center_thresh"], params["boundary_thresh"],
-        params["min_size"] * grid_cell_area(emb, model.img_size),
+        params["min_size"] * grid_cell_area(emb),
     )
     ids, points, boxes = object_prompts(head)
     decoded = [None] * len(ids) if params["head_only"] else decode_objects(predictor, points, boxes)
@@ -420,7 +422,7 @@ def segment_everything(
             remaining = dense[~skip]
             if len(remaining):
                 masks.extend(_candidates_from_points(predictor, remaining, params, None))
-        masks = _postprocess(masks, params)
+        masks = _postprocess(masks, params, nms=not (mode == "auto" and head_only))
     labels, ids = paint_labels(masks.crops, masks.places, np.array(masks.iou), (h, w))
     if not return_records:
         return labels

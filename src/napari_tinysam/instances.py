@@ -44,7 +44,7 @@ def head_maps(model: Sam, embedding: ImageEmbedding) -> np.ndarray:
     return (ry @ probs @ rx.T).numpy()
 
 
-def grid_cell_area(embedding: ImageEmbedding, img_size: int) -> float:
+def grid_cell_area(embedding: ImageEmbedding) -> float:
     """Area in image pixels of one cell of the low-resolution grid (4 x 4 input pixels)."""
     (h, w), (ih, iw) = embedding.original_size, embedding.input_size
     return 16.0 * (h / ih) * (w / iw)
@@ -90,7 +90,7 @@ def head_only_labels(model: Sam, embedding: ImageEmbedding, **params) -> np.ndar
     maps = head_maps(model, embedding)
     return labels_from_maps(
         maps, p["foreground_thresh"], p["center_thresh"], p["boundary_thresh"],
-        p["min_size"] * grid_cell_area(embedding, model.img_size),
+        p["min_size"] * grid_cell_area(embedding),
     )
 
 
