@@ -53,7 +53,7 @@ def vit_t_model(conformance_dir):
     """The conformance vit_t weights (random values, official layout), img_size 1024."""
     from napari_tinysam import load_model
 
-    return load_model(conformance_dir / "vit_t_perturbed_fp16.pt")
+    return load_model(conformance_dir / "vit_t_perturbed_fp16.pt", precision="fp32")
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ def _cases(conformance_dir):
 
 @pytest.fixture(scope="module")
 def models(conformance_dir):
-    return {k: load_model(conformance_dir / v) for k, v in WEIGHTS.items()}
+    return {k: load_model(conformance_dir / v, precision="fp32") for k, v in WEIGHTS.items()}
 
 
 CASE_FILES = ["public_vit_t_img0.npz", "public_vit_t_img1.npz", "public_vit_mini_img0.npz"]

@@ -21,6 +21,13 @@ LOSS_TERMS = {
 }
 
 
+def _add_precision(parser: argparse.ArgumentParser) -> None:
+    from .precision import PRECISIONS
+
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto: bfloat16 where the CPU/GPU runs it natively, else float32")
+
+
 def _threads(n: int | None) -> None:
     import torch
 
@@ -36,7 +43,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _threads(args.threads)
     torch.set_grad_enabled(False)
-    run_demo(args.model, Path(args.output), image=samples.nuclei_2d(), labels=samples.nuclei_2d_labels())
+    run_demo(args.model, Path(args.output), image=samples.nuclei_2d(), labels=samples.nuclei_2d_labels(),
+             precision=args.precision)
     return 0
 
 
@@ -84,9 +92,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, repeats {args.repeats}")
     model_1024 = sam_from_checkpoint(args.weights_1024) if args.weights_1024 else None
+    if model_1024 is not None:
+        model_1024.set_precision(args.precision)
     default = None
     try:
-        default = load_model(args.model)
+        default = load_model(args.model, precision=args.precision)
     except Exception as exc:  # the core numbers do not need the default model
         print(f"(skipping default-model rows: {exc})")
     rows = core_benchmark(samples.nuclei_2d(), model_1024, default, repeats=args.repeats)
@@ -180,7 +190,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it (nothing was written)")
     if args.workers or args.scheduler:
         return _segment_distributed(args, inputs, outputs)
-    model = load_model(args.model)
+    model = load_model(args.model, precision=args.precision)
     params = {
         "mode": args.mode,
         "points_per_side": args.points_per_side,
@@ -238,7 +248,7 @@ def _segment_distributed(args: argparse.Namespace, inputs, outputs) -> int:
             labels = segment_volume_distributed(
                 args.model, data, out, client, mode=args.mode, stitch=not args.no_stitch,
                 contrast_limits=tuple(args.contrast_limits) if args.contrast_limits else None,
-                progress=lambda d, t, bar=bar: bar.update(1), overwrite=args.overwrite,
+                progress=lambda d, t, bar=bar: bar.update(1), overwrite=args.overwrite, precision=args.precision,
                 points_per_side=args.points_per_side, min_mask_region_area=args.min_area,
                 **_thresholds(args),
             )
@@ -266,7 +276,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     rgb = data.ndim >= 3 and data.shape[-1] in (3, 4)
     if data.ndim == 2 or (data.ndim == 3 and rgb):
         data = data[None]
-    model = load_model(args.model)
+    model = load_model(args.model, precision=args.precision)
     store = EmbeddingStore.open(args.output, model, data, args.contrast_limits, create=True)
     todo = int((~store.done).sum())
     bar = tqdm(total=data.shape[0], initial=data.shape[0] - todo, desc="embed", unit="slice")
@@ -321,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="default", help="registry name or checkpoint path")
     d.add_argument("-o", "--output", default="outputs/demo", help="output folder")
     d.add_argument("--threads", type=int, default=2)
+    _add_precision(d)
     d.set_defaults(func=cmd_demo)
 
     m = sub.add_parser("models", help="list, download, or print where a model file belongs")
@@ -334,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vit_t checkpoint for the 1024 rows (default: random vit_t weights; speed does not depend on values)")
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--threads", type=int, default=2)
+    _add_precision(b)
     b.set_defaults(func=cmd_bench)
 
     g = sub.add_parser("segment", help="everything mode on files (TIFF, Zarr, NumPy; 2D, 3D, RGB)")
@@ -358,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=None, help="run on a local Dask cluster with N worker processes")
     g.add_argument("--scheduler", default=None, help="run on the Dask cluster at this address (tcp://host:port)")
     g.add_argument("--threads", type=int, default=2)
+    _add_precision(g)
     g.set_defaults(func=cmd_segment)
 
     e = sub.add_parser("embed", help="precompute slice embeddings into a Zarr store (resumable)")
@@ -368,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the stack's 0.5 / 99.5 percentiles")
     e.add_argument("--index", type=int, nargs="+", help="leading indices for 4D+ data")
     e.add_argument("--threads", type=int, default=2)
+    _add_precision(e)
     e.set_defaults(func=cmd_embed)
 
     t = sub.add_parser("distill", help="train a TinySAM student (distillation or ground truth)")

@@ -27,12 +27,12 @@ def overlay(image_rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> n
     return out.astype(np.uint8)
 
 
-def run_demo(model_name: str, out_dir: Path, image: np.ndarray, labels: np.ndarray) -> dict:
+def run_demo(model_name: str, out_dir: Path, image: np.ndarray, labels: np.ndarray, precision: str = "auto") -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     timings = []
     t0 = time.perf_counter()
-    model = load_model(model_name)
-    timings.append({"step": f"load model {model_name!r} (img_size {model.img_size})", "ms": f"{(time.perf_counter() - t0) * 1e3:.0f}"})
+    model = load_model(model_name, precision=precision)
+    timings.append({"step": f"load model {model_name!r} (img_size {model.img_size}, {model.precision})", "ms": f"{(time.perf_counter() - t0) * 1e3:.0f}"})
     pred = SamPredictor(model)
     t0 = time.perf_counter()
     pred.set_image(image)

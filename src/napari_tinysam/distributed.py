@@ -18,28 +18,30 @@ import numpy as np
 
 from .everything import check_volume, link_slice, segment_everything, volume_contrast_limits
 
-_models: dict[str, object] = {}
+_models: dict[tuple[str, str], object] = {}
 _lock = threading.Lock()
 
 
-def worker_model(name_or_path: str):
-    """The model of this worker process, loaded on first use."""
+def worker_model(name_or_path: str, precision: str = "auto"):
+    """The model of this worker process, loaded on first use ("auto" precision is decided
+    by each worker's own CPU)."""
     with _lock:
-        model = _models.get(name_or_path)
+        model = _models.get((name_or_path, precision))
         if model is None:
             from .weights import load_model
 
-            model = load_model(name_or_path)
-            _models[name_or_path] = model
+            model = load_model(name_or_path, precision=precision)
+            _models[(name_or_path, precision)] = model
         return model
 
 
-def _segment_slice(z: int, plane, out_path: str, model_name: str, params: dict, limits) -> int:
+def _segment_slice(z: int, plane, out_path: str, model_name: str, params: dict, limits,
+                   precision: str = "auto") -> int:
     import torch
     import zarr
 
     torch.set_num_threads(int(os.environ.get("TINYSAM_WORKER_THREADS", "1")))
-    labels = segment_everything(worker_model(model_name), np.asarray(plane)[0], contrast_limits=limits, **params)
+    labels = segment_everything(worker_model(model_name, precision), np.asarray(plane)[0], contrast_limits=limits, **params)
     zarr.open_array(out_path, mode="r+")[z] = labels
     return int(labels.max())
 
@@ -74,12 +76,13 @@ def segment_volume_distributed(
     contrast_limits: tuple[float, float] | None = None,
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
+    precision: str = "auto",
     **params,
 ):
     """Segment every slice of ``stack`` (NumPy, Zarr or dask array, (Z, H, W) or RGB) on
     the cluster behind ``client``; labels go to the Zarr array ``out_path``, which is
     returned (opened read-only). ``model_name`` is a registry name or a checkpoint path
-    that the workers can read."""
+    that the workers can read, loaded there at ``precision``."""
     import dask.array as da
     import zarr
     from distributed import as_completed
@@ -100,7 +103,7 @@ def segment_volume_distributed(
     planes = darr.to_delayed().ravel()
     futures = [
         client.submit(_segment_slice, i, client.compute(planes[i]), str(out_path), model_name, params,
-                      tuple(contrast_limits), pure=False)
+                      tuple(contrast_limits), precision, pure=False)
         for i in range(z)
     ]
     for done, fut in enumerate(as_completed(futures), 1):

@@ -3,7 +3,8 @@
 The store carries a signature (data hash, model hash, input size, contrast limits,
 format version). A store is reused only when its signature matches the data, model and
 contrast settings at hand; otherwise it is refused with a message that says what
-differs. Slices are written one chunk at a time and marked done afterwards, so an
+differs. The precision a slice was embedded at is not part of it: bfloat16 and float32
+embeddings agree to 0.3% (docs/benchmarks.md), so one store serves both. Slices are written one chunk at a time and marked done afterwards, so an
 interrupted ``embed`` resumes where it stopped.
 """
 

@@ -87,11 +87,12 @@ def _click_and_box(model: Sam, predictor: SamPredictor, pts: np.ndarray, boxes: 
     (token 0): the click's low-resolution logits (N, 1, h, w), click masks and box masks
     (N, H, W) bool."""
     n = len(pts)
-    low, iou = predict_batch(predictor, pts, np.ones((n, 1)))
+    with model.interactive_decoding():
+        low, iou = predict_batch(predictor, pts, np.ones((n, 1)))
+        lowb, ioub = predict_batch(predictor, boxes=boxes)
     low, iou = model.select_masks(low, iou, True)
     low_best = low[torch.arange(n, device=low.device), iou.argmax(1)][:, None]
     masks = (upscale_logits(predictor, low_best)[:, 0] > 0).cpu().numpy()
-    lowb, ioub = predict_batch(predictor, boxes=boxes)
     lowb, _ = model.select_masks(lowb, ioub, False)
     mb = (upscale_logits(predictor, lowb)[:, 0] > 0).cpu().numpy()
     return low_best, masks, mb
@@ -189,6 +190,16 @@ def evaluate_prompts(
 
     ``samples`` have ``.image`` and ``.labels`` (see ``distill.data.Sample``).
     """
+    with model.interactive_decoding():
+        return _evaluate_prompts(
+            model, samples, max_objects, corrective_clicks, seed, chunk, predictor, mask_feedback,
+            per_object, zoom,
+        )
+
+
+def _evaluate_prompts(
+    model, samples, max_objects, corrective_clicks, seed, chunk, predictor, mask_feedback, per_object, zoom
+) -> dict:
     predictor = predictor or SamPredictor(model)
     rng = np.random.default_rng(seed)
     scores: dict[str, list[float]] = {"click": [], "box": []}

@@ -690,6 +690,7 @@ def quantize_model(
 ) -> Sam:
     """Prepare, record calibration data and search every scale: a simulated W8A8 model."""
     q = prepare(model, twin=twin)
+    q.set_precision("fp32")  # calibrated and run in float32 around its integer products
     captures = record_calibration(q, images, labels, prompts_per_image, seed=seed)
     calibrate(q, captures, distance, progress=progress)
     q.quantization.update(distance=distance, calibration_images=len(images))

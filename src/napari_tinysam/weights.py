@@ -176,14 +176,21 @@ def download_model(name: str, url: str | None = None, progress: bool = True) -> 
     return path
 
 
-def load_model(name_or_path: str | os.PathLike = "default", device: str | torch.device = "cpu") -> Sam:
+def load_model(
+    name_or_path: str | os.PathLike = "default",
+    device: str | torch.device = "cpu",
+    precision: str = "auto",
+) -> Sam:
     """Load a model by registry name (``default``, ``tinysam``, ``tinysam-v1``,
     ``mobilesam``, ``sam_vit_b/l/h``) or from a checkpoint path.
 
     Official raw state dicts and the project's checkpoint format both load; the
     architecture is inferred from the weights, which are read with
     ``torch.load(weights_only=True)`` (no arbitrary objects are unpickled).
-    The model is returned in eval mode on ``device``.
+    The model is returned in eval mode on ``device``, running at ``precision``:
+    ``"auto"`` (bfloat16 where the hardware runs it natively, else float32), ``"fp32"``,
+    ``"bf16"`` or ``"fp16"`` (CUDA). Int8 models run their integer kernels; for them
+    ``"auto"`` means float32 for the parts that stay float.
     """
     key = str(name_or_path)
     if key in REGISTRY:
@@ -203,4 +210,4 @@ def load_model(name_or_path: str | os.PathLike = "default", device: str | torch.
             )
     model = sam_from_checkpoint(path, device=device)
     model.name = key if key in REGISTRY else str(path)
-    return model
+    return model.set_precision(precision)

@@ -240,7 +240,8 @@ class EverythingWidget(Container):
         self.result_layer = self.viewer.add_labels(
             labels, name=self.output.value or "TinySAM everything", scale=image.scale, translate=image.translate
         )
-        self.status.value = f"{len(np.unique(labels)) - 1} objects"
+        precision = get_model(self.model_combo.value).precision  # loaded by the run
+        self.status.value = f"{len(np.unique(labels)) - 1} objects ({precision})"
 
     def _failed(self, exc) -> None:
         if isinstance(exc, Cancelled):

@@ -71,6 +71,8 @@ class TeacherStore:
             "augment": vars(augment),
             "seed": self.seed,
         }
+        if teacher.precision != "fp32":
+            self.signature["precision"] = teacher.precision
         if self.weights is not None:
             self.signature["weights"] = data_fingerprint_array(self.weights)
         self.signature.update(self._extra_signature())
@@ -117,8 +119,9 @@ class TeacherStore:
         model = self.teacher
         for start in range(0, len(todo), batch):
             idx = todo[start : start + batch]
-            x = torch.from_numpy(np.stack([self.view(int(i))[0] for i in idx])).permute(0, 3, 1, 2).float()
-            emb = model.image_encoder((x - model.pixel_mean) / model.pixel_std)
+            x = torch.from_numpy(np.stack([self.view(int(i))[0] for i in idx])).permute(0, 3, 1, 2).float().contiguous()
+            with model.autocast():
+                emb = model.image_encoder((x - model.pixel_mean) / model.pixel_std).float()
             self.encoder_calls += 1
             self.embeddings[idx] = emb.numpy().astype(np.float16)
             self.embeddings.flush()

@@ -238,7 +238,7 @@ class Trainer:
                 img, lab = self.store.view(int(i))
                 imgs.append(img)
                 labs.append(lab)
-            x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
+            x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().contiguous()
             emb = torch.cat([self.store.get(int(i)) for i in idx])
             return x.to(self.device), labs, emb.to(self.device)
         if self.pool is None:
@@ -250,7 +250,7 @@ class Trainer:
                 self.pending = (self.step, self.pool.map_async(_worker_crop, self._seeds(self.step)))
             crops = self.pending[1].get()
             self.pending = (self.step + 1, self.pool.map_async(_worker_crop, self._seeds(self.step + 1)))
-        x = torch.from_numpy(np.stack([c[0] for c in crops])).permute(0, 3, 1, 2).float()
+        x = torch.from_numpy(np.stack([c[0] for c in crops])).permute(0, 3, 1, 2).float().contiguous()
         return x.to(self.device), [c[1] for c in crops], None
 
     def _seeds(self, step: int) -> list[list[int]]:

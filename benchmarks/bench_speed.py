@@ -1,0 +1,138 @@
+"""Embedding and click speed against the public TinySAM reference in the same run, at
+each precision (float32, bfloat16, and what ``precision="auto"`` picks on this CPU),
+with peak memory of embedding and everything mode.
+
+    .venv/bin/python benchmarks/bench_speed.py --reference /tmp/TinySAM \
+        --weights ../shared/conformance/vit_t_perturbed_fp16.pt [--repeats 5]
+
+The reference (github.com/xinghaochen/TinySAM, any checkout) runs in float32 as published.
+Peak memory is measured in a fresh process per row: the resident set's high-water mark
+(VmHWM, reset after loading the model and one warm-up embedding) minus the resident set
+at the reset, so one row's allocations do not hide another's. Linux only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _memory_child(model: str, precision: str, what: str) -> None:
+    """Run one task after loading the model; print peak RSS growth in MB as JSON."""
+    from napari_tinysam import load_model, samples, segment_everything
+    from napari_tinysam.predictor import compute_embedding, to_uint8_rgb
+
+    torch.set_num_threads(2)
+    m = load_model(model, precision=precision)
+    rgb = to_uint8_rgb(samples.nuclei_2d())
+
+    def peak_rss_mb() -> float:
+        with open("/proc/self/status") as f:
+            line = next(ln for ln in f if ln.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024  # kB -> MB
+
+    def current_rss_mb() -> float:
+        with open("/proc/self/status") as f:
+            line = next(ln for ln in f if ln.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    # A warm-up call, then reset the high-water mark to today's RSS (Linux: "5" > clear_refs).
+    with torch.no_grad():
+        compute_embedding(m, rgb)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = current_rss_mb()
+    with torch.no_grad():
+        if what == "embedding":
+            compute_embedding(m, rgb)
+        else:
+            segment_everything(m, samples.nuclei_2d())
+    print(json.dumps({"peak_mb": peak_rss_mb() - before}))
+
+
+def peak_memory(model: str, precision: str, what: str) -> float:
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", model, precision, what],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reference", help="a checkout of github.com/xinghaochen/TinySAM (baseline rows)")
+    ap.add_argument("--weights", default="../shared/conformance/vit_t_perturbed_fp16.pt",
+                    help="official vit_t-layout weights (both implementations load them)")
+    ap.add_argument("--model", default="default", help="model of the memory rows")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        _memory_child(*args.memory_child)
+        return
+
+    from napari_tinysam import SamPredictor, load_model, samples
+    from napari_tinysam.bench import median_time, print_table
+    from napari_tinysam.precision import native_bf16, resolve_precision
+    from napari_tinysam.predictor import compute_embedding, to_uint8_rgb
+
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    image = samples.nuclei_2d()
+    rgb = to_uint8_rgb(image)
+    square = np.ascontiguousarray(np.resize(rgb, (1024, 1024, 3)))
+    h, w = rgb.shape[:2]
+    pt, lab = np.array([[w * 0.4, h * 0.6]]), np.array([1])
+    with open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    print(f"{cpu}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"native bf16: {native_bf16()}; precision='auto' -> {resolve_precision('auto')}")
+
+    timings: dict[str, tuple[float, float]] = {}
+    if args.reference:
+        from reference_tinysam import load_reference
+
+        ref, RefPredictor = load_reference(args.reference, args.weights)
+        rp = RefPredictor(ref)
+        t_emb, _ = median_time(lambda: rp.set_image(square), args.repeats)
+        rp.set_image(rgb)
+        t_click, _ = median_time(lambda: rp.predict(pt, lab), args.repeats * 4)
+        timings["public reference (fp32)"] = (t_emb, t_click)
+        del ref, rp
+    for precision in ("fp32", "bf16"):
+        m = load_model(args.weights, precision=precision)
+        pred = SamPredictor(m)
+        t_emb, _ = median_time(lambda m=m: compute_embedding(m, square), args.repeats)
+        pred.set_image(rgb)
+        t_click, _ = median_time(lambda pred=pred: pred.predict(pt, lab), args.repeats * 4)
+        timings[f"ours, {precision}"] = (t_emb, t_click)
+    base = timings.get("public reference (fp32)", timings["ours, fp32"])
+    rows = [
+        {"implementation": name, "embedding 1024 ms": f"{e * 1e3:.0f}", "vs baseline": f"{base[0] / e:.2f}x",
+         f"click {h}x{w} ms": f"{c * 1e3:.1f}", "click vs baseline": f"{base[1] / c:.2f}x"}
+        for name, (e, c) in timings.items()
+    ]
+    print()
+    print_table(rows, list(rows[0]))
+    if not args.no_memory:
+        mem = []
+        for precision in ("fp32", "bf16"):
+            mem.append({"precision": precision,
+                        "embedding peak MB": f"{peak_memory(args.model, precision, 'embedding'):.0f}",
+                        "everything peak MB": f"{peak_memory(args.model, precision, 'everything'):.0f}"})
+        print(f"\npeak memory above the loaded model ({args.model}, one 520x696 field, default mode)")
+        print_table(mem, list(mem[0]))
+
+
+if __name__ == "__main__":
+    main()

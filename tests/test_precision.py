@@ -1,0 +1,89 @@
+"""Precision of inference: the "auto" choice, explicit values, bfloat16 agreement with
+float32, and the channels-last upscaling path of the decoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_tinysam import SamPredictor, load_model, samples
+from napari_tinysam import precision as prec
+from napari_tinysam.model.common import LayerNorm2d
+
+
+def test_auto_follows_the_hardware(monkeypatch):
+    monkeypatch.delenv(prec.ENV_VAR, raising=False)
+    monkeypatch.setattr(prec, "native_bf16", lambda device="cpu": True)
+    assert prec.resolve_precision("auto") == "bf16"
+    assert prec.resolve_precision(None) == "bf16"
+    monkeypatch.setattr(prec, "native_bf16", lambda device="cpu": False)
+    assert prec.resolve_precision("auto") == "fp32"
+    # explicit values are honoured whatever the hardware
+    assert prec.resolve_precision("bf16") == "bf16"
+    assert prec.resolve_precision("fp32") == "fp32"
+
+
+def test_environment_replaces_auto(monkeypatch):
+    monkeypatch.setattr(prec, "native_bf16", lambda device="cpu": True)
+    monkeypatch.setenv(prec.ENV_VAR, "fp32")
+    assert prec.resolve_precision("auto") == "fp32"
+    assert prec.resolve_precision("bf16") == "bf16"  # an explicit argument wins
+    monkeypatch.setenv(prec.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="TINYSAM_PRECISION"):
+        prec.resolve_precision("auto")
+
+
+def test_bad_precisions_are_rejected_with_the_choices():
+    with pytest.raises(ValueError, match="auto, fp32, bf16, fp16"):
+        load_model("default", precision="int4")
+    with pytest.raises(ValueError, match="CUDA"):
+        load_model("default", precision="fp16")
+
+
+def test_int8_model_refuses_bf16_and_stays_fp32_on_auto():
+    assert load_model("default-int8", precision="auto").precision == "fp32"
+    with pytest.raises(ValueError, match="int8"):
+        load_model("default-int8", precision="bf16")
+
+
+def test_precision_change_invalidates_cached_embeddings():
+    model = load_model("default", precision="fp32")
+    pred = SamPredictor(model)
+    pred.set_image(samples.nuclei_2d()[:128, :128])
+    pred.set_image(samples.nuclei_2d()[:128, :128])
+    assert pred.encoder_calls == 1
+    model.set_precision("bf16")
+    pred.set_image(samples.nuclei_2d()[:128, :128])
+    assert pred.encoder_calls == 2
+    assert pred.get_image_embedding().dtype == torch.float32  # what leaves the model is float32
+
+
+def test_bf16_agrees_with_fp32_on_clicks():
+    image, truth = samples.nuclei_2d(), samples.nuclei_2d_labels()
+    f32, b16 = SamPredictor(load_model("default", precision="fp32")), SamPredictor(load_model("default", precision="bf16"))
+    for p in (f32, b16):
+        p.set_image(image)
+    from napari_tinysam.evaluation import innermost_point
+
+    ious = []
+    for i in [i for i in np.unique(truth) if i][:12]:
+        x, y = innermost_point(truth == i)
+        a = f32.predict(np.array([[x, y]]), np.array([1]))[0]
+        b = b16.predict(np.array([[x, y]]), np.array([1]))[0]
+        ious += [np.logical_and(a[k], b[k]).sum() / max(np.logical_or(a[k], b[k]).sum(), 1) for k in range(3)]
+    assert np.mean(ious) >= 0.97
+
+
+def test_channels_last_upscaling_equals_the_module_path(tiny_model):
+    dec = tiny_model.mask_decoder
+    assert dec._plain_upscaling()
+    torch.manual_seed(0)
+    src = torch.randn(2, 8, 8, dec.transformer_dim)
+    hyper = torch.randn(2, dec.num_mask_tokens, dec.transformer_dim // 8)
+    fast = dec._upscale_channels_last(src, hyper)
+    up = dec.output_upscaling(src.permute(0, 3, 1, 2))
+    ref = torch.matmul(hyper, up.flatten(2)).view(2, -1, 32, 32)
+    assert fast.shape == ref.shape
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+    assert isinstance(dec.output_upscaling[1], LayerNorm2d)
