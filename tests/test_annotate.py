@@ -12,8 +12,12 @@ from napari_tinysam.annotate import (
     Prompts,
     Zoom,
     is_embedded,
+    replace_object,
+    segment_objects,
     segment_prompts,
     slice_rgb,
+    split_objects,
+    undo_commit,
 )
 from napari_tinysam.distill.data import load_folder
 from napari_tinysam.evaluation import corrective_point, innermost_point
@@ -226,3 +230,79 @@ def test_zoom_improves_small_objects(data_dir):
                 scores[key].append(_iou(results[-1].mask, gt))
     assert len(scores[None]) >= 15
     assert np.mean(scores["zoom"]) > np.mean(scores[None]) + 0.03, (np.mean(scores[None]), np.mean(scores["zoom"]))
+
+
+def test_split_objects_gives_each_positive_point_its_nearest_negatives():
+    prompts = Prompts(
+        np.array([[10, 10], [100, 100], [12, 14], [95, 90], [70, 72]]), np.array([1, 1, 0, 0, 0]),
+        box=np.array([0, 0, 5, 5]),
+    )
+    objects = split_objects(prompts)
+    assert len(objects) == 3
+    assert objects[0].points.tolist() == [[10, 10], [12, 14]] and objects[0].labels.tolist() == [1, 0]
+    assert objects[1].points.tolist() == [[100, 100], [95, 90], [70, 72]] and objects[1].labels.tolist() == [1, 0, 0]
+    assert objects[2].box.tolist() == [0, 0, 5, 5] and len(objects[2].points) == 0
+    assert split_objects(Prompts(np.array([[3, 3]]), np.array([0]))) == []
+
+
+def test_segment_objects_gives_one_mask_per_point(field):
+    predictor, rgb, gt = field
+    ids = [i for i in np.unique(gt) if i and (gt == i).sum() > 150][:4]
+    pts = np.array([innermost_point(gt == i) for i in ids])
+    histories = {}
+    objects = segment_objects(predictor, rgb, Prompts(pts, np.ones(len(pts), np.int64)), histories)
+    assert len(objects) == len(ids) and len(histories) == len(ids)
+    ious = [_iou(obj.mask, gt == i) for obj, i in zip(objects, ids)]
+    assert min(ious) > 0.6, ious
+    # each mask equals the object clicked on its own
+    alone = segment_prompts(predictor, rgb, Prompts(pts[1:2], np.array([1])))
+    assert np.array_equal(objects[1].mask, alone.mask)
+    # a point removed: its object and its history go
+    assert len(segment_objects(predictor, rgb, Prompts(pts[:2], np.ones(2, np.int64)), histories)) == 2
+    assert len(histories) == 2
+
+
+def test_an_existing_mask_as_prompt_refines_it(field):
+    """A nucleus given as a coarse mask (its true mask cut in half, as a bad automatic
+    result would be) comes back whole; a negative point then takes part of it away."""
+    predictor, rgb, gt = field
+    ids = [i for i in np.unique(gt) if i and (gt == i).sum() > 300]
+    obj = gt == ids[0]
+    rows = np.flatnonzero(obj.any(1))
+    coarse = obj.copy()
+    coarse[rows[len(rows) // 2] :] = False
+    refined = segment_prompts(predictor, rgb, Prompts(mask=coarse))
+    assert len(refined.masks) == 1
+    assert _iou(refined.mask, obj) > max(0.8, _iou(coarse, obj) + 0.2)
+    with pytest.raises(ValueError, match="no prompts"):
+        segment_prompts(predictor, rgb, Prompts())
+
+
+def test_replace_object_changes_only_that_id_and_undo_is_exact():
+    labels = np.zeros((3, 20, 20), np.int32)
+    labels[0, 2:8, 2:8] = 5
+    labels[1, 2:8, 2:8] = 5
+    labels[1, 8:12, 2:8] = 7  # a neighbour
+    labels[2, 15:18, 15:18] = 5
+    before = labels.copy()
+    new = np.zeros((20, 20), bool)
+    new[4:11, 4:10] = True  # moved, and overlapping the neighbour
+    records = replace_object(labels, 5, {(1,): new})
+    assert (labels[1][new & (before[1] != 7)] == 5).all() and (labels[1][before[1] == 7] == 7).all()
+    assert (labels[1][(before[1] == 5) & ~new] == 0).all()
+    assert np.array_equal(labels[[0, 2]], before[[0, 2]])  # other slices untouched
+    for r in reversed(records):
+        undo_commit(labels, r)
+    assert np.array_equal(labels, before)
+    # overwrite takes the neighbour's pixels; whole removes the object from other slices
+    records = replace_object(labels, 5, {(1,): new}, overwrite=True, whole=True)
+    assert (labels[1][new] == 5).all() and not (labels[[0, 2]] == 5).any()
+    assert ((labels == 7) == ((before == 7) & ~new[None])).all()
+    for r in reversed(records):
+        undo_commit(labels, r)
+    assert np.array_equal(labels, before)
+    with pytest.raises(ValueError, match="does not exist"):
+        replace_object(labels, 9, {(1,): new})
+    with pytest.raises(ValueError, match="shape"):
+        replace_object(labels, 5, {(1,): new[:5]})
+    assert np.array_equal(labels, before)

@@ -3,6 +3,7 @@
 from .everything import segment_everything, segment_volume
 from .model import CheckpointError, Sam
 from .predictor import EmbeddingCache, SamPredictor
+from .propagate import VolumeMask, segment_object_in_volume
 from .weights import load_model
 
 __version__ = "0.1.0"
@@ -12,8 +13,10 @@ __all__ = [
     "EmbeddingCache",
     "Sam",
     "SamPredictor",
+    "VolumeMask",
     "load_model",
     "segment_everything",
+    "segment_object_in_volume",
     "segment_volume",
     "__version__",
 ]

@@ -7,10 +7,13 @@ directly on arrays.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from .predictor import SamPredictor, image_key, to_uint8_rgb
 
@@ -20,16 +23,18 @@ class Prompts:
     """The prompts of one object on one 2D slice, in that slice's pixel coordinates.
 
     points: (N, 2) as (x, y) = (column, row); labels: (N,) 1 positive / 0 negative;
-    box: (4,) XYXY or None.
+    box: (4,) XYXY or None; mask: (H, W) bool, an earlier mask of the object (one being
+    refined), or None: its box and its logits start the decoding, points correct it.
     """
 
     points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
     box: np.ndarray | None = None
+    mask: np.ndarray | None = None
 
     @property
     def empty(self) -> bool:
-        return len(self.points) == 0 and self.box is None
+        return len(self.points) == 0 and self.box is None and self.mask is None
 
 
 @dataclass
@@ -72,8 +77,38 @@ def is_embedded(predictor: SamPredictor, rgb: np.ndarray) -> bool:
     return image_key(predictor.model, rgb) in predictor.cache
 
 
+#: Magnitude of the low-resolution logits that stand for a given mask (SAM's own
+#: confident logits are of this order).
+MASK_LOGIT = 8.0
+
+
+def mask_to_logits(predictor: SamPredictor, mask: np.ndarray) -> np.ndarray:
+    """Low-resolution logits (1, s/4, s/4) that stand for ``mask`` (H, W) on the
+    predictor's current image: the mask resized to the model input, padded like the
+    image, averaged down and mapped to +-``MASK_LOGIT``."""
+    model = predictor.model
+    (h, w) = predictor.input_size
+    m = torch.as_tensor(np.asarray(mask, np.float32))[None, None]
+    m = F.interpolate(m, (h, w), mode="bilinear", align_corners=False)
+    m = F.pad(m, (0, model.img_size - w, 0, model.img_size - h))
+    m = F.adaptive_avg_pool2d(m, model.img_size // 4)[0]
+    return ((m.numpy() * 2 - 1) * MASK_LOGIT).astype(np.float32)
+
+
+def mask_box(mask: np.ndarray, margin: float = 0.0) -> np.ndarray:
+    """The XYXY box of a non-empty ``mask`` (H, W), grown by ``margin`` times its longer
+    side plus a pixel, and clipped to the slice."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    y0, y1, x0, x1 = rows[0], rows[-1], cols[0], cols[-1]
+    pad = margin * max(y1 - y0 + 1, x1 - x0 + 1) + 1
+    h, w = mask.shape
+    return np.array([max(x0 - pad, 0), max(y0 - pad, 0), min(x1 + pad, w - 1), min(y1 + pad, h - 1)], np.float64)
+
+
 def _prefix_key(prompts: Prompts, n_points: int) -> bytes:
     box = b"" if prompts.box is None else np.asarray(prompts.box, np.float64).tobytes()
+    if prompts.mask is not None:
+        box += hashlib.blake2b(np.packbits(np.asarray(prompts.mask, bool)).tobytes(), digest_size=16).digest()
     pts = np.asarray(prompts.points[:n_points], np.float64).tobytes()
     return box + b"|" + pts + b"|" + np.asarray(prompts.labels[:n_points], np.int64).tobytes()
 
@@ -185,19 +220,29 @@ def _decode_prefixes(
     offset = np.zeros(2) if window is None else np.array([window[1], window[0]], np.float64)
     tag = b"" if window is None else np.asarray(window, np.int64).tobytes()
     box = None if prompts.box is None else np.asarray(prompts.box, np.float64) - np.tile(offset, 2)
+    given = prompts.mask
+    if given is not None and window is not None:
+        y0, x0, h, w = window
+        given = given[y0 : y0 + h, x0 : x0 + w]
     previous: Candidates | None = None
     keys = []
-    for n in range(0 if prompts.box is not None else 1, upto + 1):
+    for n in range(_first_prefix(prompts), upto + 1):
         keys.append(tag + _prefix_key(prompts, n))
         parent = None if previous is None else previous.chosen
         parent_used, cands = history.steps.get(keys[-1], (None, None))
         if cands is None or parent_used != parent:  # new, or the user picked another mask before it
+            if previous is not None:
+                mask_input = previous.low_res[previous.chosen][None]
+            elif given is not None and given.any():  # an existing object being refined
+                mask_input = mask_to_logits(predictor, given)
+            else:
+                mask_input = None
             masks, scores, low = predictor.predict(
                 point_coords=prompts.points[:n] - offset if n else None,
                 point_labels=prompts.labels[:n] if n else None,
-                box=box,
-                mask_input=None if previous is None else previous.low_res[previous.chosen][None],
-                multimask_output=previous is None and prompts.box is None,
+                box=box if box is not None or previous is not None or mask_input is None else mask_box(given),
+                mask_input=mask_input,
+                multimask_output=previous is None and prompts.box is None and prompts.mask is None,
             )
             if window is not None:
                 y0, x0, h, w = window
@@ -209,6 +254,11 @@ def _decode_prefixes(
         previous = cands
     assert previous is not None
     return previous, keys
+
+
+def _first_prefix(prompts: Prompts) -> int:
+    """The fewest points decoded on their own: none with a box or a mask, else one."""
+    return 0 if prompts.box is not None or prompts.mask is not None else 1
 
 
 def segment_prompts(
@@ -247,7 +297,7 @@ def segment_prompts(
     n = len(prompts.points)
     window, first_keys = None, []
     if zoom is not None:
-        first, first_keys = _decode_prefixes(predictor, prompts, history, 0 if prompts.box is not None else 1, None, shape)
+        first, first_keys = _decode_prefixes(predictor, prompts, history, _first_prefix(prompts), None, shape)
         window = zoom_window(zoom, prompts, first.mask, predictor)
     pending = None
     if window is not None:
@@ -263,6 +313,40 @@ def segment_prompts(
     history.steps = {k: v for k, v in history.steps.items() if k in keep}
     result.pending_window = pending
     return result
+
+
+def split_objects(prompts: Prompts) -> list[Prompts]:
+    """One object per positive point, each with the negative points nearest to it, and one
+    for the box (the "each point is its own object" mode)."""
+    pts = np.asarray(prompts.points, np.float64).reshape(-1, 2)
+    labels = np.asarray(prompts.labels, np.int64)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels != 1)
+    members = [[i] for i in pos]
+    for j in neg if len(pos) else ():
+        members[int(np.argmin(((pts[pos] - pts[j]) ** 2).sum(1)))].append(j)
+    objects = [Prompts(pts[m], labels[m]) for m in members]
+    if prompts.box is not None:
+        objects.append(Prompts(box=prompts.box))
+    return objects
+
+
+def segment_objects(
+    predictor: SamPredictor,
+    rgb: np.ndarray,
+    prompts: Prompts,
+    histories: dict[bytes, ClickHistory] | None = None,
+) -> list[Candidates]:
+    """Masks for every object of :func:`split_objects` on one slice (embedding from the
+    cache or computed now). ``histories`` (object key -> :class:`ClickHistory`), kept
+    across calls, makes a point added to one object cost one decoder pass."""
+    histories = {} if histories is None else histories
+    out, keys = [], []
+    for obj in split_objects(prompts):
+        keys.append(_prefix_key(obj, min(1, len(obj.points))))
+        out.append(segment_prompts(predictor, rgb, obj, histories.setdefault(keys[-1], ClickHistory())))
+    for key in set(histories) - set(keys):  # objects whose point was removed
+        del histories[key]
+    return out
 
 
 @dataclass
@@ -308,6 +392,68 @@ def commit_mask(
     previous = plane[y0:y1, x0:x1].copy()
     plane[y0:y1, x0:x1][write[y0:y1, x0:x1]] = label
     return UndoRecord(tuple(index), (int(y0), int(x0)), previous, label)
+
+
+def commit_object(
+    labels: np.ndarray,
+    masks: dict[tuple[int, ...], np.ndarray],
+    overwrite: bool = False,
+    label: int | None = None,
+) -> list[UndoRecord]:
+    """Write one object's masks on several slices (``index -> (H, W) bool``) into
+    ``labels`` under one new id, in place: every shape is checked before anything is
+    written. Returns the undo records (undo them in reverse order)."""
+    for index, mask in masks.items():
+        if labels[index].shape != mask.shape:
+            raise ValueError(
+                f"labels slice {index} has shape {labels[index].shape} but the mask has shape {mask.shape}; "
+                "the Labels layer must have the image's shape"
+            )
+    label = next_free_id(labels) if label is None else label
+    records = [commit_mask(labels, index, mask, overwrite, label) for index, mask in masks.items()]
+    return [r for r in records if r is not None]
+
+
+def replace_object(
+    labels: np.ndarray,
+    label: int,
+    masks: dict[tuple[int, ...], np.ndarray],
+    overwrite: bool = False,
+    whole: bool = False,
+) -> list[UndoRecord]:
+    """Replace object ``label`` by ``masks`` (``index -> (H, W) bool``), in place: on each
+    given slice its old pixels outside the new mask become background and the new mask
+    takes its id (over other objects only if ``overwrite``); with ``whole``, the object's
+    pixels on slices not given are removed too (a new 3D object replaces the old one).
+    Everything is checked before anything is written. Returns the undo records."""
+    for index, mask in masks.items():
+        if labels[index].shape != mask.shape:
+            raise ValueError(
+                f"labels slice {index} has shape {labels[index].shape} but the mask has shape {mask.shape}; "
+                "the Labels layer must have the image's shape"
+            )
+    old = labels == label
+    if not old.any():
+        raise ValueError(f"label {label} does not exist in this Labels layer; pick an id it holds")
+    lead = labels.ndim - 2
+    todo = dict(masks)
+    if whole:
+        for index in zip(*np.nonzero(old.reshape(*old.shape[:lead], -1).any(-1))):
+            todo.setdefault(tuple(int(i) for i in index), np.zeros(labels.shape[lead:], bool))
+    records = []
+    for index, mask in todo.items():
+        plane = labels[index]
+        was = old[index]
+        write = mask & (plane != label) & (overwrite | (plane == 0))
+        change = write | (was & ~mask)
+        if not change.any():
+            continue
+        rows, cols = np.flatnonzero(change.any(1)), np.flatnonzero(change.any(0))
+        y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        records.append(UndoRecord(tuple(index), (int(y0), int(x0)), plane[y0:y1, x0:x1].copy(), label))
+        plane[was & ~mask] = 0
+        plane[write] = label
+    return records
 
 
 def undo_commit(labels: np.ndarray, record: UndoRecord) -> None:

@@ -1,0 +1,149 @@
+"""One click per object on its largest slice, propagated through the stack
+(``segment_object_in_volume``), against the slice-by-slice upper bound (one click on
+every slice the object spans, the best of TinySAM's three masks):
+
+- 3D IoU with the true object, mean over objects (and the share of objects >= 0.5);
+- slices embedded per object against the slices it spans and the stack depth;
+- seconds per object with its embeddings: every object is segmented on a cold cache
+  for ``--cold`` objects per volume (measured), the rest on the volume's shared cache
+  (decoding measured, embeddings counted).
+
+Volumes: the GoNuclear confocal crops, the small synthetic stack, and noisy stand-ins
+built from BBBC039 fields (``volumes.noisy_stack``: drifting, growing and shrinking
+nuclei, blur, dim nuclei, Poisson noise at SNR 3).
+
+    .venv/bin/python benchmarks/bench_propagation.py [--model default] [--data ../shared/data]
+        [--split val] [--noisy 2] [--max-objects 40] [--cold 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench_everything import cpu_name
+from volumes import gonuclear, noisy_stack
+
+from napari_tinysam import SamPredictor, load_model
+from napari_tinysam.bench import print_table
+from napari_tinysam.distill.data import load_folder
+from napari_tinysam.evaluation import innermost_point
+from napari_tinysam.everything import volume_contrast_limits
+from napari_tinysam.predictor import EmbeddingCache, compute_embedding, to_uint8_rgb
+from napari_tinysam.propagate import segment_object_in_volume
+
+
+def iou3d(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def volumes(data: Path, split: str, noisy: int):
+    out = [(f"gonuclear {name}", img, lab) for name, img, lab in gonuclear(data)]
+    syn = data / "nuclei3d_synthetic"
+    if syn.exists():
+        import tifffile
+
+        out.append(("synthetic", tifffile.imread(syn / "img3d.tif"), tifffile.imread(syn / "mask3d.tif").astype(np.int32)))
+    fields = load_folder(data / "bbbc039" / split / "images", limit=noisy) if noisy else []
+    for i, s in enumerate(fields):
+        img, lab = noisy_stack(s.image, s.labels, seed=i)
+        out.append((f"noisy BBBC039 {split} {i}", img, lab))
+    return out
+
+
+def run_volume(model, name, stack, labels, max_objects, cold, rng):
+    limits = volume_contrast_limits(stack)
+    cache = EmbeddingCache(4 * 2**30)
+    predictor = SamPredictor(model, cache=cache)
+    ids = np.unique(labels[labels > 0])
+    if max_objects and len(ids) > max_objects:
+        ids = np.sort(rng.choice(ids, max_objects, replace=False))
+    # embedding time per slice, measured on this volume (median of 3)
+    rgb = to_uint8_rgb(np.asarray(stack[len(stack) // 2]), limits)
+    t = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        compute_embedding(model, rgb)
+        t.append(time.perf_counter() - t0)
+    t_embed = float(np.median(t))
+    prop, upper, spans, embeds, secs, cold_secs, scales = [], [], [], [], [], [], []
+    for k, i in enumerate(ids):
+        obj = labels == i
+        area = obj.reshape(len(obj), -1).sum(1)
+        z = int(np.argmax(area))
+        x, y = innermost_point(obj[z])
+        if k < cold:
+            t0 = time.perf_counter()
+            res = segment_object_in_volume(SamPredictor(model), stack, z, [[x, y]], [1], contrast_limits=limits)
+            cold_secs.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        before = set(cache._items)
+        res = segment_object_in_volume(predictor, stack, z, [[x, y]], [1], contrast_limits=limits)
+        decode = time.perf_counter() - t0
+        new = len(set(cache._items) - before)
+        secs.append(decode - new * t_embed + len(set(res.visited)) * t_embed)
+        embeds.append(len(set(res.visited)))
+        prop.append(iou3d(np.asarray(res), obj))
+        scales.append(res.scale)
+        zs = np.flatnonzero(area)
+        spans.append(len(zs))
+        # upper bound: a click on every slice it spans (each slice at its own best scale)
+        ub = np.zeros_like(obj)
+        for zz in zs:
+            px, py = innermost_point(obj[zz])
+            ub[zz] = segment_object_in_volume(predictor, stack, zz, [[px, py]], [1], contrast_limits=limits,
+                                              z_range=(zz, zz))[zz]
+        upper.append(iou3d(ub, obj))
+    return {
+        "volume": name,
+        "depth": stack.shape[0],
+        "objects": len(ids),
+        "3D IoU, 1 click": f"{np.mean(prop):.3f}",
+        ">= 0.5": f"{np.mean(np.array(prop) >= 0.5):.2f}",
+        "3D IoU, click per slice": f"{np.mean(upper):.3f}",
+        "slices spanned": f"{np.mean(spans):.1f}",
+        "slices embedded": f"{np.mean(embeds):.1f}",
+        "s/object": f"{np.median(secs):.2f}",
+        "s/object cold (measured)": f"{np.median(cold_secs):.2f}" if cold_secs else "-",
+        "s/embedding": f"{t_embed:.2f}",
+        "input scale (median)": f"{np.median(scales):.1f}",
+        "_prop": prop,
+        "_upper": upper,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("TINYSAM_DATA_DIR", "../shared/data")))
+    ap.add_argument("--split", default="val", help="BBBC039 split the noisy stand-ins are built from")
+    ap.add_argument("--noisy", type=int, default=2, help="noisy stand-in stacks")
+    ap.add_argument("--max-objects", type=int, default=40, help="objects per volume (random, seeded)")
+    ap.add_argument("--cold", type=int, default=3, help="objects per volume timed on a cold cache")
+    ap.add_argument("--only", default="", help="only volumes whose name contains this")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    model = load_model(args.model)
+    rng = np.random.default_rng(0)
+    rows, allp, allu = [], [], []
+    for name, stack, labels in volumes(args.data, args.split, args.noisy):
+        if args.only and args.only not in name:
+            continue
+        row = run_volume(model, name, stack, labels, args.max_objects, args.cold, rng)
+        allp += row.pop("_prop")
+        allu += row.pop("_upper")
+        rows.append(row)
+        print(row, flush=True)
+    print(f"\nmodel {args.model} ({model.precision}), {cpu_name()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; all objects: 3D IoU 1 click {np.mean(allp):.3f}, "
+          f"click per slice {np.mean(allu):.3f}\n")
+    print_table(rows, list(rows[0]))
+
+
+if __name__ == "__main__":
+    main()

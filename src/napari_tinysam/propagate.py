@@ -1,0 +1,411 @@
+"""One object through a 3D stack: prompts on one slice (or a few), then slice by slice up
+and down, each slice prompted by the result of the slice next to it, until the object
+ends.
+
+Only the slices the propagation reaches are embedded, nearest first, so one nucleus
+costs the slices it spans plus one on each side, not the whole stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .annotate import Prompts, is_embedded, mask_box, mask_to_logits, segment_prompts
+from .evaluation import innermost_point
+from .everything import volume_contrast_limits
+from .predictor import SamPredictor, preprocess_shape, to_uint8_rgb
+
+
+class VolumeMask(np.ndarray):
+    """A (Z, H, W) bool mask of one object, with what the propagation knows about it:
+
+    - ``scores`` (Z,): the decoder's predicted IoU per slice (NaN where not segmented);
+    - ``z_range``: (first, last) slice of the object, or None when it is empty;
+    - ``embedded``: the slices whose embeddings were computed for it (not cached before);
+    - ``visited``: every slice that was decoded, in order (the ones where it stopped too);
+    - ``cancelled``: True when ``cancel`` stopped it (the mask holds what was done);
+    - ``scale``: model-input pixels per slice pixel the slices were segmented at.
+    """
+
+    scores: np.ndarray
+    embedded: list[int]
+    visited: list[int]
+    cancelled: bool
+    scale: float
+
+    def __array_finalize__(self, obj) -> None:
+        if obj is None:
+            return
+        self.scores = getattr(obj, "scores", None)
+        self.embedded = getattr(obj, "embedded", [])
+        self.visited = getattr(obj, "visited", [])
+        self.cancelled = getattr(obj, "cancelled", False)
+        self.scale = getattr(obj, "scale", float("nan"))
+
+    @property
+    def z_range(self) -> tuple[int, int] | None:
+        zs = np.flatnonzero(np.asarray(self).reshape(len(self), -1).any(1))
+        return (int(zs[0]), int(zs[-1])) if len(zs) else None
+
+    @property
+    def least_confident(self) -> int | None:
+        """The slice of the object with the lowest predicted IoU."""
+        zr = self.z_range
+        if zr is None:
+            return None
+        s = np.where(np.isnan(self.scores), np.inf, self.scores)[zr[0] : zr[1] + 1]
+        return zr[0] + int(np.argmin(s))
+
+
+@dataclass
+class SliceResult:
+    """One slice of a propagation: its mask (H, W) bool, the decoder's predicted IoU, the
+    low-resolution logits (1, s/4, s/4) the next slice is prompted with, and whether the
+    object continues from it (False: it ended before this slice; ``mask`` is then not
+    part of the object)."""
+
+    z: int
+    mask: np.ndarray
+    score: float
+    low_res: np.ndarray
+    kept: bool = True
+
+
+@dataclass(frozen=True)
+class StopRules:
+    """When the propagation stops (outside the prompted slices): the new mask is empty,
+    grows more than ``max_growth`` times the previous slice's area, the decoder's
+    predicted IoU is below ``min_score``, or it overlaps the previous slice's mask below
+    ``iou_threshold``: as IoU when it grows (a jump to the next object above or below
+    grows it), as the share of it inside the previous mask when it shrinks (an object's
+    end shrinks, and must continue)."""
+
+    iou_threshold: float = 0.5
+    max_growth: float = 2.5
+    min_score: float = 0.5
+    #: stop where the object's signal (mean inside the mask minus the slice's median)
+    #: falls below this share of the seed's: the dim gap between two nuclei stacked in z
+    min_signal: float = 0.5
+
+    def stops(self, previous: np.ndarray, mask: np.ndarray, score: float) -> bool:
+        area, before = int(mask.sum()), int(previous.sum())
+        if area == 0 or score < self.min_score or area > self.max_growth * max(before, 1):
+            return True
+        inter = int((mask & previous).sum())
+        overlap = inter / area if area <= before else inter / (area + before - inter)
+        return overlap < self.iou_threshold
+
+
+#: Scales (model-input pixels per slice pixel) tried for a propagation's seed besides the
+#: model's own, when that is larger: a model trained on nuclei of one size enlarges small
+#: slices up to its ``max_upscale``, which blows large nuclei in small slices past what it
+#: was trained on (a 24 px disc in a 96 x 128 slice: 22 px mask at 4x, 416 px at 1.5x).
+#: The seed's predicted IoU picks the scale (one more embedding of the seed slice each,
+#: tried only when the model's own scale gives an unconfident seed).
+SEED_SCALES = (1.5, 2.5)
+#: A seed segmented with at least this predicted IoU at the model's own scale keeps it
+#: (no further embeddings of the seed slice).
+CONFIDENT_SEED = 0.75
+
+
+def _resize_rgb(rgb: np.ndarray, factor: float) -> np.ndarray:
+    if factor == 1.0:
+        return rgb
+    h, w = rgb.shape[:2]
+    t = torch.as_tensor(rgb).permute(2, 0, 1)[None].float()
+    t = F.interpolate(t, (max(2, round(h * factor)), max(2, round(w * factor))), mode="bilinear", antialias=True)
+    return np.ascontiguousarray(t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy())
+
+
+class _Walker:
+    """Slices -> RGB (resized by ``factor``) -> embedded predictor; decodes at that
+    scale and returns masks at the slice's size. Records which slices were embedded."""
+
+    def __init__(self, predictor, stack, contrast_limits, prepare_slice) -> None:
+        self.predictor = predictor
+        self.stack = stack
+        self.limits = contrast_limits
+        self.prepare_slice = prepare_slice
+        self.factor = 1.0
+        self._rgb: np.ndarray | None = None
+        self.embedded: list[int] = []
+        self.visited: list[int] = []
+
+    def set_slice(self, z: int) -> np.ndarray:
+        rgb = _resize_rgb(to_uint8_rgb(np.asarray(self.stack[z]), self.limits), self.factor)
+        if self.prepare_slice is not None:
+            self.prepare_slice(z, rgb)
+        if not is_embedded(self.predictor, rgb):
+            self.embedded.append(z)
+        self.predictor.set_image(rgb)
+        self.visited.append(z)
+        self._rgb = rgb
+        return rgb
+
+    @property
+    def scale(self) -> float:
+        """Model-input pixels per slice pixel."""
+        h, w = self.stack.shape[1:3]
+        ih, iw = preprocess_shape(max(2, round(h * self.factor)), max(2, round(w * self.factor)),
+                                  self.predictor.model.img_size, self.predictor.model.max_upscale)
+        return max(ih / h, iw / w)
+
+    def _full(self, low: np.ndarray) -> np.ndarray:
+        """Low-resolution logits (1, s/4, s/4) -> mask at the slice's size."""
+        pred = self.predictor
+        shape = tuple(self.stack.shape[1:3])
+        up = pred.model.postprocess_masks(torch.as_tensor(low)[None], pred.input_size, shape)
+        return (up[0, 0] > pred.model.mask_threshold).numpy()
+
+    def _scaled(self, prompts: Prompts) -> Prompts:
+        f = self.factor
+        box = None if prompts.box is None else np.asarray(prompts.box, np.float64) * f
+        return Prompts(np.asarray(prompts.points, np.float64) * f, prompts.labels, box)
+
+    def choose_scale(self, z: int, prompts: Prompts, mask: np.ndarray | None) -> None:
+        """Pick the scale of the whole walk by the seed's predicted IoU (see ``SEED_SCALES``)."""
+        cap = self.predictor.model.max_upscale
+        h, w = self.stack.shape[1:3]
+        own = min(self.predictor.model.img_size / max(h, w), cap or np.inf)
+        if cap is None:
+            return
+        if mask is not None and len(prompts.points) == 0 and prompts.box is None:
+            x, y = innermost_point(mask)
+            prompts = Prompts(np.array([[x, y]]), np.array([1]), mask_box(mask))
+        best = (-1.0, 1.0)
+        for scale in (own, *(s for s in SEED_SCALES if s < own and s * min(h, w) >= 32)):
+            self.factor = scale / own
+            self.set_slice(z)
+            cands = segment_prompts(self.predictor, self._rgb, self._scaled(prompts))
+            best = max(best, (float(cands.scores[cands.chosen]), self.factor))
+            if best[0] >= CONFIDENT_SEED:
+                break
+        self.factor = best[1]
+
+    def seed(self, z: int, prompts: Prompts, mask: np.ndarray | None) -> SliceResult:
+        self.set_slice(z)
+        if mask is not None and prompts.empty:  # the given mask is the slice's result
+            return SliceResult(z, mask.copy(), 1.0, mask_to_logits(self.predictor, mask))
+        scaled = self._scaled(prompts)
+        if mask is not None:  # points correct the given mask
+            _, scores, low = self.predictor.predict(
+                point_coords=scaled.points if len(scaled.points) else None,
+                point_labels=scaled.labels if len(scaled.points) else None,
+                box=scaled.box, mask_input=mask_to_logits(self.predictor, mask), multimask_output=False,
+            )
+            return SliceResult(z, self._full(low[:1]), float(scores[0]), low[:1])
+        cands = segment_prompts(self.predictor, self._rgb, scaled)
+        low = cands.low_res[cands.chosen][None]
+        return SliceResult(z, self._full(low), float(cands.scores[cands.chosen]), low)
+
+    def follow(self, z: int, previous: SliceResult, margin: float) -> SliceResult:
+        """Segment slice ``z`` from the neighbouring slice's result."""
+        self.set_slice(z)
+        x, y = innermost_point(previous.mask)
+        f = self.factor
+        _, scores, low = self.predictor.predict(
+            point_coords=np.array([[x * f, y * f]]), point_labels=np.array([1]),
+            box=mask_box(previous.mask, margin) * f, mask_input=previous.low_res, multimask_output=False,
+        )
+        return SliceResult(z, self._full(low[:1]), float(scores[0]), low[:1])
+
+
+def _signal(stack, z: int, mask: np.ndarray) -> float:
+    plane = np.asarray(stack[z], np.float32)
+    return float(plane[mask].mean() - np.median(plane)) if mask.any() else 0.0
+
+
+def iter_propagation(
+    predictor: SamPredictor,
+    stack,
+    prompts: Mapping[int, Prompts],
+    masks: Mapping[int, np.ndarray] | None = None,
+    *,
+    contrast_limits: tuple[float, float] | None = None,
+    rules: StopRules = StopRules(),
+    z_range: tuple[int, int] | None = None,
+    box_margin: float = 0.25,
+    prepare_slice: Callable[[int, np.ndarray], None] | None = None,
+    walker: _Walker | None = None,
+    choose_scale: bool = True,
+) -> Iterator[SliceResult]:
+    """Yield the slices of one object as they are segmented: the prompted slices first,
+    then the gaps between them (filled from both ends, without stopping), then outwards,
+    one slice up and one down in turn, until each side stops (see :class:`StopRules`)
+    or reaches ``z_range`` (inclusive). With ``choose_scale`` the walk runs at the scale
+    where the seed is segmented most confidently (see ``SEED_SCALES``). A slice where a side stopped is yielded with
+    ``kept=False``. ``prepare_slice(z, rgb)`` runs before a slice is embedded (the
+    widget puts an embedding store's entry into the cache there)."""
+    masks = masks or {}
+    seeds = sorted(set(prompts) | set(masks))
+    lo_z, hi_z = z_range if z_range is not None else (0, stack.shape[0] - 1)
+    walker = walker or _Walker(predictor, stack, contrast_limits, prepare_slice)
+    done: dict[int, SliceResult] = {}
+    if choose_scale:
+        z = seeds[len(seeds) // 2]
+        walker.choose_scale(z, prompts.get(z, Prompts()), masks.get(z))
+    for z in seeds:
+        done[z] = walker.seed(z, prompts.get(z, Prompts()), masks.get(z))
+        yield done[z]
+    for a, b in zip(seeds, seeds[1:]):  # fill gaps from both ends
+        lo, hi = a, b
+        while hi - lo > 1:
+            for side in (1, -1):
+                if hi - lo <= 1:
+                    break
+                src, z = (lo, lo + 1) if side == 1 else (hi, hi - 1)
+                if done[src].mask.any():
+                    done[z] = walker.follow(z, done[src], box_margin)
+                else:  # this end lost the object: the other end fills the rest
+                    done[z] = SliceResult(z, np.zeros_like(done[src].mask), float("nan"), done[src].low_res)
+                yield done[z]
+                lo, hi = (z, hi) if side == 1 else (lo, z)
+    seed_signal = min(_signal(stack, z, done[z].mask) for z in seeds) if rules.min_signal > 0 else 0.0
+    fronts = {1: seeds[-1], -1: seeds[0]}
+    while fronts:
+        for side in (1, -1):
+            if side not in fronts:
+                continue
+            src = fronts[side]
+            z = src + side
+            if not (lo_z <= z <= hi_z) or not done[src].mask.any():
+                del fronts[side]
+                continue
+            res = walker.follow(z, done[src], box_margin)
+            if rules.stops(done[src].mask, res.mask, res.score) or (
+                rules.min_signal > 0 and _signal(stack, z, res.mask) < rules.min_signal * seed_signal
+            ):
+                res.kept = False
+                del fronts[side]
+            else:
+                done[z] = res
+                fronts[side] = z
+            yield res
+
+
+def _as_prompt_sets(z, point_coords, point_labels, box, mask, shape):
+    """The per-slice prompts of :func:`segment_object_in_volume`'s arguments, checked."""
+    depth, h, w = shape
+    many = isinstance(z, Sequence) and not isinstance(z, str)
+    zs = [int(v) for v in z] if many else [int(z)]
+
+    def per_slice(value, name):
+        if not many:
+            return [value]
+        if value is None:
+            return [None] * len(zs)
+        if len(value) != len(zs):
+            raise ValueError(f"{name} must give one entry per prompted slice ({len(zs)}), got {len(value)}")
+        return list(value)
+
+    pts, labs, boxes, masks = (per_slice(v, n) for v, n in (
+        (point_coords, "point_coords"), (point_labels, "point_labels"), (box, "box"), (mask, "mask")))
+    prompts: dict[int, Prompts] = {}
+    given: dict[int, np.ndarray] = {}
+    for zi, p, lab, b, m in zip(zs, pts, labs, boxes, masks):
+        if not 0 <= zi < depth:
+            raise ValueError(f"slice z={zi} is outside the stack (0..{depth - 1})")
+        if zi in prompts:
+            raise ValueError(f"slice z={zi} is prompted twice; give each slice once")
+        if (p is None) != (lab is None):
+            raise ValueError("point_coords and point_labels must be given together")
+        points = np.zeros((0, 2)) if p is None else np.asarray(p, np.float64).reshape(-1, 2)
+        labels = np.zeros(0, np.int64) if lab is None else np.asarray(lab, np.int64).reshape(-1)
+        if len(points) != len(labels):
+            raise ValueError(f"{len(points)} points but {len(labels)} point labels on slice z={zi}")
+        outside = (points[:, 0] < 0) | (points[:, 0] > w - 1) | (points[:, 1] < 0) | (points[:, 1] > h - 1)
+        if outside.any():
+            raise ValueError(
+                f"point {points[outside][0].tolist()} (x, y) lies outside the slice ({w} x {h} pixels)"
+            )
+        if len(labels) and not (labels > 0).any() and b is None and m is None:
+            raise ValueError(f"slice z={zi} has only negative points: add a positive point or a box")
+        bx = None if b is None else np.asarray(b, np.float64).reshape(4)
+        prompts[zi] = Prompts(points, labels, bx)
+        if m is not None:
+            m = np.asarray(m, bool)
+            if m.shape != (h, w):
+                raise ValueError(f"mask on slice z={zi} has shape {m.shape}, the slices are {(h, w)}")
+            if not m.any():
+                raise ValueError(f"mask on slice z={zi} is empty: give a mask with the object in it")
+            given[zi] = m
+        elif prompts[zi].empty:
+            raise ValueError(f"slice z={zi} has no prompt: give points, a box or a mask")
+    return prompts, given
+
+
+def segment_object_in_volume(
+    model_or_predictor,
+    stack,
+    z,
+    point_coords: np.ndarray | None = None,
+    point_labels: np.ndarray | None = None,
+    box: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    *,
+    contrast_limits: tuple[float, float] | None = None,
+    iou_threshold: float = 0.5,
+    z_range: tuple[int, int] | None = None,
+    progress: Callable[[int, np.ndarray, float], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> VolumeMask:
+    """Segment one object through a (Z, H, W) stack from prompts on slice ``z``.
+
+    The prompted slice is segmented as the annotator does it (``point_coords`` (N, 2) as
+    (x, y) with ``point_labels`` (N,) 1/0, and/or ``box`` (4,) XYXY; or ``mask`` (H, W):
+    an existing mask, kept as it is, or corrected by the points given with it). Then each
+    next slice, up and down, is prompted with the previous slice's result (its box, its
+    innermost point and its low-resolution logits) until the object ends: the mask is
+    empty, its overlap with the previous slice's is below ``iou_threshold`` (IoU when it
+    grows, the share inside the previous mask when it shrinks), it grows 2.5-fold, or
+    the decoder's confidence is low; or until ``z_range`` (first, last).
+
+    Several prompted slices of one object: give ``z`` as a list and the prompts as lists
+    with one entry (or None) per slice; the slices between them are filled from both ends.
+
+    Only the slices reached are embedded (cached in the predictor's embedding cache).
+    Slices are scaled with ``contrast_limits`` (default: the stack's 0.5 / 99.5
+    percentiles). ``progress(z, mask, score)`` is called for every slice added to the
+    object; ``cancel()`` returning True stops the walk (the result holds what was done
+    and has ``cancelled`` set).
+
+    Returns a :class:`VolumeMask`: the (Z, H, W) bool mask, with per-slice predicted IoU
+    in ``.scores`` and the slices embedded for it in ``.embedded``.
+    """
+    predictor = model_or_predictor if isinstance(model_or_predictor, SamPredictor) else SamPredictor(model_or_predictor)
+    shape = tuple(getattr(stack, "shape", ()))
+    if len(shape) != 3:
+        raise ValueError(
+            f"propagation needs a (Z, H, W) stack, got shape {shape}; for a 2D image use "
+            "SamPredictor.predict or the annotator on that slice"
+        )
+    prompts, given = _as_prompt_sets(z, point_coords, point_labels, box, mask, shape)
+    if z_range is not None:
+        lo, hi = (int(v) for v in z_range)
+        if not (0 <= lo <= hi < shape[0]) or any(not lo <= zi <= hi for zi in prompts):
+            raise ValueError(f"z_range {z_range} must lie in 0..{shape[0] - 1} and hold the prompted slices")
+        z_range = (lo, hi)
+    limits = contrast_limits if contrast_limits is not None else volume_contrast_limits(stack)
+    out = np.zeros(shape, bool).view(VolumeMask)
+    out.scores = np.full(shape[0], np.nan, np.float32)
+    walker = _Walker(predictor, stack, limits, None)
+    out.embedded, out.visited = walker.embedded, walker.visited
+    for res in iter_propagation(
+        predictor, stack, prompts, given, contrast_limits=limits, rules=StopRules(iou_threshold=iou_threshold),
+        z_range=z_range, walker=walker,
+    ):
+        if res.kept:
+            out[res.z] = res.mask
+            out.scores[res.z] = res.score
+            if progress is not None:
+                progress(res.z, res.mask, res.score)
+        if cancel is not None and cancel():
+            out.cancelled = True
+            break
+    out.scale = walker.scale
+    return out
