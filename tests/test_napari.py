@@ -84,6 +84,50 @@ def test_annotator_2d_commit_second_object_and_undo(annotator, qtbot, nuclei):
     assert target.data.max() == 0
 
 
+def test_annotator_each_point_is_an_object_committed_in_one_step(annotator, qtbot, nuclei):
+    viewer, w = annotator
+    truth = nuclei[1]
+    ids = _largest_objects(truth, 3)
+    w.each_point.value = True
+    for i in ids:
+        x, y = innermost_point(truth == i)
+        w.points_layer.add([y, x])
+        _wait(qtbot, w)
+    assert len(w.objects) == 3
+    assert sorted(np.unique(w.preview_layer.data).tolist()) == [0, 1, 2, 3]
+    w.commit()
+    target = viewer.layers["TinySAM labels"]
+    assert target.data.max() == 3 and "3 objects" in w.status.value
+    for new, i in zip((1, 2, 3), ids):
+        assert _iou(target.data == new, truth == i) > 0.5
+    w.undo()  # one step undoes all three
+    assert target.data.max() == 0
+
+
+def test_annotator_refines_an_existing_label_only(annotator, qtbot, nuclei):
+    viewer, w = annotator
+    truth = nuclei[1]
+    a, b = _largest_objects(truth, 2)
+    labels = np.where(np.isin(truth, [a, b]), truth, 0).astype(np.int32)
+    rows = np.flatnonzero((truth == a).any(1))
+    labels[rows[len(rows) // 2] :][labels[rows[len(rows) // 2] :] == a] = 0  # half of object a: a poor mask
+    target = viewer.add_labels(labels.copy(), name="stardist")
+    w.labels_combo.value = "stardist"
+    w.refine_id.value = 999  # not in the layer: an error, nothing previewed
+    _wait(qtbot, w)
+    assert w.candidates is None and not w.preview_layer.data.any()
+    w.refine_id.value = a
+    _wait(qtbot, w)
+    better = max(0.7, _iou(labels == a, truth == a) + 0.2)
+    assert w.candidates is not None and _iou(w.preview_layer.data > 0, truth == a) > better
+    w.commit()
+    assert _iou(target.data == a, truth == a) > better
+    assert np.array_equal(target.data == b, labels == b)  # the other object untouched
+    assert set(np.unique(target.data)) == {0, a, b} and w.refine_id.value == 0
+    w.undo()
+    assert np.array_equal(target.data, labels)
+
+
 def test_annotator_negative_point_shrinks_and_box(annotator, qtbot, nuclei):
     _, w = annotator
     truth = nuclei[1]
@@ -268,3 +312,52 @@ def test_contrast_change_invalidates_embeddings(annotator, qtbot, nuclei):
     qtbot.waitUntil(lambda: w.busy or len(w.cache) == 0, timeout=2000)
     _wait(qtbot, w)
     assert len(w.cache) == 1 and w.preview_layer.data.any()  # re-embedded with the new view
+
+
+def test_annotator_propagates_commits_and_undoes_a_3d_object(make_napari_viewer, qtbot):
+    from tests.test_propagate import disc_stack
+
+    stack, truth = disc_stack()
+    viewer = make_napari_viewer()
+    viewer.add_image(stack, name="stack")
+    w = AnnotatorWidget(viewer)
+    _wait(qtbot, w)
+    assert w.propagate_btn.enabled
+    target = viewer.add_labels(np.zeros(stack.shape, np.int32), name="cells")
+    target.data[4, 40:44, 40:44] = 3  # an object already there: kept
+    before = target.data.copy()
+    w.labels_combo.value = "cells"
+    w.points_layer.add([5, 48, 50])
+    _wait(qtbot, w)
+    assert w.preview_slice == (5,)
+    # Shift-T twice: the second cancels; nothing is written
+    w.propagate()
+    w.propagate()
+    _wait(qtbot, w)
+    assert np.array_equal(target.data, before)
+    w.propagate()
+    _wait(qtbot, w)
+    assert sorted(w.preview_volumes[0]) == list(range(2, 9))
+    assert (w.preview_layer.data > 0).reshape(len(stack), -1).any(1).tolist() == [2 <= z <= 8 for z in range(len(stack))]
+    assert "slices 2-8" in w.status.value and "least confident" in w.status.value
+    w.commit()
+    written = target.data != before
+    assert set(np.unique(target.data[written])) == {4}  # one new id
+    assert _iou(written, truth) > 0.8 and (target.data[4, 40:44, 40:44] == 3).all()
+    assert not w.preview_volumes and w.preview_layer.data.max() == 0
+    w.undo()
+    assert np.array_equal(target.data, before)
+    _wait(qtbot, w)
+    # one object per point: two discs, each propagated, committed as two ids in one step
+    w.each_point.value = True
+    w.points_layer.add([5, 48, 50])
+    w.points_layer.add([5, 30, 105])
+    _wait(qtbot, w)
+    assert len(w.objects) == 2
+    w.propagate()
+    _wait(qtbot, w)
+    assert len(w.preview_volumes) == 2 and "2 objects" in w.status.value
+    w.commit()
+    assert set(np.unique(target.data[target.data != before])) == {4, 5}
+    w.undo()
+    assert np.array_equal(target.data, before)

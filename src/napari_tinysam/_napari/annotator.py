@@ -19,12 +19,16 @@ from ..annotate import (
     UndoRecord,
     Zoom,
     commit_mask,
+    commit_object,
     is_embedded,
+    replace_object,
+    segment_objects,
     segment_prompts,
     slice_rgb,
     undo_commit,
 )
 from ..predictor import EmbeddingCache, SamPredictor, compute_embedding, image_key
+from ..propagate import iter_propagation
 from .layers import check_slice, image_ndim, prompts_on_slice, slice_of, to_image_coords
 from .models import get_model, model_choices
 
@@ -32,7 +36,10 @@ POSITIVE_COLOR = "#2ecc40"
 NEGATIVE_COLOR = "#ff4136"
 NEW_LAYER = "(new layer)"
 PREVIEW_NAME = "TinySAM preview"
-KEYS = {"commit": "Shift-C", "clear": "Shift-X", "next": "Shift-M", "polarity": "Shift-N", "undo": "Shift-U"}
+KEYS = {
+    "commit": "Shift-C", "clear": "Shift-X", "next": "Shift-M", "polarity": "Shift-N", "undo": "Shift-U",
+    "propagate": "Shift-T",
+}
 
 
 class AnnotatorWidget(Container):
@@ -42,6 +49,17 @@ class AnnotatorWidget(Container):
     is on, toggled by Shift-N); a rectangle in the boxes layer is a box prompt. Every
     change segments the slice the prompt lies on. Shift-C commits, Shift-X clears,
     Shift-M shows the next candidate mask, Shift-U undoes the last commit.
+
+    On a 3D image, Shift-T propagates the previewed object through the stack (slices with
+    prompts of their own are kept as prompted); the preview grows slice by slice, and
+    Shift-C commits the whole 3D object under one new id. Shift-X (or Shift-T again)
+    cancels a running propagation.
+
+    With "each positive point is its own object", every positive point on the slice (with
+    the negative points nearest to it) is one object: Shift-C commits them under
+    consecutive ids in one undoable step, Shift-T propagates each of them. A "refine
+    label" id other than 0 takes that object of the labels layer on the slice as the
+    prompt; points correct it, and Shift-C replaces exactly that object.
     """
 
     def __init__(self, napari_viewer) -> None:
@@ -54,17 +72,21 @@ class AnnotatorWidget(Container):
         self.overwrite = CheckBox(text="overwrite existing objects", value=False)
         self.negative = CheckBox(text=f"negative points ({KEYS['polarity']})", value=False)
         self.zoom = CheckBox(text="zoom in on small objects", value=True)
+        self.each_point = CheckBox(text="each positive point is its own object", value=False)
+        self.refine_id = SpinBox(label="refine label", min=0, max=2**31 - 1, value=0)
+        self.refine_id.tooltip = "0: prompts make a new object; an id: that object of the labels layer is refined"
         self.cache_mb = SpinBox(label="cache (MB)", min=16, max=65536, value=512)
         self.store_file = FileEdit(label="embedding store", mode="d")
         self.commit_btn = PushButton(text=f"Commit ({KEYS['commit']})")
         self.clear_btn = PushButton(text=f"Clear ({KEYS['clear']})")
         self.next_btn = PushButton(text=f"Next mask ({KEYS['next']})")
         self.undo_btn = PushButton(text=f"Undo ({KEYS['undo']})")
+        self.propagate_btn = PushButton(text=f"Propagate through stack ({KEYS['propagate']})")
         self.status = Label(value="")
         self.extend([
             self.image_combo, self.model_combo, self.model_file, self.labels_combo,
-            self.overwrite, self.negative, self.zoom, self.cache_mb, self.store_file, self.commit_btn, self.clear_btn,
-            self.next_btn, self.undo_btn, self.status,
+            self.overwrite, self.negative, self.zoom, self.each_point, self.refine_id, self.cache_mb, self.store_file, self.commit_btn, self.clear_btn,
+            self.next_btn, self.propagate_btn, self.undo_btn, self.status,
         ])
         self.predictor: SamPredictor | None = None
         self.cache = EmbeddingCache(self.cache_mb.value * 2**20)
@@ -74,7 +96,13 @@ class AnnotatorWidget(Container):
         self.candidates: Candidates | None = None
         self._clicks = ClickHistory()  # the current object's masks per prompt prefix
         self.preview_slice: tuple[int, ...] | None = None
-        self.undo_stack: list[tuple[Labels, UndoRecord]] = []
+        self.undo_stack: list[tuple[Labels, list[UndoRecord]]] = []
+        self.objects: list[Candidates] = []  # the previewed slice's objects, one per point
+        self._histories: dict[bytes, ClickHistory] = {}  # their click histories
+        self.preview_volumes: list[dict[int, np.ndarray]] = []  # per object: z -> mask of a propagated object
+        self.volume_scores: list[dict[int, float]] = []
+        self._propagation = None  # the running propagation worker
+        self._cancel_propagation = False
         self._jobs: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (index, rgb, priority)
         self._window_jobs: set[tuple] = set()  # keys of queued magnified windows of the current object
         self._rgb_memo: OrderedDict[tuple, np.ndarray] = OrderedDict()
@@ -102,8 +130,11 @@ class AnnotatorWidget(Container):
         self.clear_btn.clicked.connect(self.clear)
         self.next_btn.clicked.connect(self.next_candidate)
         self.undo_btn.clicked.connect(self.undo)
+        self.propagate_btn.clicked.connect(self.propagate)
         self.negative.changed.connect(self._polarity_changed)
         self.zoom.changed.connect(lambda _: self._refresh() if self.preview_slice is not None else None)
+        self.each_point.changed.connect(lambda _: self._mode_changed())
+        self.refine_id.changed.connect(lambda _: self._mode_changed())
         self.viewer.layers.events.inserted.connect(self._reset_choices)
         self.viewer.layers.events.removed.connect(self._reset_choices)
         self.load_model(self.model_combo.value)
@@ -139,6 +170,7 @@ class AnnotatorWidget(Container):
             self._running is not None
             or bool(self._jobs)
             or self._model_worker is not None
+            or self._propagation is not None
             or self._prefetch_timer.isActive()
         )
 
@@ -151,7 +183,7 @@ class AnnotatorWidget(Container):
             self._model_worker = None
             self.predictor = SamPredictor(model, cache=self.cache)
             self.cache.clear()
-            self.status.value = f"model: {name}"
+            self.status.value = f"model: {name} ({model.precision})"
             self._refresh()
 
         def failed(exc):
@@ -221,10 +253,56 @@ class AnnotatorWidget(Container):
             layer.bind_key(KEYS["clear"], lambda _layer: self.clear(), overwrite=True)
             layer.bind_key(KEYS["next"], lambda _layer: self.next_candidate(), overwrite=True)
             layer.bind_key(KEYS["undo"], lambda _layer: self.undo(), overwrite=True)
+            layer.bind_key(KEYS["propagate"], lambda _layer: self.propagate(), overwrite=True)
             layer.bind_key(KEYS["polarity"], lambda _layer: self._toggle_polarity(), overwrite=True)
         self.boxes_layer.mode = "add_rectangle"
         self.viewer.layers.selection.active = self.points_layer
         self.labels_combo.reset_choices()
+        self.propagate_btn.enabled = nd == 3
+
+    def _mode_changed(self) -> None:
+        """One object per point, or refining a label, switched on or off: the preview is
+        made again from the same prompts."""
+        self._prompts_changed()
+        self._clicks.clear()
+        self._histories.clear()
+        image = self.image_combo.value
+        if self.refine_id.value and image is not None:
+            try:
+                self._refine_target()
+            except ValueError as exc:
+                show_error(f"TinySAM: {exc}")
+                return
+        if image is not None and self.points_layer is not None:
+            index = self.preview_slice or self.current_slice()
+            if self.preview_slice is not None:
+                self._show(None, self.preview_slice)
+            self._refresh(index)
+
+    def _refine_target(self) -> Labels:
+        """The Labels layer holding the object being refined (checked to hold it)."""
+        label, name = self.refine_id.value, self.labels_combo.value
+        if name == NEW_LAYER or name not in self.viewer.layers:
+            raise ValueError(f"to refine label {label}, choose the Labels layer that holds it under 'labels'")
+        layer = self.viewer.layers[name]
+        if not (np.asarray(layer.data) == label).any():
+            raise ValueError(
+                f"label {label} does not exist in layer {name!r}; pick an id it holds, or 0 for a new object"
+            )
+        return layer
+
+    def _refine_mask(self, index: tuple[int, ...]) -> np.ndarray | None:
+        """The refined object's mask on slice ``index`` (None when not refining)."""
+        if not self.refine_id.value:
+            return None
+        layer = self._refine_target()
+        mask = np.asarray(layer.data[index]) == self.refine_id.value
+        if not mask.any():
+            raise ValueError(
+                f"label {self.refine_id.value} is not on slice {index} of layer {layer.name!r}; go to a slice "
+                "where it is, or set 'refine label' to 0 for a new object"
+            )
+        return mask
 
     def _toggle_polarity(self) -> None:
         self.negative.value = not self.negative.value
@@ -242,10 +320,16 @@ class AnnotatorWidget(Container):
         layer.symbol = ["disc" if p else "x" for p in pos]
 
     # -- prompt events --------------------------------------------------------------------
+    def _prompts_changed(self) -> None:
+        """A propagated object no longer applies once its prompts change."""
+        self._stop_propagation()
+        self._clear_volume()
+
     def _points_event(self, event) -> None:
         action = str(getattr(event, "action", "changed"))
         if action.endswith("ing"):
             return
+        self._prompts_changed()
         self._restyle_points()
         index = None
         if action.endswith("added") and len(self.points_layer.data):
@@ -256,6 +340,7 @@ class AnnotatorWidget(Container):
         action = str(getattr(event, "action", "changed"))
         if action.endswith("ing"):
             return
+        self._prompts_changed()
         index = None
         if action.endswith("added") and len(self.boxes_layer.data):
             index = self._slice_of_layer_coords(self.boxes_layer, self.boxes_layer.data[-1].mean(0))
@@ -288,18 +373,29 @@ class AnnotatorWidget(Container):
             self._pending_update = index
             return
         prompts = self._prompts(index)
+        try:
+            prompts.mask = self._refine_mask(index)
+        except ValueError as exc:
+            show_error(f"TinySAM: {exc}")
+            return
         if prompts.empty:
             self._show(None, index)
             return
         rgb = self._slice_rgb(image, index)
         if self._embedded(index, rgb):
             try:
+                if self.each_point.value and prompts.mask is None:
+                    self.objects = segment_objects(self.predictor, rgb, prompts, self._histories)
+                    self.candidates = self.objects[0] if self.objects else None
+                    self._show(self._objects_image(self.objects), index)
+                    return
                 self.candidates = segment_prompts(
                     self.predictor, rgb, prompts, self._clicks, Zoom() if self.zoom.value else None, encode=False
                 )
             except ValueError as exc:
                 show_error(f"TinySAM: {exc}")
                 return
+            self.objects = []
             self._show(self.candidates.mask, index)
             if self.candidates.pending_window is not None:  # a small object: a closer look, then refresh
                 self._pending_update = index
@@ -345,7 +441,28 @@ class AnnotatorWidget(Container):
         ]
         return prompts_on_slice(pts, positive, boxes, index)
 
+    @staticmethod
+    def _objects_image(objects: list[Candidates]) -> np.ndarray | None:
+        """The preview of several objects on one slice: object i shown as i + 1."""
+        if not objects:
+            return None
+        image = np.zeros(objects[0].mask.shape, np.uint8)
+        for i, obj in enumerate(objects):
+            image[obj.mask & (image == 0)] = i % 255 + 1
+        return image
+
+    def _clear_volume(self) -> None:
+        """Remove the propagated objects' preview (all their slices)."""
+        if not self.preview_volumes:
+            return
+        for z in {z for volume in self.preview_volumes for z in volume}:
+            self.preview_layer.data[z] = 0
+        self.preview_volumes.clear()
+        self.volume_scores.clear()
+        self.preview_layer.refresh()
+
     def _show(self, mask: np.ndarray | None, index: tuple[int, ...]) -> None:
+        """Preview ``mask`` (bool, or an image of objects 1, 2, ...) on slice ``index``."""
         layer = self.preview_layer
         if self.preview_slice is not None:
             layer.data[self.preview_slice] = 0
@@ -355,6 +472,7 @@ class AnnotatorWidget(Container):
         else:
             self.preview_slice = None
             self.candidates = None
+            self.objects = []
         layer.refresh()
 
     # -- embeddings off the GUI thread -------------------------------------------------------
@@ -436,7 +554,7 @@ class AnnotatorWidget(Container):
 
     # -- actions ----------------------------------------------------------------------------
     def next_candidate(self) -> None:
-        if self.candidates is None or self.preview_slice is None:
+        if self.candidates is None or self.preview_slice is None or self.objects:
             return
         self.candidates.chosen = (self.candidates.chosen + 1) % len(self.candidates.masks)
         self._show(self.candidates.mask, self.preview_slice)
@@ -466,25 +584,62 @@ class AnnotatorWidget(Container):
         if self.candidates is None or self.preview_slice is None:
             show_info("TinySAM: nothing to commit; add a point or a box first")
             return
+        if self._propagation is not None:
+            show_info(f"TinySAM: the object is still being propagated; wait, or cancel it ({KEYS['propagate']})")
+            return
+        if self.preview_volumes:
+            objects = [{(z,): m for z, m in volume.items()} for volume in self.preview_volumes]
+        else:
+            objects = [{self.preview_slice: c.mask} for c in (self.objects or [self.candidates])]
+        refining = self.refine_id.value
         try:
-            target = self._target_labels()
-            record = commit_mask(
-                target.data, self.preview_slice, self.candidates.mask, self.overwrite.value
-            )
+            if refining:
+                target = self._refine_target()
+                records = replace_object(
+                    target.data, refining, objects[0], self.overwrite.value, whole=bool(self.preview_volumes)
+                )
+            else:
+                target = self._target_labels()
+                records = self._commit_objects(target.data, objects)
         except ValueError as exc:
             show_error(f"TinySAM: {exc}")
             return
-        if record is not None:
-            self.undo_stack.append((target, record))
+        if records:
+            self.undo_stack.append((target, records))
             target.refresh()
+        if len(objects) > 1:
+            self.status.value = f"committed {len(objects)} objects"
         self.clear()
+        if refining:
+            self.refine_id.value = 0
+
+    def _commit_objects(self, labels: np.ndarray, objects: list[dict]) -> list[UndoRecord]:
+        """Write objects under consecutive new ids (each mask checked before any write)."""
+        for obj in objects:
+            for index, mask in obj.items():
+                if labels[index].shape != mask.shape:
+                    raise ValueError(
+                        f"labels slice {index} has shape {labels[index].shape} but the mask has shape "
+                        f"{mask.shape}; the Labels layer must have the image's shape"
+                    )
+        records = []
+        for obj in objects:
+            if len(obj) == 1:
+                ((index, mask),) = obj.items()
+                record = commit_mask(labels, index, mask, self.overwrite.value)
+                records += [] if record is None else [record]
+            else:
+                records += commit_object(labels, obj, self.overwrite.value)
+        return records
 
     def clear(self) -> None:
         """Remove the current object's prompts and its preview."""
         if self.points_layer is None:
             return
+        self._prompts_changed()
         index = self.preview_slice
         self._clicks.clear()
+        self._histories.clear()
         for key in self._window_jobs:  # magnified windows of this object not started yet
             self._jobs.pop(key, None)
         self._window_jobs.clear()
@@ -499,6 +654,112 @@ class AnnotatorWidget(Container):
         if not self.undo_stack:
             show_info("TinySAM: nothing to undo")
             return
-        layer, record = self.undo_stack.pop()
-        undo_commit(layer.data, record)
+        layer, records = self.undo_stack.pop()
+        for record in reversed(records):
+            undo_commit(layer.data, record)
         layer.refresh()
+
+    # -- 3D propagation -----------------------------------------------------------------------
+    def propagate(self) -> None:
+        """Propagate the previewed object through the stack, in a worker thread: only the
+        slices it reaches are embedded, nearest first, and the preview grows slice by
+        slice. Called while a propagation runs, it cancels it."""
+        if self._propagation is not None:
+            self._stop_propagation()
+            return
+        image = self.image_combo.value
+        if image is None or image_ndim(image) != 3:
+            show_error("TinySAM: propagation needs a 3D image layer (Z, Y, X); on a 2D image commit with "
+                       f"{KEYS['commit']}")
+            return
+        if self.predictor is None:
+            show_info("TinySAM: the model is still loading")
+            return
+        if self.candidates is None or self.preview_slice is None:
+            show_info("TinySAM: nothing to propagate; click the object on one slice first")
+            return
+        # every slice with prompts seeds the object (segmented again at the scale the
+        # propagation picks for the stack); a candidate other than the first that the
+        # user picked on the previewed slice is kept as it is
+        z0 = self.preview_slice[0]
+        if self.objects:  # one object per point: each seeded by its mask on this slice
+            seeds = [({}, {z0: obj.mask.copy()}) for obj in self.objects]
+        else:
+            prompts = {z: p for z in self._prompted_slices() if not (p := self._prompts((z,))).empty}
+            masks = {}
+            if self.candidates.chosen != self.candidates.best or z0 not in prompts or self.refine_id.value:
+                masks[z0] = self.candidates.mask.copy()
+                prompts.pop(z0, None)
+            seeds = [(prompts, masks)]
+        self._start_propagation(image, seeds)
+
+    def _prompted_slices(self) -> list[int]:
+        image = self.image_combo.value
+        coords = [to_image_coords(self.points_layer, image, self.points_layer.data)]
+        coords += [to_image_coords(self.boxes_layer, image, v) for v in self.boxes_layer.data]
+        return sorted({int(round(c[0])) for block in coords for c in np.asarray(block).reshape(-1, 3)})
+
+    def _start_propagation(self, image, seeds: list[tuple[dict, dict]]) -> None:
+        """Propagate each object of ``seeds`` ((prompts, masks) by slice) in turn."""
+        predictor = SamPredictor(self.predictor.model, cache=self.cache)  # its own current slice
+        self._jobs.clear()  # queued neighbour prefetches: the propagation embeds what it reaches
+        data, limits = image.data, tuple(image.contrast_limits)
+        self._cancel_propagation = False
+        self.preview_volumes = [{} for _ in seeds]
+        self.volume_scores = [{} for _ in seeds]
+
+        def run():
+            for i, (prompts, masks) in enumerate(seeds):
+                for res in iter_propagation(
+                    predictor, data, prompts, masks, contrast_limits=limits,
+                    prepare_slice=lambda z, rgb: self._embedded((z,), rgb),
+                ):
+                    yield i, res
+                    if self._cancel_propagation:
+                        return
+
+        worker = create_worker(run, _ignore_errors=True)
+        worker.yielded.connect(self._propagated_slice)
+        worker.finished.connect(self._propagation_finished)
+        worker.errored.connect(lambda exc: show_error(f"TinySAM: propagation failed: {exc}"))
+        self._propagation = worker
+        self.status.value = f"propagating from slice {min({*seeds[0][0], *seeds[0][1]})}…"
+        worker.start()
+
+    def _propagated_slice(self, item) -> None:
+        i, res = item
+        if self._cancel_propagation or not res.kept:
+            return
+        self.preview_volumes[i][res.z] = res.mask
+        self.volume_scores[i][res.z] = res.score
+        plane = np.zeros(res.mask.shape, np.uint8)
+        for j, volume in enumerate(self.preview_volumes):
+            if res.z in volume:
+                plane[volume[res.z] & (plane == 0)] = j % 255 + 1
+        self.preview_layer.data[res.z] = plane
+        self.preview_layer.refresh()
+        zs = sorted(self.preview_volumes[i])
+        what = f"object {i + 1} of {len(self.preview_volumes)}: " if len(self.preview_volumes) > 1 else ""
+        self.status.value = f"propagating {what}slices {zs[0]}-{zs[-1]}…"
+
+    def _propagation_finished(self) -> None:
+        self._propagation = None
+        self.preview_volumes = [v for v in self.preview_volumes if v]
+        self.volume_scores = [s for s in self.volume_scores if s]
+        if not self.preview_volumes:
+            return
+        zs = sorted({z for volume in self.preview_volumes for z in volume})
+        worst, score = min(((z, p) for scores in self.volume_scores for z, p in scores.items()), key=lambda t: t[1])
+        state = "cancelled: " if self._cancel_propagation else ""
+        n = len(self.preview_volumes)
+        what = "object" if n == 1 else f"{n} objects"
+        self.status.value = (
+            f"{state}{what} on slices {zs[0]}-{zs[-1]}; least confident: slice {worst} "
+            f"(predicted IoU {score:.2f}); {KEYS['commit']} commits {'it' if n == 1 else 'them'}"
+        )
+
+    def _stop_propagation(self) -> None:
+        """Cancel a running propagation (its preview so far stays until cleared)."""
+        if self._propagation is not None:
+            self._cancel_propagation = True
+            self._propagation.quit()
