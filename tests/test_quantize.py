@@ -17,7 +17,6 @@ from napari_tinysam.quantize import (
     QConv,
     QLinear,
     QMatMul,
-    _Capture,
     calibrate,
     candidate_alphas,
     fake_quant,
@@ -33,6 +32,7 @@ from napari_tinysam.quantize import (
     twin_softmax_quant,
     use_int8_kernels,
 )
+from napari_tinysam.quantize.calibration import _Capture
 
 
 def test_round_trip_with_known_scales():
@@ -270,7 +270,7 @@ def test_calibration_samples_do_not_keep_whole_feature_maps(tiny_model):
     """A convolution's calibration sample is a small window of its feature map; it must
     not hold the whole map alive (calibration memory grew by ~1 GB per image at input
     768 when windows were views)."""
-    from napari_tinysam.quantize import _Recorder
+    from napari_tinysam.quantize.calibration import _Recorder
 
     q = prepare(tiny_model)
     rec = _Recorder(q, max_rows=8, crop=4, seed=0)

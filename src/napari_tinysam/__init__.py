@@ -4,6 +4,7 @@ from .everything import segment_everything, segment_volume
 from .model import CheckpointError, Sam
 from .predictor import EmbeddingCache, SamPredictor
 from .propagate import VolumeMask, segment_object_in_volume
+from .quantize import load_quantized as _load_quantized  # noqa: F401  (registers int8 checkpoints)
 from .weights import load_model
 
 __version__ = "0.1.0"

@@ -20,6 +20,7 @@ import os
 import pickletools
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -377,15 +378,24 @@ def update_checkpoint_meta(path: str | os.PathLike, updates: dict[str, Any]) -> 
     write_checkpoint(path, obj["config"], obj["state_dict"], {**obj.get("meta", {}), **updates})
 
 
+#: Loaders of checkpoints that are not plain float models, by the config key that marks
+#: them: ``(config, state_dict, device, source) -> Sam``. The packages that make such
+#: checkpoints register here (``napari_tinysam.quantize``: ``quantization``), so this
+#: module needs none of them.
+CHECKPOINT_KINDS: dict[str, Callable[[dict, dict, Any, str], Sam]] = {}
+
+
+def register_checkpoint_kind(key: str, loader: Callable[[dict, dict, Any, str], Sam]) -> None:
+    """Load checkpoints whose config carries ``key`` with ``loader``."""
+    CHECKPOINT_KINDS[key] = loader
+
+
 def sam_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Sam:
     """Build and load a model from any supported checkpoint file; returns it in eval mode."""
     ckpt = read_checkpoint(path)
-    if "quantization" in ckpt["config"]:
-        from ..quantize import load_quantized  # the quantizer builds on the model package
-
-        # oneDNN's int8 kernels run on the CPU; elsewhere the model runs simulated
-        on_cpu = torch.device(device).type == "cpu"
-        model = load_quantized(ckpt["config"], ckpt["state_dict"], int8_kernels=on_cpu, source=str(path))
+    kind = next((k for k in CHECKPOINT_KINDS if k in ckpt["config"]), None)
+    if kind is not None:
+        model = CHECKPOINT_KINDS[kind](ckpt["config"], ckpt["state_dict"], device, str(path))
     else:
         model = build_sam(ckpt["config"])
         load_state_dict_strict(model, ckpt["state_dict"], source=str(path))
