@@ -394,6 +394,26 @@ def commit_mask(
     return UndoRecord(tuple(index), (int(y0), int(x0)), previous, label)
 
 
+def _check_shapes(labels: np.ndarray, masks: dict[tuple[int, ...], np.ndarray]) -> None:
+    for index, mask in masks.items():
+        if labels[index].shape != mask.shape:
+            raise ValueError(
+                f"labels slice {index} has shape {labels[index].shape} but the mask has shape {mask.shape}; "
+                "the Labels layer must have the image's shape"
+            )
+
+
+def commit_objects(
+    labels: np.ndarray, objects: list[dict[tuple[int, ...], np.ndarray]], overwrite: bool = False
+) -> list[UndoRecord]:
+    """Write several objects (each ``index -> (H, W) bool``) under consecutive new ids, in
+    place; every shape is checked before anything is written. Returns the undo records of
+    all of them (undo them in reverse order: one step)."""
+    for masks in objects:
+        _check_shapes(labels, masks)
+    return [r for masks in objects for r in commit_object(labels, masks, overwrite)]
+
+
 def commit_object(
     labels: np.ndarray,
     masks: dict[tuple[int, ...], np.ndarray],
@@ -403,12 +423,7 @@ def commit_object(
     """Write one object's masks on several slices (``index -> (H, W) bool``) into
     ``labels`` under one new id, in place: every shape is checked before anything is
     written. Returns the undo records (undo them in reverse order)."""
-    for index, mask in masks.items():
-        if labels[index].shape != mask.shape:
-            raise ValueError(
-                f"labels slice {index} has shape {labels[index].shape} but the mask has shape {mask.shape}; "
-                "the Labels layer must have the image's shape"
-            )
+    _check_shapes(labels, masks)
     label = next_free_id(labels) if label is None else label
     records = [commit_mask(labels, index, mask, overwrite, label) for index, mask in masks.items()]
     return [r for r in records if r is not None]
@@ -426,12 +441,7 @@ def replace_object(
     takes its id (over other objects only if ``overwrite``); with ``whole``, the object's
     pixels on slices not given are removed too (a new 3D object replaces the old one).
     Everything is checked before anything is written. Returns the undo records."""
-    for index, mask in masks.items():
-        if labels[index].shape != mask.shape:
-            raise ValueError(
-                f"labels slice {index} has shape {labels[index].shape} but the mask has shape {mask.shape}; "
-                "the Labels layer must have the image's shape"
-            )
+    _check_shapes(labels, masks)
     old = labels == label
     if not old.any():
         raise ValueError(f"label {label} does not exist in this Labels layer; pick an id it holds")

@@ -18,8 +18,7 @@ from ..annotate import (
     ClickHistory,
     UndoRecord,
     Zoom,
-    commit_mask,
-    commit_object,
+    commit_objects,
     is_embedded,
     replace_object,
     segment_objects,
@@ -600,7 +599,7 @@ class AnnotatorWidget(Container):
                 )
             else:
                 target = self._target_labels()
-                records = self._commit_objects(target.data, objects)
+                records = commit_objects(target.data, objects, self.overwrite.value)
         except ValueError as exc:
             show_error(f"TinySAM: {exc}")
             return
@@ -612,25 +611,6 @@ class AnnotatorWidget(Container):
         self.clear()
         if refining:
             self.refine_id.value = 0
-
-    def _commit_objects(self, labels: np.ndarray, objects: list[dict]) -> list[UndoRecord]:
-        """Write objects under consecutive new ids (each mask checked before any write)."""
-        for obj in objects:
-            for index, mask in obj.items():
-                if labels[index].shape != mask.shape:
-                    raise ValueError(
-                        f"labels slice {index} has shape {labels[index].shape} but the mask has shape "
-                        f"{mask.shape}; the Labels layer must have the image's shape"
-                    )
-        records = []
-        for obj in objects:
-            if len(obj) == 1:
-                ((index, mask),) = obj.items()
-                record = commit_mask(labels, index, mask, self.overwrite.value)
-                records += [] if record is None else [record]
-            else:
-                records += commit_object(labels, obj, self.overwrite.value)
-        return records
 
     def clear(self) -> None:
         """Remove the current object's prompts and its preview."""
