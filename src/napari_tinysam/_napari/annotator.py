@@ -278,13 +278,14 @@ class AnnotatorWidget(Container):
                 self._show(None, self.preview_slice)
             self._refresh(index)
 
-    def _refine_target(self) -> Labels:
-        """The Labels layer holding the object being refined (checked to hold it)."""
+    def _refine_target(self, check: bool = True) -> Labels:
+        """The Labels layer holding the object being refined; with ``check``, checked to
+        hold it (a scan of the whole layer: done once when the id is picked, not per click)."""
         label, name = self.refine_id.value, self.labels_combo.value
         if name == NEW_LAYER or name not in self.viewer.layers:
             raise ValueError(f"to refine label {label}, choose the Labels layer that holds it under 'labels'")
         layer = self.viewer.layers[name]
-        if not (np.asarray(layer.data) == label).any():
+        if check and not (np.asarray(layer.data) == label).any():
             raise ValueError(
                 f"label {label} does not exist in layer {name!r}; pick an id it holds, or 0 for a new object"
             )
@@ -294,7 +295,7 @@ class AnnotatorWidget(Container):
         """The refined object's mask on slice ``index`` (None when not refining)."""
         if not self.refine_id.value:
             return None
-        layer = self._refine_target()
+        layer = self._refine_target(check=False)  # the slice is checked below
         mask = np.asarray(layer.data[index]) == self.refine_id.value
         if not mask.any():
             raise ValueError(
@@ -593,7 +594,7 @@ class AnnotatorWidget(Container):
         refining = self.refine_id.value
         try:
             if refining:
-                target = self._refine_target()
+                target = self._refine_target(check=False)  # replace_object checks the id
                 records = replace_object(
                     target.data, refining, objects[0], self.overwrite.value, whole=bool(self.preview_volumes)
                 )
