@@ -1,5 +1,5 @@
-"""Precision of inference: the "auto" choice, explicit values, bfloat16 agreement with
-float32, and the channels-last upscaling path of the decoder."""
+"""Inference options: precision (the "auto" choice, explicit values, bfloat16 agreement with
+float32, the channels-last upscaling path of the decoder) and the compiled encoder."""
 
 from __future__ import annotations
 
@@ -87,3 +87,37 @@ def test_channels_last_upscaling_equals_the_module_path(tiny_model):
     assert fast.shape == ref.shape
     torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
     assert isinstance(dec.output_upscaling[1], LayerNorm2d)
+
+
+def test_compiled_encoder_equals_eager(tiny_model):
+    """``set_compiled`` swaps in an inductor-compiled encoder: same embedding within float
+    tolerance, nothing added to the state dict, eager again when autograd is on."""
+    torch.manual_seed(1)
+    x = torch.rand(1, 3, 200, 256) * 255
+    keys = set(tiny_model.state_dict())
+    with torch.no_grad():
+        eager = tiny_model.embed(x)
+    tiny_model.set_compiled(True)
+    try:
+        assert tiny_model.compiled
+        with torch.no_grad():
+            compiled = tiny_model.embed(x)
+        assert tiny_model.compiled, "compilation failed and fell back to eager"
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+        assert set(tiny_model.state_dict()) == keys
+        with torch.enable_grad():
+            assert tiny_model.embed(x).requires_grad  # training runs the eager encoder
+    finally:
+        tiny_model.set_compiled(False)
+    assert not tiny_model.compiled
+
+
+def test_compile_option_of_load_model(monkeypatch):
+    monkeypatch.delenv("TINYSAM_COMPILE", raising=False)
+    assert not load_model("default").compiled
+    assert load_model("default", compile=True).compiled
+    monkeypatch.setenv("TINYSAM_COMPILE", "1")
+    assert load_model("default").compiled
+    assert not load_model("default-int8").compiled  # the environment does not apply to int8
+    with pytest.raises(ValueError, match="int8"):
+        load_model("default-int8", compile=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .model import CheckpointError, Sam, sam_from_checkpoint
+from .model.sam import compile_requested
 
 BUNDLED_DIR = Path(__file__).parent / "weights"
 CACHE_ENV = "TINYSAM_CACHE_DIR"
@@ -180,6 +181,7 @@ def load_model(
     name_or_path: str | os.PathLike = "default",
     device: str | torch.device = "cpu",
     precision: str = "auto",
+    compile: bool | None = None,
 ) -> Sam:
     """Load a model by registry name (``default``, ``tinysam``, ``tinysam-v1``,
     ``mobilesam``, ``sam_vit_b/l/h``) or from a checkpoint path.
@@ -191,6 +193,10 @@ def load_model(
     ``"auto"`` (bfloat16 where the hardware runs it natively, else float32), ``"fp32"``,
     ``"bf16"`` or ``"fp16"`` (CUDA). Int8 models run their integer kernels; for them
     ``"auto"`` means float32 for the parts that stay float.
+
+    ``compile=True`` runs the image encoder through ``torch.compile`` (see
+    :meth:`Sam.set_compiled`: the first embedding compiles, later ones are faster); None
+    reads the environment variable ``TINYSAM_COMPILE``.
     """
     key = str(name_or_path)
     if key in REGISTRY:
@@ -210,4 +216,7 @@ def load_model(
             )
     model = sam_from_checkpoint(path, device=device)
     model.name = key if key in REGISTRY else str(path)
-    return model.set_precision(precision)
+    model.set_precision(precision)
+    if compile_requested(compile) and (compile or not getattr(model, "quantization", None)):
+        model.set_compiled(True)
+    return model

@@ -4,7 +4,10 @@ normalisation, padding and mask upscaling."""
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+import warnings
+import weakref
 from functools import lru_cache
 from typing import Any
 
@@ -16,6 +19,21 @@ from torch import nn
 from ..precision import autocast, resolve_precision
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
+
+#: Set to 1 to compile the image encoder of every model ``load_model`` returns (the CLI's
+#: ``--compile`` sets it, so Dask workers started from it inherit the choice).
+COMPILE_ENV_VAR = "TINYSAM_COMPILE"
+# Sam -> its compiled encoder (None until the first embedding builds it). Kept outside the
+# module so that state dicts, copies and pickles of a model never carry compiled code.
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compile_requested(value: bool | None = None) -> bool:
+    """``value``, or when None the environment variable ``TINYSAM_COMPILE``."""
+    if value is None:
+        return os.environ.get(COMPILE_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -159,11 +177,45 @@ class Sam(nn.Module):
         # layout would carry through every convolution (2x slower in bfloat16, 1.3x in float32)
         return torch.nn.functional.pad(x, (0, self.img_size - w, 0, self.img_size - h)).contiguous()
 
+    def set_compiled(self, enabled: bool = True) -> Sam:
+        """Run the image encoder compiled by ``torch.compile`` (inductor, weights frozen into
+        the graph, fixed input shape). The first embedding compiles it: tens of seconds on a
+        laptop CPU, less in later processes thanks to inductor's on-disk cache; afterwards
+        each embedding is faster (docs/benchmarks.md). For inference only: with autograd
+        on, the eager encoder runs; if compilation fails (no C++ compiler, say), the eager
+        encoder runs with a warning. Reload or ``set_compiled(False)`` after changing weights."""
+        if not enabled:
+            _COMPILED.pop(self, None)
+            return self
+        if getattr(self, "quantization", None):
+            raise ValueError("an int8 model runs its own integer kernels; compile applies to float models")
+        _COMPILED.setdefault(self, None)
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the image encoder runs compiled (see :meth:`set_compiled`)."""
+        return self in _COMPILED
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Image embedding of a resized RGB image (B, 3, h, w) in [0, 255]:
         (B, 256, img_size/16, img_size/16)."""
         with self.autocast():
-            return self.image_encoder(self.preprocess(x)).float()
+            x = self.preprocess(x)
+            if self not in _COMPILED or torch.is_grad_enabled():
+                return self.image_encoder(x).float()
+            encoder = _COMPILED[self]
+            if encoder is None:
+                encoder = _COMPILED[self] = torch.compile(
+                    self.image_encoder, dynamic=False, options={"freezing": True}
+                )
+            try:
+                return encoder(x).float()
+            except Exception as exc:  # the compiler itself failed on this platform
+                _COMPILED.pop(self, None)
+                warnings.warn(f"compiling the image encoder failed ({type(exc).__name__}: {exc}); "
+                              "running it eagerly", RuntimeWarning, stacklevel=2)
+                return self.image_encoder(x).float()
 
     def decode(
         self,
