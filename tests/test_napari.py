@@ -52,6 +52,7 @@ def annotator(make_napari_viewer, qtbot, nuclei):
     viewer = make_napari_viewer()
     viewer.add_image(nuclei[0], name="nuclei")
     w = AnnotatorWidget(viewer)
+    viewer.window.add_dock_widget(w)  # as napari docks it: the viewer's close deletes it
     _wait(qtbot, w)
     yield viewer, w
     _wait(qtbot, w)  # no worker may outlive the viewer
@@ -192,6 +193,7 @@ def test_annotator_3d_scaled_slices(make_napari_viewer, qtbot, data_dir):
     viewer = make_napari_viewer()
     layer = viewer.add_image(stack, name="stack", scale=(2, 0.5, 0.5), translate=(1, 3, -2))
     w = AnnotatorWidget(viewer)
+    viewer.window.add_dock_widget(w)  # as napari docks it: the viewer's close deletes it
     _wait(qtbot, w)
     for z in (3, 9):
         ids, counts = np.unique(truth[z][truth[z] > 0], return_counts=True)
@@ -215,6 +217,7 @@ def test_annotator_bad_input(make_napari_viewer, qtbot, nuclei):
     image, truth = nuclei
     viewer = make_napari_viewer()
     w = AnnotatorWidget(viewer)  # no image layer: nothing breaks
+    viewer.window.add_dock_widget(w)  # as napari docks it: the viewer's close deletes it
     _wait(qtbot, w)
     assert w.image_combo.value is None
     viewer.add_image(image, name="nuclei")
@@ -250,6 +253,7 @@ def test_everything_widget_stack_and_cancel(make_napari_viewer, qtbot):
     stack = np.stack([image[2 * z : 2 * z + 200, 3 * z : 3 * z + 240] for z in range(6)])
     viewer.add_image(stack, name="stack")
     w = EverythingWidget(viewer)
+    viewer.window.add_dock_widget(w)  # as napari docks it: the viewer's close deletes it
     qtbot.waitUntil(lambda: w._model_worker is None, timeout=60000)
     # the bundled model has an instance head: auto by default, with its tuned thresholds
     assert w.mode.value == "auto" and "auto" in w.mode.choices
@@ -280,6 +284,7 @@ def test_annotator_reuses_matching_embedding_store(make_napari_viewer, qtbot, tm
     viewer = make_napari_viewer()
     layer = viewer.add_image(stack, name="stack")
     w = AnnotatorWidget(viewer)
+    viewer.window.add_dock_widget(w)  # as napari docks it: the viewer's close deletes it
     _wait(qtbot, w)
     model = w.predictor.model
     store = EmbeddingStore.open(tmp_path / "e.zarr", model, stack, tuple(layer.contrast_limits), create=True)
@@ -321,6 +326,7 @@ def test_annotator_propagates_commits_and_undoes_a_3d_object(make_napari_viewer,
     viewer = make_napari_viewer()
     viewer.add_image(stack, name="stack")
     w = AnnotatorWidget(viewer)
+    viewer.window.add_dock_widget(w)  # as napari docks it: the viewer's close deletes it
     _wait(qtbot, w)
     assert w.propagate_btn.enabled
     target = viewer.add_labels(np.zeros(stack.shape, np.int32), name="cells")
