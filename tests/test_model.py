@@ -160,3 +160,25 @@ def test_batched_decoding_equals_one_prompt_at_a_time_and_the_textbook_form(vit_
     for ref_low, ref_iou in ((torch.cat([a[0] for a in alone]), torch.cat([a[1] for a in alone])), (low_tb, iou_tb)):
         assert (low - ref_low).abs().max() <= 1e-5 * scale
         assert torch.allclose(iou, ref_iou, atol=1e-5)
+
+
+def test_dense_positional_encoding_is_cached_until_the_weights_change(tiny_model):
+    pe_enc = tiny_model.prompt_encoder
+    with torch.no_grad():
+        first = pe_enc.get_dense_pe()
+        assert pe_enc.get_dense_pe() is first  # computed once per grid
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert pe_enc.get_dense_pe().dtype == torch.float32
+        torch.testing.assert_close(first, pe_enc.pe_layer(pe_enc.image_embedding_size)[None])
+        state = {k: v.clone() for k, v in pe_enc.state_dict().items()}
+        changed = dict(state)
+        key = "pe_layer.positional_encoding_gaussian_matrix"
+        changed[key] = state[key] * 2
+        pe_enc.load_state_dict(changed)
+        try:
+            again = pe_enc.get_dense_pe()
+            assert not torch.equal(again, first)
+            torch.testing.assert_close(again, pe_enc.pe_layer(pe_enc.image_embedding_size)[None])
+        finally:
+            pe_enc.load_state_dict(state)
+        torch.testing.assert_close(pe_enc.get_dense_pe(), first)

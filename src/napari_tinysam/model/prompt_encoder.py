@@ -84,8 +84,21 @@ class PromptEncoder(nn.Module):
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
     def get_dense_pe(self) -> torch.Tensor:
-        """Positional encoding of the image embedding grid: (1, C, h, w)."""
-        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        """Positional encoding of the image embedding grid: (1, C, h, w), float32.
+
+        It depends only on the Gaussian matrix and the grid size, so it is computed once
+        (its sines and cosines cost about 5% of a click) and again only when the
+        matrix changes (loading weights bumps the tensor's version) or moves."""
+        g = self.pe_layer.positional_encoding_gaussian_matrix
+        key = (g.device, g.data_ptr(), g._version, tuple(self.image_embedding_size))
+        cached = self.__dict__.get("_dense_pe")
+        if cached is None or cached[0] != key or torch.is_grad_enabled():
+            with torch.autocast(g.device.type, enabled=False):
+                pe = self.pe_layer(self.image_embedding_size).unsqueeze(0)
+            if torch.is_grad_enabled():
+                return pe
+            cached = self.__dict__["_dense_pe"] = (key, pe)
+        return cached[1]
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         points = points + 0.5  # centre of the pixel
