@@ -52,7 +52,7 @@ def core_benchmark(
     rgb = to_uint8_rgb(image)
     square = np.ascontiguousarray(np.resize(rgb, (1024, 1024, 3)))
     t, _ = median_time(lambda: compute_embedding(model, square), repeats)
-    rows.append({"measure": "embedding 1024x1024 (vit_t, fp32)", "median_ms": f"{t * 1e3:.0f}",
+    rows.append({"measure": f"embedding 1024x1024 (vit_t, {model.precision})", "median_ms": f"{t * 1e3:.0f}",
                  "reference_ms": "1310", "ratio": f"{1.31 / t:.2f}x"})
     pred = SamPredictor(model)
     pred.set_image(rgb)

@@ -103,6 +103,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         default = load_model(args.model, precision=args.precision)
     except Exception as exc:  # the core numbers do not need the default model
         print(f"(skipping default-model rows: {exc})")
+    if default is not None:
+        print(f"default model: precision {default.precision} (--precision {args.precision})"
+              f"{', compiled encoder' if default.compiled else ''}")
     rows = core_benchmark(samples.nuclei_2d(), model_1024, default, repeats=args.repeats)
     print()
     print_table(rows, ["measure", "median_ms", "reference_ms", "ratio"])

@@ -182,7 +182,8 @@ class AnnotatorWidget(Container):
             self._model_worker = None
             self.predictor = SamPredictor(model, cache=self.cache)
             self.cache.clear()
-            self.status.value = f"model: {name} ({model.precision})"
+            compiled = ", compiled encoder" if model.compiled else ""
+            self.status.value = f"model: {name} ({model.precision}{compiled})"
             self._refresh()
 
         def failed(exc):
