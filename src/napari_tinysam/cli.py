@@ -108,7 +108,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"{', compiled encoder' if default.compiled else ''}")
     rows = core_benchmark(samples.nuclei_2d(), model_1024, default, repeats=args.repeats)
     print()
-    print_table(rows, ["measure", "median_ms", "reference_ms", "ratio"])
+    print_table(rows, ["measure", "median_ms", "ratio"])
+    print("\nAgainst the public TinySAM code in the same run: benchmarks/bench_speed.py --reference DIR")
     return 0
 
 
