@@ -27,13 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def _memory_child(model: str, precision: str, what: str) -> None:
+def _memory_child(model: str, precision: str, what: str, compiled: str = "eager") -> None:
     """Run one task after loading the model; print peak RSS growth in MB as JSON."""
     from napari_tinysam import load_model, samples, segment_everything
     from napari_tinysam.predictor import compute_embedding, to_uint8_rgb
 
     torch.set_num_threads(2)
-    m = load_model(model, precision=precision)
+    m = load_model(model, precision=precision, compile=compiled == "compiled")
     rgb = to_uint8_rgb(samples.nuclei_2d())
 
     def peak_rss_mb() -> float:
@@ -60,9 +60,10 @@ def _memory_child(model: str, precision: str, what: str) -> None:
     print(json.dumps({"peak_mb": peak_rss_mb() - before}))
 
 
-def peak_memory(model: str, precision: str, what: str) -> float:
+def peak_memory(model: str, precision: str, what: str, compiled: bool = False) -> float:
     out = subprocess.run(
-        [sys.executable, __file__, "--memory-child", model, precision, what],
+        [sys.executable, __file__, "--memory-child", model, precision, what,
+         "compiled" if compiled else "eager"],
         capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
@@ -78,7 +79,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled-encoder row")
-    ap.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
         _memory_child(*args.memory_child)
@@ -134,10 +135,10 @@ def main() -> None:
     print_table(rows, list(rows[0]))
     if not args.no_memory:
         mem = []
-        for precision in ("fp32", "bf16"):
-            mem.append({"precision": precision,
-                        "embedding peak MB": f"{peak_memory(args.model, precision, 'embedding'):.0f}",
-                        "everything peak MB": f"{peak_memory(args.model, precision, 'everything'):.0f}"})
+        for precision, compiled in runs:
+            mem.append({"precision": precision + (", compiled encoder" if compiled else ""),
+                        "embedding peak MB": f"{peak_memory(args.model, precision, 'embedding', compiled):.0f}",
+                        "everything peak MB": f"{peak_memory(args.model, precision, 'everything', compiled):.0f}"})
         print(f"\npeak memory above the loaded model ({args.model}, one 520x696 field, default mode)")
         print_table(mem, list(mem[0]))
 
