@@ -34,35 +34,33 @@ def measure(weights: str, precision: str, repeats: int, which: str) -> dict:
 
     from napari_tinysam import load_model, samples
     from napari_tinysam.bench import median_time
-    from napari_tinysam.predictor import resize_longest_side, to_uint8_rgb
+    from napari_tinysam.predictor import model_input, to_uint8_rgb
 
-    inductor_config.freezing = True
+    inductor_config.freezing = True  # for the decoder compiled here (set_compiled sets its own)
     torch.set_grad_enabled(False)
     model = load_model(weights, precision=precision)
     rgb = to_uint8_rgb(samples.nuclei_2d())
     square = np.ascontiguousarray(np.resize(rgb, (model.img_size, model.img_size, 3)))
-    x = torch.from_numpy(square).permute(2, 0, 1)[None].float()
+    x = model_input(model, square)
     row: dict = {"precision": precision}
     if which in ("encoder", "both"):
-        eager = model.image_encoder
         ref = model.embed(x)
         t_eager, _ = median_time(lambda: model.embed(x), repeats)
-        compiled = torch.compile(eager)
-        model.image_encoder = compiled
+        model.set_compiled(True)  # what load_model(compile=True) does
         t0 = time.perf_counter()
         out = model.embed(x)
         t_compile = time.perf_counter() - t0
+        assert model.compiled, "compilation failed"
         t_comp, _ = median_time(lambda: model.embed(x), repeats)
-        model.image_encoder = eager
+        model.set_compiled(False)
         row.update({"encoder eager ms": t_eager * 1e3, "encoder compiled ms": t_comp * 1e3,
                     "encoder speedup": t_eager / t_comp, "encoder compile s": t_compile,
                     "encoder rel diff": _rel(out, ref)})
     if which in ("decoder", "both"):
         h, w = rgb.shape[:2]
-        resized = resize_longest_side(rgb, model.img_size, model.max_upscale)
-        xx = torch.from_numpy(np.array(resized)).permute(2, 0, 1)[None].float()
+        xx = model_input(model, rgb)
         emb = model.embed(xx)
-        s = resized.shape[0] / h
+        s = xx.shape[-2] / h
         pts = (torch.tensor([[[w * 0.4 * s, h * 0.6 * s]]]), torch.tensor([[1]]))
         # The click path runs the decoder in float32 (one prompt, see Sam.autocast).
         ref_low, _ = model.decode(emb, pts)
@@ -99,10 +97,9 @@ def main() -> None:
 
     import json
 
-    from napari_tinysam.bench import print_table
+    from napari_tinysam.bench import cpu_name, print_table
 
-    with open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    cpu = cpu_name()
     print(f"{cpu}; torch {torch.__version__}, {args.threads} threads; weights {args.weights}")
     rows = []
     def child(precision: str) -> dict:

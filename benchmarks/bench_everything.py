@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 from volumes import gonuclear, noisy_stack
 
 from napari_tinysam import SamPredictor, load_model, samples, segment_everything, segment_volume
-from napari_tinysam.bench import median_time, print_table
+from napari_tinysam.bench import cpu_name, median_time, print_table
 from napari_tinysam.distill.data import load_folder
 from napari_tinysam.everything import link_volume
 from napari_tinysam.metrics import best_match_iou, match_instances, otsu_watershed
@@ -43,16 +42,6 @@ METHODS = {
     "grid 32x32": {"mode": "grid"},
 }
 FAST = ("auto", "auto, head only")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def speed_rows(model, image: np.ndarray, repeats: int) -> list[dict]:

@@ -22,18 +22,15 @@ import numpy as np
 import torch
 
 from napari_tinysam import load_model
-from napari_tinysam.bench import median_time, print_table
+from napari_tinysam.bench import cpu_name, median_time, print_table
 from napari_tinysam.distill.data import load_folder
 from napari_tinysam.evaluation import compare_models
-from napari_tinysam.predictor import resize_longest_side, to_uint8_rgb
+from napari_tinysam.predictor import model_input, to_uint8_rgb
 
 
 def encoder_input(model, image: np.ndarray) -> torch.Tensor:
     """The padded, normalised encoder input of one image (1, 3, s, s)."""
-    rgb = to_uint8_rgb(image)
-    resized = resize_longest_side(rgb, model.img_size, model.max_upscale)
-    x = torch.from_numpy(np.array(resized)).permute(2, 0, 1)[None].float()
-    return model.preprocess(x)
+    return model.preprocess(model_input(model, to_uint8_rgb(image)))
 
 
 def pt2e_encoder(model, calibration: list[np.ndarray]):
@@ -74,17 +71,15 @@ def main() -> None:
     torch.set_grad_enabled(False)
     import torch._inductor.config as inductor_config
 
-    inductor_config.freezing = True
-    with open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    inductor_config.freezing = True  # as Sam.set_compiled compiles
+    cpu = cpu_name()
     print(f"{cpu}; torch {torch.__version__}, {args.threads} threads")
 
     data = Path(args.data) / "bbbc039"
     train = load_folder(data / "train" / "images")[: args.calibration]
     val = load_folder(data / "val" / "images")[: args.val_fields]
     fp32 = load_model(args.model, precision="fp32")
-    rgb = resize_longest_side(to_uint8_rgb(val[0].image), fp32.img_size, fp32.max_upscale)
-    x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None].float()
+    x = model_input(fp32, to_uint8_rgb(val[0].image))
 
     variants: dict[str, object] = {}
     variants["float32, eager"] = fp32
@@ -97,17 +92,17 @@ def main() -> None:
     q = copy.deepcopy(fp32)
     q.image_encoder = pt2e_encoder(fp32, [s.image for s in train])
     t_quant = time.perf_counter() - t0
-    q.image_encoder = torch.compile(q.image_encoder)
+    q.image_encoder = torch.compile(q.image_encoder)  # compiled with freezing (set in main)
     variants["PT2E int8 encoder, compiled"] = q
 
     rows = []
     base = None
     for name, model in variants.items():
         t0 = time.perf_counter()
-        _encode(model, x)  # compiles where compiled
+        model.embed(x)  # compiles where compiled
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
-        _encode(model, x)
+        model.embed(x)
         once = time.perf_counter() - t0
         if once > args.slow:
             # oneDNN picked its reference (scalar) kernel somewhere: one call says enough
@@ -116,7 +111,7 @@ def main() -> None:
                          "masks vs float32 (click / box)": "not measured (too slow)", "click / box mIoU": ""})
             print(rows[-1], flush=True)
             continue
-        t, _ = median_time(lambda model=model: _encode(model, x), args.repeats)
+        t, _ = median_time(lambda model=model: model.embed(x), args.repeats)
         base = base or t
         row = {"encoder": name, "encoder ms": f"{t * 1e3:.1f}", "vs float32": f"{base / t:.2f}x",
                "first call s": f"{first:.1f}", "masks vs float32 (click / box)": "1 / 1", "click / box mIoU": ""}
@@ -129,11 +124,6 @@ def main() -> None:
         print(rows[-1], flush=True)
     print(f"\nPT2E export + calibration on {len(train)} train fields: {t_quant:.1f} s")
     print_table(rows, list(rows[0]))
-
-
-def _encode(model, x: torch.Tensor) -> torch.Tensor:
-    """Normalise, pad and encode (compiled where the model is)."""
-    return model.embed(x)
 
 
 if __name__ == "__main__":

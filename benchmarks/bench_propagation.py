@@ -25,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_everything import cpu_name
 from volumes import gonuclear, noisy_stack
 
 from napari_tinysam import SamPredictor, load_model
-from napari_tinysam.bench import print_table
+from napari_tinysam.bench import cpu_name, print_table
 from napari_tinysam.distill.data import load_folder
 from napari_tinysam.evaluation import innermost_point
 from napari_tinysam.everything import volume_contrast_limits

@@ -86,7 +86,7 @@ def main() -> None:
         return
 
     from napari_tinysam import SamPredictor, load_model, samples
-    from napari_tinysam.bench import median_time, print_table
+    from napari_tinysam.bench import cpu_name, median_time, print_table
     from napari_tinysam.precision import native_bf16, resolve_precision
     from napari_tinysam.predictor import compute_embedding, to_uint8_rgb
 
@@ -97,8 +97,7 @@ def main() -> None:
     square = np.ascontiguousarray(np.resize(rgb, (1024, 1024, 3)))
     h, w = rgb.shape[:2]
     pt, lab = np.array([[w * 0.4, h * 0.6]]), np.array([1])
-    with open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    cpu = cpu_name()
     print(f"{cpu}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"native bf16: {native_bf16()}; precision='auto' -> {resolve_precision('auto')}")
 

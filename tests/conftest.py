@@ -107,6 +107,7 @@ def _report_alive_at_exit() -> None:
     top-level widgets and thread pool (printed to stderr)."""
     import sys
     import threading
+    from collections import Counter
 
     names = [f"{t.name} (daemon={t.daemon})" for t in threading.enumerate()]
     print(f"\nalive at exit: {len(names)} threads: {', '.join(names)}", file=sys.stderr)
@@ -115,8 +116,6 @@ def _report_alive_at_exit() -> None:
         from qtpy.QtWidgets import QApplication
 
         app = QApplication.instance()
-        from collections import Counter
-
         widgets = Counter(
             f"{type(w).__name__}[{', '.join(sorted({type(c).__name__ for c in w.children()}))}]"
             for w in (app.topLevelWidgets() if app else [])

@@ -168,14 +168,20 @@ def image_key(model: Sam, rgb: np.ndarray) -> tuple[str, str]:
 
 
 @torch.no_grad()
+def model_input(model: Sam, rgb: np.ndarray) -> torch.Tensor:
+    """A uint8 RGB image (H, W, 3) resized for ``model``: (1, 3, h, w) float in [0, 255],
+    longest side ``img_size`` (or less, see ``Sam.max_upscale``); ``Sam.embed`` takes it."""
+    resized = resize_longest_side(rgb, model.img_size, model.max_upscale)
+    x = torch.from_numpy(np.array(resized, copy=True)).to(model.device)
+    return x.permute(2, 0, 1)[None].float()
+
+
 def compute_embedding(model: Sam, rgb: np.ndarray) -> ImageEmbedding:
     """Encode a uint8 RGB image (H, W, 3): resize, normalise, pad, run the encoder."""
     tune_allocator()
-    resized = resize_longest_side(rgb, model.img_size, model.max_upscale)
-    x = torch.from_numpy(np.array(resized, copy=True)).to(model.device)
-    x = x.permute(2, 0, 1)[None].float()
+    x = model_input(model, rgb)
     features = model.embed(x)
-    return ImageEmbedding(features, tuple(rgb.shape[:2]), tuple(resized.shape[:2]))
+    return ImageEmbedding(features, tuple(rgb.shape[:2]), tuple(x.shape[-2:]))
 
 
 class SamPredictor:

@@ -217,6 +217,8 @@ def load_model(
     model = sam_from_checkpoint(path, device=device)
     model.name = key if key in REGISTRY else str(path)
     model.set_precision(precision)
-    if compile_requested(compile) and (compile or not getattr(model, "quantization", None)):
+    if compile is None:  # the environment's choice, which int8 models ignore
+        compile = compile_requested() and not getattr(model, "quantization", None)
+    if compile:
         model.set_compiled(True)
     return model

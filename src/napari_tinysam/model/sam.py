@@ -28,11 +28,9 @@ COMPILE_ENV_VAR = "TINYSAM_COMPILE"
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def compile_requested(value: bool | None = None) -> bool:
-    """``value``, or when None the environment variable ``TINYSAM_COMPILE``."""
-    if value is None:
-        return os.environ.get(COMPILE_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
+def compile_requested() -> bool:
+    """Whether the environment variable ``TINYSAM_COMPILE`` asks for compiled encoders."""
+    return os.environ.get(COMPILE_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -204,13 +202,17 @@ class Sam(nn.Module):
             x = self.preprocess(x)
             if self not in _COMPILED or torch.is_grad_enabled():
                 return self.image_encoder(x).float()
+            import torch._inductor.config as inductor_config
+
             encoder = _COMPILED[self]
             if encoder is None:
-                encoder = _COMPILED[self] = torch.compile(
-                    self.image_encoder, dynamic=False, options={"freezing": True}
-                )
+                encoder = _COMPILED[self] = torch.compile(self.image_encoder, dynamic=False)
             try:
-                return encoder(x).float()
+                # compilation happens inside the call (first call, recompiles); freezing
+                # must be on there: torch.compile(options={"freezing": True}) leaves it off
+                # (299 -> 322 ms against 137 ms with it, bfloat16 at 768)
+                with inductor_config.patch(freezing=True):
+                    return encoder(x).float()
             except Exception as exc:  # the compiler itself failed on this platform
                 _COMPILED.pop(self, None)
                 warnings.warn(f"compiling the image encoder failed ({type(exc).__name__}: {exc}); "
