@@ -1,15 +1,17 @@
 """Tune everything-mode thresholds for a model on TRAINING data (never val) and, with
 --write, store them in the checkpoint's meta (``meta["everything"]`` for the point-grid
-modes, ``meta["auto"]`` for auto mode), from where every entry point (Python API,
-command line, napari widget, Dask) takes its defaults.
+modes, ``meta["auto"]`` for auto mode, ``meta["auto_volume"]`` for auto mode on whole
+stacks), from where every entry point (Python API, command line, napari widget, Dask)
+takes its defaults.
 
-    .venv/bin/python benchmarks/tune_everything.py --checkpoint PATH [--mode auto] [--write]
+    .venv/bin/python benchmarks/tune_everything.py --checkpoint PATH [--mode auto|volume] [--write]
 
 Point-grid modes: predicted-IoU and stability thresholds on BBBC039 train fields.
 Auto mode: the head's seed and mask thresholds on head-only labels (maps computed once per
-image), then the decoder's filters, scored as the mean over sources of the mean F1@0.5:
-BBBC039 train and DSB2018 train (the GoNuclear crops score 0 in every setting: their
-slices carry almost no signal, docs/benchmarks.md).
+image), then the decoder's filters and the faint-object filter, scored as the mean over
+sources of the mean F1@0.5: BBBC039 train and DSB2018 train.
+Volume: smoothing and thresholds of the 3D instances from the head's maps
+(``segment_volume``), see :func:`tune_volume`.
 """
 
 from __future__ import annotations
@@ -21,14 +23,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from volumes import gonuclear, noisy_stack
 
 from napari_tinysam import SamPredictor
 from napari_tinysam.bench import print_table
 from napari_tinysam.distill.data import load_folder
-from napari_tinysam.everything import segment_everything
+from napari_tinysam.everything import (
+    VOLUME_THRESHOLDS,
+    segment_everything,
+    volume_contrast_limits,
+    volume_from_maps,
+)
 from napari_tinysam.instances import grid_cell_area, head_maps, labels_from_maps
 from napari_tinysam.metrics import match_instances
 from napari_tinysam.model.build import update_checkpoint_meta
+from napari_tinysam.predictor import to_uint8_rgb
 from napari_tinysam.weights import load_model
 
 
@@ -89,25 +98,63 @@ def tune_auto(model, data: Path, n: int) -> dict:
                  for r in rows[:6]], cols)
     head = {k: rows[0][k] for k in cols[:4]}
     rows2 = []
-    for iou, agree in itertools.product((0.0, 0.6), (0.0, 0.3, 0.5)):
+    for iou, agree, contrast in itertools.product((0.0, 0.6), (0.0, 0.3), (0.0, 0.1, 0.2, 0.3)):
         per = {name: [match_instances(segment_everything(p, s.image, pred_iou_thresh=iou, min_agreement=agree,
-                                                         **head), s.labels)["f1"]
+                                                         min_contrast=contrast, **head), s.labels)["f1"]
                       for p, _, _, s in items] for name, items in cached.items()}
-        rows2.append({"pred_iou_thresh": iou, "min_agreement": agree,
+        rows2.append({"pred_iou_thresh": iou, "min_agreement": agree, "min_contrast": contrast,
                       **{k: float(np.mean(v)) for k, v in per.items()}, "score": _score(per)})
     rows2.sort(key=lambda r: -r["score"])
-    cols2 = ["pred_iou_thresh", "min_agreement", *sources, "score"]
+    cols2 = ["pred_iou_thresh", "min_agreement", "min_contrast", *sources, "score"]
     print("\nauto, head thresholds above (train):")
     print_table([{k: (f"{v:.3f}" if k in (*sources, "score") else v) for k, v in r.items()} for r in rows2], cols2)
     best = rows2[0]
     return {**head, "pred_iou_thresh": best["pred_iou_thresh"], "min_agreement": best["min_agreement"],
-            "tuned_on": f"train: {', '.join(f'{len(v)} {k}' for k, v in sources.items())}; mean F1@0.5"}
+            "min_contrast": best["min_contrast"], "tuned_on": f"train: {', '.join(f'{len(v)} {k}' for k, v in sources.items())}; mean F1@0.5"}
+
+
+def tune_volume(model, data: Path, n: int) -> dict:
+    """3D thresholds of ``segment_volume``'s auto mode on training stacks: noisy stand-ins
+    built from BBBC039 train fields and the GoNuclear crops the head was trained on (1135,
+    1136), scored as the mean of the two sources' mean 3D F1@0.5. The head's maps of every
+    slice are computed once; the sweep only smooths and thresholds them."""
+    fields = load_folder(data / "bbbc039" / "train" / "images")[:n]
+    sources = {
+        "stand-in (train)": [noisy_stack(s.image, s.labels, seed=i) for i, s in enumerate(fields)],
+        "gonuclear 1135+1136": [(img, lab) for name, img, lab in gonuclear(data) if name in ("1135", "1136")],
+    }
+    maps = {name: [(volume_maps(model, img), lab) for img, lab in vols] for name, vols in sources.items()}
+    rows = []
+    for z, xy, fg, c, b in itertools.product((1.0, 2.0), (0.0, 1.0), (0.3, 0.4, 0.5), (0.5, 0.6), (0.5, 0.6)):
+        prm = dict(foreground_thresh=fg, center_thresh=c, boundary_thresh=b, z_sigma=z, xy_sigma=xy,
+                   min_volume=VOLUME_THRESHOLDS["min_volume"])
+        per = {name: [match_instances(volume_from_maps(m, **prm), lab)["f1"] for m, lab in items]
+               for name, items in maps.items()}
+        rows.append({**prm, **{k: float(np.mean(v)) for k, v in per.items()}, "score": _score(per)})
+    rows.sort(key=lambda r: -r["score"])
+    cols = ["z_sigma", "xy_sigma", "foreground_thresh", "center_thresh", "boundary_thresh", *sources, "score"]
+    print("\nsegment_volume, auto (train stacks, 3D F1@0.5):")
+    print_table([{k: (f"{v:.3f}" if k in (*sources, "score") else v) for k, v in r.items()} for r in rows[:8]], cols)
+    best = {k: v for k, v in rows[0].items() if k in VOLUME_THRESHOLDS}
+    return {**best, "tuned_on": f"train: {n} noisy stand-in stacks from BBBC039 train, GoNuclear 1135 and 1136; "
+                                "mean 3D F1@0.5"}
+
+
+def volume_maps(model, stack: np.ndarray) -> np.ndarray:
+    """The head's maps of every slice (3, Z, H, W), as segment_volume computes them."""
+    limits = volume_contrast_limits(stack)
+    pred = SamPredictor(model)
+    out = []
+    for z in range(stack.shape[0]):
+        pred.set_image(to_uint8_rgb(stack[z], limits))
+        out.append(head_maps(model, pred._embedding))
+    return np.stack(out, 1)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--mode", choices=["hierarchical", "auto"], default="hierarchical")
+    ap.add_argument("--mode", choices=["hierarchical", "auto", "volume"], default="hierarchical")
     ap.add_argument("--data", default=os.environ.get("TINYSAM_DATA_DIR", "../shared/data"))
     ap.add_argument("--fields", type=int, default=None, help="images per source (default 4; auto: 10)")
     ap.add_argument("--iou", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.88])
@@ -121,6 +168,8 @@ def main() -> None:
     data = Path(args.data)
     if args.mode == "auto":
         tuned = {"auto": tune_auto(model, data, args.fields or 10)}
+    elif args.mode == "volume":
+        tuned = {"auto_volume": tune_volume(model, data, args.fields or 10)}
     else:
         tuned = {"everything": tune_grid_modes(model, data, args.fields or 4, args.iou, args.stability)}
     print(f"\ntuned: {tuned}")

@@ -12,8 +12,13 @@ import torch
 from napari_tinysam import SamPredictor, segment_everything, segment_volume
 from napari_tinysam.distill.data import Augment, Sample, augment_crop
 from napari_tinysam.distill.instance import instance_targets, mixture, parse_source, stack_slices
-from napari_tinysam.everything import default_mode, recommended_thresholds
-from napari_tinysam.instances import labels_from_maps, object_prompts
+from napari_tinysam.everything import (
+    VOLUME_THRESHOLDS,
+    default_mode,
+    recommended_thresholds,
+    volume_from_maps,
+)
+from napari_tinysam.instances import _window_origin, drop_faint, labels_from_maps, object_prompts
 from napari_tinysam.masks import build_point_grid
 from napari_tinysam.model import build_sam, read_checkpoint, sam_from_checkpoint, save_checkpoint
 from tests.fakes import FakeSam
@@ -147,6 +152,80 @@ def test_segment_volume_auto_links_slices():
     stack = np.stack([(truth > 0) * 200 + 10] * 3).astype(np.uint8)
     out = segment_volume(SamPredictor(fake), stack)
     assert out.shape == stack.shape and len(np.unique(out)) == 5  # 4 objects through 3 slices
+
+
+def test_faint_background_texture_is_dropped_and_dim_objects_kept():
+    truth = _discs()
+    gray = np.full(truth.shape, 10.0)
+    gray[(truth == 1) | (truth == 2)] = 200.0
+    gray[truth == 3] = 60.0  # a dim nucleus: a quarter of the typical contrast
+    gray[truth == 4] = 14.0  # faint texture the head may take for an object
+    out = drop_faint(truth, gray, 0.2)
+    assert out.max() == 3 and (out[truth == 4] == 0).all() and (out[truth == 3] > 0).all()
+    assert drop_faint(truth, gray, 0.0) is truth
+
+
+def _balls(depth: int = 9, side: int = 64) -> np.ndarray:
+    zz, yy, xx = np.mgrid[:depth, :side, :side]
+    truth = np.zeros((depth, side, side), np.int32)
+    for i, (cy, cx) in enumerate(((20, 20), (44, 44)), 1):
+        truth[((zz - depth // 2) / 3.5) ** 2 + ((yy - cy) / 10) ** 2 + ((xx - cx) / 10) ** 2 <= 1] = i
+    return truth
+
+
+def test_volume_from_maps_bridges_a_slice_where_the_head_sees_nothing():
+    truth = _balls()
+    maps = np.stack([instance_targets(t, factor=1) for t in truth], 1)  # (3, Z, H, W)
+    gap = truth[4] == 1
+    maps[0, 4][gap], maps[1, 4][gap], maps[2, 4][gap] = 0.0, 1.0, 1.0  # a noisy slice
+    out = volume_from_maps(maps, 0.3, 0.6, 0.6, z_sigma=1.0, xy_sigma=0.0, min_volume=20)
+    assert out.max() == 2
+    for k in (1, 2):
+        assert _best_iou(out, truth == k) > 0.7
+    assert (out[4][gap] > 0).mean() > 0.9
+    # without smoothing across slices the gap cuts the first ball in two
+    assert volume_from_maps(maps, 0.3, 0.6, 0.6, z_sigma=0.0, xy_sigma=0.0, min_volume=20).max() == 3
+
+
+def test_segment_volume_auto_uses_the_volume_thresholds_and_rejects_unknown_keywords():
+    truth = _balls()
+    fake = FakeSam(truth[4], head=True)
+    stack = ((truth > 0) * 200 + 10).astype(np.uint8)
+    fake.meta = {"auto_volume": {"foreground_thresh": 0.35}}
+    t = recommended_thresholds(fake, volume=True)
+    assert t["foreground_thresh"] == 0.35 and t["z_sigma"] == VOLUME_THRESHOLDS["z_sigma"]
+    out = segment_volume(SamPredictor(fake), stack, head_only=True)  # decoder settings are accepted
+    assert len(np.unique(out)) == 3  # every slice shows the same two discs: two 3D objects
+    with pytest.raises(TypeError, match="per_slice"):
+        segment_volume(SamPredictor(fake), stack, forground_thresh=0.5)  # a typo is not ignored
+    with pytest.raises(ValueError, match="z_sigma"):
+        segment_volume(SamPredictor(fake), stack, z_sigma=-1)
+
+
+def test_window_holds_the_object_region_or_is_refused():
+    from types import SimpleNamespace
+
+    emb = SimpleNamespace(original_size=(256, 256), input_size=(768, 768))  # 3x upscaled, 48x48 tokens
+    side, oy, ox = _window_origin((100, 120, 130, 160), emb, 48, 16, (16, 24, 32))
+    assert side == 16
+    assert oy * 16 <= 100 * 3 - 16 and (oy + side) * 16 >= 130 * 3 + 16
+    assert ox * 16 <= 120 * 3 - 16 and (ox + side) * 16 >= 160 * 3 + 16
+    assert _window_origin((0, 0, 250, 250), emb, 48, 16, (16, 24, 32)) is None  # larger than any window
+    assert _window_origin((0, 0, 10, 10), emb, 48, 16, (16, 24, 32))[1:] == (0, 0)  # kept inside the grid
+
+
+def test_windowed_decoding_on_the_whole_grid_equals_full_decoding():
+    model = _small_model(head=False)
+    torch.manual_seed(1)
+    emb = torch.randn(1, 256, 16, 16)
+    pts = (torch.tensor([[[100.0, 60.0]], [[30.0, 200.0]]]), torch.ones(2, 1))
+    boxes = torch.tensor([[80.0, 40.0, 130.0, 90.0], [10.0, 180.0, 60.0, 230.0]])
+    with torch.no_grad():
+        full = model.decode(emb, pts, boxes)
+        whole = model.decode_windows(emb, pts, boxes, torch.zeros(2, 2, dtype=torch.long), 16)
+        part = model.decode_windows(emb, pts, boxes, torch.tensor([[2, 4], [8, 0]]), 8)
+    torch.testing.assert_close(whole, full, rtol=1e-4, atol=1e-4)
+    assert part[0].shape == (2, 4, 32, 32) and part[1].shape == (2, 4)
 
 
 def _small_model(head: bool):

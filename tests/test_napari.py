@@ -10,9 +10,10 @@ from napari.layers import Labels  # noqa: E402
 
 from napari_tinysam import samples  # noqa: E402
 from napari_tinysam._napari.annotator import KEYS, NEW_LAYER, AnnotatorWidget  # noqa: E402
-from napari_tinysam._napari.everything_widget import EverythingWidget  # noqa: E402
+from napari_tinysam._napari.everything_widget import CURRENT, STACK, EverythingWidget  # noqa: E402
 from napari_tinysam.annotate import Prompts, Zoom, segment_prompts, slice_rgb  # noqa: E402
 from napari_tinysam.evaluation import innermost_point  # noqa: E402
+from napari_tinysam.everything import recommended_thresholds  # noqa: E402
 
 pytestmark = pytest.mark.gui
 
@@ -257,7 +258,12 @@ def test_everything_widget_stack_and_cancel(make_napari_viewer, qtbot):
     qtbot.waitUntil(lambda: w._model_worker is None, timeout=60000)
     # the bundled model has an instance head: auto by default, with its tuned thresholds
     assert w.mode.value == "auto" and "auto" in w.mode.choices
+    # a whole stack starts from the thresholds for 3D instances, one slice from the 2D ones
+    volume = recommended_thresholds(w._model, "auto", volume=True)
+    assert w.scope.value == STACK and w.foreground.value == pytest.approx(volume["foreground_thresh"])
+    w.scope.value = CURRENT
     assert w.foreground.value == pytest.approx(w._model.meta["auto"]["foreground_thresh"])
+    w.scope.value = STACK
     assert w.params()["mode"] == "auto" and w.points_per_side.native.isHidden()
     w.mode.value = "hierarchical"
     assert not w.points_per_side.native.isHidden() and "foreground_thresh" not in w.params()

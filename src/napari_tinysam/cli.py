@@ -165,6 +165,7 @@ THRESHOLD_OPTIONS = {
     "foreground_thresh": "head foreground threshold (auto)",
     "center_thresh": "head centre-distance seed threshold (auto)",
     "boundary_thresh": "head boundary-distance seed threshold (auto)",
+    "min_contrast": "drop objects fainter than this fraction of the median object's contrast (auto, 2D)",
 }
 
 

@@ -3,8 +3,10 @@
 Slices are tasks. Each worker loads the model once (by name or path) and writes its
 slice's labels straight into the output Zarr (one chunk per slice), returning only a
 count; the client never gathers the volume. A final pass over slice boundaries links
-ids across slices (the same rule as :func:`segment_volume`), reading two slices at a
-time, so memory stays bounded by a few slices on every machine.
+ids across slices (the rule of :func:`segment_volume` with ``per_slice=True``), reading
+two slices at a time, so memory stays bounded by a few slices on every machine. (The 3D
+instances that ``segment_volume`` builds from the head's maps by default need every
+slice's maps in one place, which this bounded-memory path does not gather.)
 """
 
 from __future__ import annotations

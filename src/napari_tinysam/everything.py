@@ -10,6 +10,7 @@ bounding box, so no full-size logits of a whole batch are ever held.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from .instances import (
     HEAD_THRESHOLDS,
     check_head_params,
     decode_objects,
+    drop_faint,
     grid_cell_area,
     head_maps,
     labels_from_maps,
@@ -215,20 +217,38 @@ BACKGROUND_THRESH = 0.1
 
 MODES = ("auto", "hierarchical", "grid")
 
+#: ``segment_volume`` in ``"auto"`` mode: the head's maps of every slice, smoothed across
+#: slices (``z_sigma`` slices) and within them (``xy_sigma`` pixels), give seeds and a
+#: seeded watershed in 3D. Averaging neighbouring slices is what finds nuclei in noisy
+#: stacks that no single slice shows clearly; the thresholds are lower than in 2D because
+#: smoothing lowers the peaks. Tuned on training stacks (docs/benchmarks.md).
+VOLUME_THRESHOLDS = {
+    "foreground_thresh": 0.3,
+    "center_thresh": 0.6,
+    "boundary_thresh": 0.6,
+    "z_sigma": 2.0,
+    "xy_sigma": 1.0,
+    "min_volume": 50.0,
+}
+
 
 def default_mode(model: Sam) -> str:
     """``"auto"`` for models with an instance head, else TinySAM's ``"hierarchical"``."""
     return "auto" if model.has_instance_head else "hierarchical"
 
 
-def recommended_thresholds(model: Sam, mode: str | None = None) -> dict[str, float]:
+def recommended_thresholds(model: Sam, mode: str | None = None, volume: bool = False) -> dict[str, float]:
     """Thresholds of ``mode`` (default: the model's default mode) for ``model``: the values
     tuned for it and stored in its checkpoint (``meta["everything"]`` for the point-grid
-    modes, ``meta["auto"]`` for auto), else the generic defaults (SAM's for the grid
-    modes). ``segment_everything`` uses these for every threshold left at None."""
+    modes, ``meta["auto"]`` for auto, ``meta["auto_volume"]`` for auto on whole stacks
+    with ``volume``), else the generic defaults (SAM's for the grid modes).
+    ``segment_everything`` and ``segment_volume`` use these for every threshold left at
+    None."""
     mode = mode or default_mode(model)
     meta = getattr(model, "meta", None) or {}
-    if mode == "auto":
+    if mode == "auto" and volume:
+        base, tuned = VOLUME_THRESHOLDS, meta.get("auto_volume", {})
+    elif mode == "auto":
         base, tuned = AUTO_THRESHOLDS, meta.get("auto", {})
     else:
         base, tuned = dict(SAM_THRESHOLDS), meta.get("everything", {})
@@ -270,7 +290,7 @@ def _check_params(mode: str, params: dict[str, Any], model: Sam) -> None:
         check_head_params(params)
 
 
-def _auto_masks(predictor: SamPredictor, params: dict[str, Any]) -> _Masks:
+def _auto_masks(predictor: SamPredictor, params: dict[str, Any], gray: np.ndarray) -> _Masks:
     """Everything mode ``"auto"``: instances of the head, each prompting the decoder once
     (positive point at its innermost pixel, and its box). A decoded mask replaces its head
     instance when its predicted IoU reaches ``pred_iou_thresh`` and it overlaps the
@@ -282,6 +302,7 @@ def _auto_masks(predictor: SamPredictor, params: dict[str, Any]) -> _Masks:
         maps, params["foreground_thresh"], params["center_thresh"], params["boundary_thresh"],
         params["min_size"] * grid_cell_area(emb),
     )
+    head = drop_faint(head, gray, params["min_contrast"])
     ids, points, boxes = object_prompts(head)
     decoded = [None] * len(ids) if params["head_only"] else decode_objects(predictor, points, boxes)
     out = _Masks()
@@ -325,6 +346,7 @@ def segment_everything(
     boundary_thresh: float | None = None,
     min_size: float | None = None,
     min_agreement: float | None = None,
+    min_contrast: float | None = None,
     background_thresh: float | None = None,
     return_records: bool = False,
     contrast_limits: tuple[float, float] | None = None,
@@ -357,7 +379,10 @@ def segment_everything(
         foreground_thresh, center_thresh, boundary_thresh: the head's seed and mask
             thresholds; min_size: smallest head instance, in low-resolution grid cells
             (4 x 4 model-input pixels); min_agreement: smallest IoU between a decoded mask
-            and its head instance for the mask to replace it (``"auto"`` only).
+            and its head instance for the mask to replace it; min_contrast: head instances
+            whose local contrast (mean inside minus the background ring around them) is
+            below this fraction of the median object's are dropped as background texture
+            (``"auto"`` only).
         return_records: also return SAM-style records.
 
     Every threshold left at ``None`` takes the model's tuned value for the mode (see
@@ -385,6 +410,7 @@ def segment_everything(
         boundary_thresh=boundary_thresh,
         min_size=min_size,
         min_agreement=min_agreement,
+        min_contrast=min_contrast,
         background_thresh=background_thresh,
     )
     params = {**SAM_THRESHOLDS, **(recommended_thresholds(model, mode) if mode in MODES else {})}
@@ -407,7 +433,7 @@ def segment_everything(
         scale = np.array([w, h], dtype=np.float64)
         dense = build_point_grid(points_per_side) * scale
         if mode == "auto":
-            masks = _auto_masks(predictor, params)
+            masks = _auto_masks(predictor, params, rgb.mean(-1, dtype=np.float32))
         elif mode == "grid":
             masks = _candidates_from_points(predictor, dense, params, None)
         else:
@@ -523,17 +549,27 @@ def segment_volume(
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     contrast_limits: tuple[float, float] | None = None,
+    per_slice: bool = False,
     **kwargs,
 ) -> np.ndarray:
-    """Everything mode on every 2D slice of a (Z, H, W) or (Z, H, W, 3) stack.
+    """Everything mode on a (Z, H, W) or (Z, H, W, 3) stack.
 
     Slices are scaled with the same contrast limits (given, or the stack's 0.5 / 99.5
-    percentiles). With ``stitch=True`` objects of neighbouring slices are linked by
-    one-to-one matching (Hungarian, IoU >= ``stitch_iou``), so an object spanning several
-    slices has one id; otherwise ids are unique per volume but not linked.
+    percentiles). In ``"auto"`` mode (the default for models with an instance head) the
+    head's maps of every slice are smoothed across slices and turned into 3D instances by
+    a seeded watershed in 3D (:func:`volume_from_maps`; keywords ``foreground_thresh``,
+    ``center_thresh``, ``boundary_thresh``, ``z_sigma``, ``xy_sigma``, ``min_volume``,
+    None = the model's tuned values for stacks). For strongly anisotropic stacks, where an
+    object spans only a few slices, lower ``z_sigma``.
+
+    Other modes, or ``per_slice=True``, segment every slice with
+    :func:`segment_everything` (extra keywords go there) and, with ``stitch=True``, link
+    objects of neighbouring slices by one-to-one matching (Hungarian, IoU >=
+    ``stitch_iou``), so an object spanning several slices has one id; otherwise ids are
+    unique per volume but not linked.
+
     ``progress(done, total)`` is called after each slice; ``cancel()`` is checked before
     each slice and a ``True`` raises :class:`Cancelled` (nothing partial is returned).
-    Extra keyword arguments go to :func:`segment_everything`.
     Returns (Z, H, W) int32 labels.
     """
     stack = np.asarray(stack)
@@ -542,6 +578,8 @@ def segment_volume(
         raise ValueError(f"stitch_iou must be in (0, 1], got {stitch_iou}")
     predictor = model if isinstance(model, SamPredictor) else SamPredictor(model)
     limits = contrast_limits or volume_contrast_limits(stack)
+    if (mode or default_mode(predictor.model)) == "auto" and not per_slice:
+        return _volume_auto(predictor, stack, limits, kwargs, progress, cancel)
     z = stack.shape[0]
     out = np.zeros(stack.shape[:3], np.int32)
     next_id = 1
@@ -555,3 +593,53 @@ def segment_volume(
         if progress is not None:
             progress(i + 1, z)
     return out
+
+
+def _volume_auto(predictor: SamPredictor, stack: np.ndarray, limits, kwargs: dict, progress, cancel) -> np.ndarray:
+    model = predictor.model
+    if not model.has_instance_head:
+        _check_params("auto", {}, model)  # raises: names the modes this model supports
+    # segment_everything's settings (decoder filters, 2D sizes) are accepted so that one
+    # set of settings serves both scopes, but the 3D path does not use them
+    unknown = set(kwargs) - set(VOLUME_THRESHOLDS) - set(inspect.signature(segment_everything).parameters)
+    if unknown:
+        raise TypeError(f"segment_volume got unexpected keyword arguments {sorted(unknown)} for mode='auto'; "
+                        f"it takes {sorted(VOLUME_THRESHOLDS)} (or per_slice=True for segment_everything's)")
+    params = recommended_thresholds(model, "auto", volume=True)
+    params.update({k: float(v) for k, v in kwargs.items() if k in VOLUME_THRESHOLDS and v is not None})
+    check_head_params({**params, "min_size": 0.0, "min_contrast": 0.0})
+    for name in ("z_sigma", "xy_sigma", "min_volume"):
+        if params[name] < 0:
+            raise ValueError(f"{name} must be >= 0, got {params[name]}")
+    z = stack.shape[0]
+    h, w = stack.shape[1:3]
+    maps = np.zeros((3, z, h, w), np.float16)
+    for i in range(z):
+        if cancel is not None and cancel():
+            raise Cancelled(f"cancelled before slice {i} of {z}")
+        rgb = to_uint8_rgb(stack[i], limits)
+        if rgb.min() == rgb.max():  # a constant slice: background
+            maps[0, i], maps[1:, i] = 0.0, 1.0
+        else:
+            predictor.set_image(rgb)
+            maps[:, i] = head_maps(model, predictor._embedding)
+        if progress is not None:
+            progress(i + 1, z)
+    return volume_from_maps(maps, **params)
+
+
+def volume_from_maps(
+    maps: np.ndarray,
+    foreground_thresh: float,
+    center_thresh: float,
+    boundary_thresh: float,
+    z_sigma: float,
+    xy_sigma: float,
+    min_volume: float,
+) -> np.ndarray:
+    """3D instance labels (Z, H, W) int32 from the head's maps of every slice (3, Z, H, W):
+    each map smoothed with a Gaussian of ``z_sigma`` slices and ``xy_sigma`` pixels, then
+    seeds and a seeded watershed in 3D as in 2D (:func:`labels_from_maps`); objects under
+    ``min_volume`` voxels are dropped."""
+    smooth = np.stack([ndimage.gaussian_filter(m.astype(np.float32), (z_sigma, xy_sigma, xy_sigma)) for m in maps])
+    return labels_from_maps(smooth, foreground_thresh, center_thresh, boundary_thresh, min_volume)

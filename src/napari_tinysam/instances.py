@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from .model import Sam
 from .model.sam import _upscale_matrix
-from .predictor import ImageEmbedding, SamPredictor, predict_batch
+from .predictor import ImageEmbedding, SamPredictor, _batch_prompts_to_model, predict_batch
 
 #: Post-processing thresholds of the head (used when a model stores no tuned values).
 HEAD_THRESHOLDS = {
@@ -28,6 +28,7 @@ HEAD_THRESHOLDS = {
     "center_thresh": 0.5,
     "boundary_thresh": 0.5,
     "min_size": 0.5,
+    "min_contrast": 0.2,
 }
 
 
@@ -81,6 +82,49 @@ def check_head_params(params: dict[str, Any]) -> None:
             raise ValueError(f"{name} must be in (0, 1), got {params[name]}")
     if params["min_size"] < 0:
         raise ValueError(f"min_size must be >= 0, got {params['min_size']}")
+    if not 0.0 <= params["min_contrast"] <= 1.0:
+        raise ValueError(f"min_contrast must be in [0, 1], got {params['min_contrast']}")
+
+
+def object_contrast(gray: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Local contrast of every object of a label image (ids 1..N), (N,) float: its mean
+    intensity minus the mean of the background ring around it (as wide as the object's
+    equivalent radius, other objects excluded); objects without such a ring are compared
+    with the mean background. 0 for absent ids."""
+    n = int(labels.max())
+    out = np.zeros(n, np.float64)
+    fg = labels > 0
+    background = float(gray[~fg].mean()) if (~fg).any() else 0.0
+    for i, sl in enumerate(ndimage.find_objects(labels), 1):
+        if sl is None:
+            continue
+        m = labels[sl] == i
+        rad = max(2, int(np.sqrt(m.sum() / np.pi)))
+        grown = tuple(slice(max(0, a.start - rad), a.stop + rad) for a in sl)
+        own = np.zeros(labels[grown].shape, bool)
+        oy, ox = sl[0].start - grown[0].start, sl[1].start - grown[1].start
+        own[oy : oy + m.shape[0], ox : ox + m.shape[1]] = m
+        ring = ndimage.binary_dilation(own, iterations=rad) & ~fg[grown]
+        outside = float(gray[grown][ring].mean()) if ring.any() else background
+        out[i - 1] = float(gray[sl][m].mean()) - outside
+    return out
+
+
+def drop_faint(labels: np.ndarray, gray: np.ndarray, min_contrast: float) -> np.ndarray:
+    """Remove objects whose local contrast (:func:`object_contrast`) is below
+    ``min_contrast`` times the median contrast of the image's objects: faint texture in
+    the background that the head takes for objects. Returns labels renumbered 1..N."""
+    n = int(labels.max())
+    if n == 0 or min_contrast <= 0:
+        return labels
+    contrast = object_contrast(gray, labels)
+    typical = float(np.median(contrast))
+    if typical <= 0:
+        return labels
+    keep = np.concatenate([[False], contrast >= min_contrast * typical])
+    lut = np.zeros(n + 1, np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1)
+    return lut[labels]
 
 
 def head_only_labels(model: Sam, embedding: ImageEmbedding, **params) -> np.ndarray:
@@ -110,6 +154,37 @@ def object_prompts(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return np.array(ids, np.int64), np.array(points, np.float64).reshape(-1, 2), np.array(boxes, np.float64).reshape(-1, 4)
 
 
+#: Window sides (image tokens) tried for windowed decoding, smallest first.
+WINDOWS = (16, 24, 32)
+
+
+def _crop_region(box, h: int, w: int, margin: float) -> tuple[int, int, int, int]:
+    """The object's box grown by ``margin`` of its size (at least 8 px), clipped to the
+    image: the region in which its mask is upscaled, (r0, c0, r1, c1)."""
+    x0, y0, x1, y1 = box
+    my = max(8.0, margin * (y1 - y0 + 1))
+    mx = max(8.0, margin * (x1 - x0 + 1))
+    return max(0, int(y0 - my)), max(0, int(x0 - mx)), min(h, int(y1 + my) + 1), min(w, int(x1 + mx) + 1)
+
+
+def _window_origin(region, emb: ImageEmbedding, grid: int, token: int, sizes) -> tuple[int, int, int] | None:
+    """(side, row, col) of the smallest window of ``sizes`` image tokens that holds the
+    region (image pixels) with one token to spare on each side, centred on it and shifted
+    to stay inside the grid; None when none does."""
+    (h, w), (ih, iw) = emb.original_size, emb.input_size
+    r0, c0, r1, c1 = region
+    ty0, ty1 = r0 * ih / h / token - 1, r1 * ih / h / token + 1
+    tx0, tx1 = c0 * iw / w / token - 1, c1 * iw / w / token + 1
+    for k in sizes:
+        if k >= grid:
+            return None
+        if ty1 - ty0 <= k and tx1 - tx0 <= k:
+            oy = int(np.clip(round((ty0 + ty1 - k) / 2), 0, grid - k))
+            ox = int(np.clip(round((tx0 + tx1 - k) / 2), 0, grid - k))
+            return k, oy, ox
+    return None
+
+
 @torch.no_grad()
 def decode_objects(
     predictor: SamPredictor,
@@ -117,33 +192,50 @@ def decode_objects(
     boxes: np.ndarray | None,
     chunk: int = 16,
     margin: float = 0.5,
+    windowed: bool = True,
 ) -> list[tuple[np.ndarray, tuple[int, int, int, int], float] | None]:
     """One single-mask decode (token 0) per object: a positive point and, when given, its
     box. Each result is (bool crop, (y0, x0, y1, x1), predicted IoU), upscaled only inside
-    the object's box grown by ``margin`` of its size, or None when the mask is empty."""
+    the object's box grown by ``margin`` of its size, or None when the mask is empty.
+
+    With ``windowed`` an object whose region fits a window of ``WINDOWS`` image tokens is
+    decoded on that window of the embedding only (``Sam.decode_windows``): the decoder's
+    work then follows the object's size, not the image's; larger objects see the whole
+    embedding."""
     model = predictor.model
     emb = predictor._require_embedding()
     h, w = emb.original_size
     s = model.img_size
-    low_side = s // 4
-    ry = _upscale_matrix(low_side, s, emb.input_size[0], h)
-    rx = _upscale_matrix(low_side, s, emb.input_size[1], w)
-    out: list = []
-    for start in range(0, len(points), chunk):
-        pts = points[start : start + chunk]
-        bx = None if boxes is None else boxes[start : start + chunk]
-        low, iou = predict_batch(predictor, pts[:, None], np.ones((len(pts), 1)), bx)
-        low, iou = low[:, 0], iou[:, 0]
-        for j in range(len(pts)):
-            if bx is not None:
-                x0, y0, x1, y1 = bx[j]
+    grid = emb.features.shape[-1]
+    token = s // grid
+    ry = _upscale_matrix(s // 4, s, emb.input_size[0], h)
+    rx = _upscale_matrix(s // 4, s, emb.input_size[1], w)
+    n = len(points)
+    regions = [
+        _crop_region(boxes[j] if boxes is not None else (*points[j], *points[j]), h, w, margin) for j in range(n)
+    ]
+    groups: dict[int | None, list[tuple[int, int, int]]] = {}
+    for j in range(n):
+        win = _window_origin(regions[j], emb, grid, token, WINDOWS) if windowed else None
+        groups.setdefault(None if win is None else win[0], []).append((j, *(win[1:] if win else (0, 0))))
+    out: list = [None] * n
+    for k, members in groups.items():
+        for start in range(0, len(members), chunk):
+            part = members[start : start + chunk]
+            idx = [m[0] for m in part]
+            pts = points[idx]
+            bx = None if boxes is None else boxes[idx]
+            if k is None:
+                low, iou = predict_batch(predictor, pts[:, None], np.ones((len(pts), 1)), bx)
             else:
-                x0 = x1 = pts[j, 0]
-                y0 = y1 = pts[j, 1]
-            my = max(8.0, margin * (y1 - y0 + 1))
-            mx = max(8.0, margin * (x1 - x0 + 1))
-            r0, r1 = max(0, int(y0 - my)), min(h, int(y1 + my) + 1)
-            c0, c1 = max(0, int(x0 - mx)), min(w, int(x1 + mx) + 1)
-            crop = (ry[r0:r1] @ low[j] @ rx[c0:c1].T) > model.mask_threshold
-            out.append((crop.numpy(), (r0, c0, r1, c1), float(iou[j])) if bool(crop.any()) else None)
+                p, b = _batch_prompts_to_model(predictor, pts[:, None], np.ones((len(pts), 1)), bx)
+                origins = torch.tensor([m[1:] for m in part], dtype=torch.long)
+                low, iou = model.decode_windows(emb.features, p, b, origins, k)
+            low, iou = low[:, 0], iou[:, 0]
+            side = low.shape[-1]
+            for i, j in enumerate(idx):
+                r0, c0, r1, c1 = regions[j]
+                oy, ox = 4 * part[i][1], 4 * part[i][2]  # the low-res grid is 4x the tokens'
+                crop = (ry[r0:r1, oy : oy + side] @ low[i] @ rx[c0:c1, ox : ox + side].T) > model.mask_threshold
+                out[j] = (crop.numpy(), (r0, c0, r1, c1), float(iou[i])) if bool(crop.any()) else None
     return out

@@ -109,6 +109,9 @@ class EverythingWidget(Container):
         self.advanced.changed.connect(lambda v: setattr(self.advanced_box, "visible", v))
         self._model = None
         self.mode.changed.connect(self._mode_changed)
+        # a whole stack in auto mode has its own tuned head thresholds (3D instances)
+        self.scope.changed.connect(lambda _: self._mode_changed(self.mode.value))
+        self.image_combo.changed.connect(lambda _: self._mode_changed(self.mode.value))
         self._model_worker = None
         self.model_combo.changed.connect(self._model_changed)
         self._model_changed(self.model_combo.value)
@@ -160,12 +163,17 @@ class EverythingWidget(Container):
             w.visible = auto
         if self._model is None or mode is None:
             return
-        t = recommended_thresholds(self._model, mode)
+        t = recommended_thresholds(self._model, mode, volume=self._whole_stack())
         for key, w in (("pred_iou_thresh", self.pred_iou), ("stability_score_thresh", self.stability),
                        ("box_nms_thresh", self.nms), ("foreground_thresh", self.foreground),
                        ("center_thresh", self.center), ("boundary_thresh", self.boundary)):
             if key in t:
                 w.value = t[key]
+
+    def _whole_stack(self) -> bool:
+        """Whether a run segments a whole 3D stack (not one 2D image or slice)."""
+        image = self.image_combo.value
+        return self.scope.value == STACK and image is not None and image_ndim(image) > 2
 
     def _layers_changed(self, event=None) -> None:
         self.image_combo.reset_choices()

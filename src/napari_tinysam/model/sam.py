@@ -236,6 +236,36 @@ class Sam(nn.Module):
             )
         return low.float(), iou.float()
 
+    def decode_windows(
+        self,
+        image_embeddings: torch.Tensor,
+        points: tuple[torch.Tensor, torch.Tensor],
+        boxes: torch.Tensor | None,
+        origins: torch.Tensor,
+        size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Single-object decoding on a window of the image embedding: prompt i sees only
+        the ``size`` x ``size`` image tokens whose top-left token is ``origins[i]`` (row,
+        col), with their positional encodings, so the transformer and the upscaling work
+        on size^2 tokens instead of the whole grid. Prompts are in model-input pixels of
+        the whole image, as for :meth:`decode`.
+
+        Returns low-resolution logits (B, 4, 4 size, 4 size) of the windows and IoU
+        predictions (B, 4).
+        """
+        r = origins[:, :1] + torch.arange(size, device=origins.device)  # (B, size)
+        c = origins[:, 1:] + torch.arange(size, device=origins.device)
+
+        def windows(grid: torch.Tensor) -> torch.Tensor:  # (1, C, h, w) -> (B, C, size, size)
+            return grid[0][:, r[:, :, None], c[:, None, :]].permute(1, 0, 2, 3)
+
+        with self.autocast(len(origins)):
+            sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None, dense_size=(size, size))
+            low, iou = self.mask_decoder(
+                windows(image_embeddings), windows(self.prompt_encoder.get_dense_pe()), sparse, dense
+            )
+        return low.float(), iou.float()
+
     def decode_filtered(
         self, image_embeddings: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor], iou_thresh: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
