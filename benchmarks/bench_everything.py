@@ -10,7 +10,7 @@ Otsu + watershed baseline computed in the same run:
 Every call uses the API defaults (thresholds None = the model's tuned values).
 
     .venv/bin/python benchmarks/bench_everything.py [--model default] [--repeats 3]
-        [--data ../shared/data] [--fields 20] [--dsb 50] [--no-3d] [--stacks 10] [--slow]
+        [--data ../shared/data] [--fields 20] [--dsb 50] [--no-3d] [--stacks 10] [--mosaic 1] [--slow]
 
 --slow adds the point-grid modes (hierarchical, grid) to the DSB2018 and 3D tables.
 """
@@ -42,6 +42,12 @@ METHODS = {
     "grid 32x32": {"mode": "grid"},
 }
 FAST = ("auto", "auto, head only")
+#: large images: the default (tiles when the head finds the objects too small) against
+#: the whole image shrunk to the model's input
+MOSAIC_METHODS = {
+    "auto (default: tiles when objects are small)": {},
+    "auto, whole image": {"tile_shape": 10**6},
+}
 #: segment_volume with a head: 3D instances from the head's maps (the default) against
 #: the 2D auto mode on every slice, linked across slices
 VOLUME_METHODS = {
@@ -106,6 +112,24 @@ def quality_table(title: str, model, items, methods: dict, volume: bool = False)
 
 
 
+def mosaics(fields, side: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Large images with small objects: side x side BBBC039 fields placed edge to edge
+    (1040x1392 for 2, 1560x2088 for 3), each field's nuclei keeping their size."""
+    out = []
+    n = side * side
+    for k in range(len(fields) // n):
+        group = fields[k * n : (k + 1) * n]
+        labels, offset = [], 0
+        for f in group:
+            lab = f.labels.astype(np.int32)
+            labels.append(np.where(lab > 0, lab + offset, 0))
+            offset += int(lab.max())
+        rows = range(side)
+        out.append((np.block([[group[r * side + c].image for c in rows] for r in rows]),
+                    np.block([[labels[r * side + c] for c in rows] for r in rows])))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default")
@@ -114,6 +138,7 @@ def main() -> None:
     ap.add_argument("--fields", type=int, default=20, help="BBBC039 val fields (0: none)")
     ap.add_argument("--dsb", type=int, default=50, help="DSB2018 val images (0: none)")
     ap.add_argument("--no-3d", action="store_true")
+    ap.add_argument("--mosaic", type=int, default=1, help="large-image table from BBBC039 val mosaics (0: off)")
     ap.add_argument("--stacks", type=int, default=10, help="noisy stand-in stacks (from BBBC039 val fields)")
     ap.add_argument("--slow", action="store_true", help="point-grid modes on DSB2018 and 3D too")
     ap.add_argument("--threads", type=int, default=2)
@@ -136,6 +161,11 @@ def main() -> None:
         val = load_folder(data / "bbbc039" / "val" / "images")[: args.fields]
         quality_table(f"BBBC039 val ({len(val)} fields, mean over fields):", model,
                       [(s.image, s.labels) for s in val], METHODS)
+    if args.fields and args.mosaic:
+        val = load_folder(data / "bbbc039" / "val" / "images")[: args.fields]
+        for side in (2, 3):
+            quality_table(f"Large images: {side}x{side} mosaics of BBBC039 val fields (mean over mosaics):",
+                          model, mosaics(val, side), MOSAIC_METHODS)
     if args.dsb:
         val = load_folder(data / "dsb2018" / "val" / "images")[: args.dsb]
         quality_table(f"DSB2018 val ({len(val)} images, mean over images):", model,

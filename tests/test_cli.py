@@ -68,6 +68,13 @@ def test_segment_folder_zarr_and_refusals(files, model_file, tmp_path, capsys):
     assert main(["segment", str(files / "in" / "a.tif"), "-o", str(out / "auto.tif"), "--model", model_file,
                  "--mode", "auto"]) == 2
     assert "'hierarchical'" in capsys.readouterr().err and not (out / "auto.tif").exists()
+    # tiles on request; a halo alone is refused
+    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(out / "tiled.tif"), "--model", model_file,
+                 "--tile-shape", "32", "32", "--halo", "8", "8", *ARGS]) == 0
+    assert read_image(out / "tiled.tif").shape == (40, 50)
+    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(out / "halo.tif"), "--model", model_file,
+                 "--halo", "8", "8", *ARGS]) == 2
+    assert "--tile-shape" in capsys.readouterr().err and not (out / "halo.tif").exists()
 
 
 def test_write_labels_is_atomic(tmp_path):

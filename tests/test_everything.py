@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import napari_tinysam.everything as ev
 from napari_tinysam import SamPredictor
 from napari_tinysam.everything import Cancelled, segment_everything, segment_volume
 from napari_tinysam.masks import box_nms, build_point_grid, paint_labels, stitch_pair
@@ -180,3 +181,54 @@ def test_segment_volume_cancel_returns_nothing():
         segment_volume(SamPredictor(FakeSam(vol[0])), (vol > 0).astype(np.uint16),
                        progress=lambda d, t: seen.append(d), cancel=lambda: len(seen) >= 2)
     assert seen == [1, 2]
+
+
+def _ids_as_masks(predictor, rgb, mode, params):
+    """Test double of one tile's segmentation: every grey value is one object, cut where
+    the tile ends (as a real model sees an object at a tile's edge)."""
+    out = ev._Masks()
+    for v in np.unique(rgb[..., 0]):
+        if v == 0:
+            continue
+        crop, place = ev._tight(rgb[..., 0] == v, 0, 0)
+        out.crops.append(crop)
+        out.places.append(place)
+        out.iou.append(1.0)
+        out.stability.append(1.0)
+        out.points.append((0.0, 0.0))
+    return out
+
+
+def test_tiles_give_every_object_once_and_whole(monkeypatch):
+    truth = np.zeros((300, 400), np.int32)
+    yy, xx = np.mgrid[:300, :400]
+    rng = np.random.default_rng(0)
+    k = 0
+    for cy in range(15, 300, 34):  # a lattice of discs, many across tile borders
+        for cx in range(15, 400, 34):
+            k += 1
+            truth[(yy - cy - rng.integers(-5, 6)) ** 2 + (xx - cx - rng.integers(-5, 6)) ** 2 <= 81] = k
+    rgb = np.repeat(truth[..., None].astype(np.uint8), 3, -1)
+    monkeypatch.setattr(ev, "_segment_masks", _ids_as_masks)
+    seen = []
+    out = ev._segment_tiled(None, rgb, "auto", {}, (64, 64), (20, 20), lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (5 * 7, 5 * 7)  # one progress step per tile
+    assert out.max() == k
+    for i in range(1, k + 1):
+        ids = np.unique(out[truth == i])
+        assert len(ids) == 1 and ids[0] > 0  # whole, not cut at a tile border
+        assert ((out == ids[0]) == (truth == i)).all()  # and nothing else
+    # with a halo smaller than the objects, objects at tile borders come cut
+    cut = ev._segment_tiled(None, rgb, "auto", {}, (64, 64), (2, 2), None)
+    assert any(len(np.unique(cut[truth == i])) > 1 for i in range(1, k + 1))
+
+
+def test_tiling_settings_are_checked():
+    fake = FakeSam(np.zeros((128, 128), np.int32))
+    image = np.random.default_rng(0).integers(0, 50, (128, 128)).astype(np.uint16)
+    with pytest.raises(ValueError, match="halo needs tile_shape"):
+        segment_everything(SamPredictor(fake), image, halo=8)
+    with pytest.raises(ValueError, match="at least 32"):
+        segment_everything(SamPredictor(fake), image, tile_shape=16)
+    with pytest.raises(ValueError, match="return_records"):
+        segment_everything(SamPredictor(fake), image, tile_shape=64, return_records=True)

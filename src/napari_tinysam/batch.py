@@ -86,18 +86,18 @@ def segment_file(
     progress: Callable[[int, int], None] | None = None,
     **kwargs,
 ) -> Result:
-    """Everything mode on one file; writes ``out``. 3D stacks are segmented slice by
-    slice and stitched (``stitch`` keyword, default True)."""
+    """Everything mode on one file; writes ``out``. 2D images with
+    :func:`segment_everything` (``progress`` per tile), 3D stacks with
+    :func:`segment_volume` (``progress`` per slice; ``stitch`` for the per-slice modes)."""
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     data = select_index(read_image(path), index)
     t0 = time.perf_counter()
     rgb = data.ndim >= 3 and data.shape[-1] in (3, 4)
     if data.ndim == 2 or (data.ndim == 3 and rgb):
-        labels = segment_everything(model, data, **{k: v for k, v in kwargs.items() if k != "stitch"})
+        labels = segment_everything(model, data, progress=progress,
+                                    **{k: v for k, v in kwargs.items() if k != "stitch"})
         slices = 1
-        if progress:
-            progress(1, 1)
     else:
         check_volume(data)
         labels = segment_volume(model, data, progress=progress, **kwargs)

@@ -207,7 +207,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         "min_mask_region_area": args.min_area,
         "contrast_limits": tuple(args.contrast_limits) if args.contrast_limits else None,
         "stitch": not args.no_stitch,
+        **({"tile_shape": tuple(args.tile_shape), "halo": tuple(args.halo or (0, 0))} if args.tile_shape else {}),
     }
+    if args.halo and not args.tile_shape:
+        raise ValueError("--halo needs --tile-shape")
     rows = []
     for path, out in zip(inputs, outputs):
         bar = tqdm(total=0, desc=path.name, unit="slice")
@@ -373,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-area", type=int, default=0, help="remove islands/holes below this area")
     g.add_argument("--contrast-limits", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="intensity range mapped to 0..255 (default: 0.5 / 99.5 percentiles)")
+    g.add_argument("--tile-shape", type=int, nargs=2, metavar=("H", "W"),
+                   help="2D: segment in tiles of this size (default in auto mode: tiles only when the "
+                        "objects are too small at the whole-image scale, sized from them)")
+    g.add_argument("--halo", type=int, nargs=2, metavar=("H", "W"), help="overlap added around each tile")
     g.add_argument("--index", type=int, nargs="+", help="leading indices for 4D+ data (e.g. a time point)")
     g.add_argument("--no-stitch", action="store_true", help="do not link objects across slices")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")

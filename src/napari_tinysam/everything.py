@@ -350,6 +350,9 @@ def segment_everything(
     background_thresh: float | None = None,
     return_records: bool = False,
     contrast_limits: tuple[float, float] | None = None,
+    tile_shape: int | tuple[int, int] | None = None,
+    halo: int | tuple[int, int] | None = None,
+    progress: Progress | None = None,
 ):
     """Segment every object of a 2D image.
 
@@ -383,7 +386,15 @@ def segment_everything(
             whose local contrast (mean inside minus the background ring around them) is
             below this fraction of the median object's are dropped as background texture
             (``"auto"`` only).
-        return_records: also return SAM-style records.
+        return_records: also return SAM-style records (not with tiling).
+        tile_shape, halo: segment tile by tile (pixels; an int or (rows, columns)): each
+            tile grown by ``halo`` on every side is segmented on its own at the model's
+            usual scaling, and an object is kept by the tile whose inner part holds its
+            centroid. ``None`` in ``"auto"`` mode: an image larger than the model's input
+            is tiled when the instance head finds its objects too small at the
+            whole-image scale (narrower than ``MIN_OBJECT_INPUT_PX`` model-input
+            pixels), with tiles sized from the objects' median width.
+        progress: ``progress(done, total)`` after each tile (1 of 1 without tiling).
 
     Every threshold left at ``None`` takes the model's tuned value for the mode (see
     :func:`recommended_thresholds`); SAM's values only for models that store none.
@@ -423,32 +434,19 @@ def segment_everything(
         head_only=head_only,
     )
     _check_params(mode, params, model)
+    tiles = _check_tiling(tile_shape, halo, return_records)
     rgb = to_uint8_rgb(image, contrast_limits)
     h, w = rgb.shape[:2]
     if rgb.min() == rgb.max():  # a constant image holds no objects
         labels = np.zeros((h, w), np.int32)
         return (labels, []) if return_records else labels
-    with torch.no_grad():
-        predictor.set_image(rgb)
-        scale = np.array([w, h], dtype=np.float64)
-        dense = build_point_grid(points_per_side) * scale
-        if mode == "auto":
-            masks = _auto_masks(predictor, params, rgb.mean(-1, dtype=np.float32))
-        elif mode == "grid":
-            masks = _candidates_from_points(predictor, dense, params, None)
-        else:
-            coverage = np.zeros((h, w), bool)
-            sparse = build_point_grid(max(1, points_per_side // 4)) * scale
-            masks = _candidates_from_points(predictor, sparse, params, coverage)
-            xi = np.clip(dense[:, 0].astype(np.int64), 0, w - 1)
-            yi = np.clip(dense[:, 1].astype(np.int64), 0, h - 1)
-            skip = coverage[yi, xi]
-            if model.has_instance_head:
-                skip |= head_maps(model, predictor._embedding)[0][yi, xi] < params["background_thresh"]
-            remaining = dense[~skip]
-            if len(remaining):
-                masks.extend(_candidates_from_points(predictor, remaining, params, None))
-        masks = _postprocess(masks, params, nms=not (mode == "auto" and head_only))
+    if tiles is None and mode == "auto" and max(h, w) > model.img_size and not return_records:
+        tiles = _tiles_for_small_objects(predictor, rgb, params)
+    if tiles is not None:
+        return _segment_tiled(predictor, rgb, mode, params, *tiles, progress)
+    masks = _segment_masks(predictor, rgb, mode, params)
+    if progress is not None:
+        progress(1, 1)
     labels, ids = paint_labels(masks.crops, masks.places, np.array(masks.iou), (h, w))
     if not return_records:
         return labels
@@ -471,6 +469,140 @@ def segment_everything(
             }
         )
     return labels, records
+
+
+@torch.no_grad()
+def _segment_masks(predictor: SamPredictor, rgb: np.ndarray, mode: str, params: dict[str, Any]) -> _Masks:
+    """Candidate masks of one uint8 RGB image (no tiling), filtered and NMS'd."""
+    model = predictor.model
+    h, w = rgb.shape[:2]
+    predictor.set_image(rgb)
+    scale = np.array([w, h], dtype=np.float64)
+    dense = build_point_grid(params["points_per_side"]) * scale
+    if mode == "auto":
+        masks = _auto_masks(predictor, params, rgb.mean(-1, dtype=np.float32))
+    elif mode == "grid":
+        masks = _candidates_from_points(predictor, dense, params, None)
+    else:
+        coverage = np.zeros((h, w), bool)
+        sparse = build_point_grid(max(1, params["points_per_side"] // 4)) * scale
+        masks = _candidates_from_points(predictor, sparse, params, coverage)
+        xi = np.clip(dense[:, 0].astype(np.int64), 0, w - 1)
+        yi = np.clip(dense[:, 1].astype(np.int64), 0, h - 1)
+        skip = coverage[yi, xi]
+        if model.has_instance_head:
+            skip |= head_maps(model, predictor._embedding)[0][yi, xi] < params["background_thresh"]
+        remaining = dense[~skip]
+        if len(remaining):
+            masks.extend(_candidates_from_points(predictor, remaining, params, None))
+    return _postprocess(masks, params, nms=not (mode == "auto" and params["head_only"]))
+
+
+#: Objects narrower than this many model-input pixels (6 cells of the low-resolution
+#: grid) at the whole-image scale are too small for the model: everything mode then tiles.
+MIN_OBJECT_INPUT_PX = 24.0
+#: Tiles are scaled so that a typical object is about this wide in model-input pixels
+#: (the size of the nuclei the bundled model was trained on).
+TARGET_OBJECT_INPUT_PX = 32.0
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    pair = (value, value) if np.isscalar(value) else tuple(value)
+    if len(pair) != 2 or any(int(v) != v or v < 0 for v in pair):
+        raise ValueError(f"{name} must be a non-negative integer or a pair of them (rows, columns), got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _check_tiling(tile_shape, halo, return_records: bool):
+    """(tile, halo) pairs from the user's settings, or None for automatic tiling."""
+    if tile_shape is None:
+        if halo is not None:
+            raise ValueError("halo needs tile_shape (the tile's size without its halo)")
+        return None
+    tile = _pair(tile_shape, "tile_shape")
+    if min(tile) < 32:
+        raise ValueError(f"tile_shape must be at least 32 pixels per side, got {tile_shape!r}")
+    if return_records:
+        raise ValueError("return_records is not available with tiling; use the label image")
+    return tile, _pair(0 if halo is None else halo, "halo")
+
+
+def _head_widths(predictor: SamPredictor, rgb: np.ndarray, params: dict[str, Any]) -> tuple[float, float]:
+    """Median width (image pixels; 0 when the head finds nothing) of the head's instances
+    in ``rgb``, and the image's scale (model-input pixels per image pixel)."""
+    model = predictor.model
+    predictor.set_image(rgb)
+    emb = predictor._embedding
+    head = labels_from_maps(
+        head_maps(model, emb), params["foreground_thresh"], params["center_thresh"], params["boundary_thresh"],
+        params["min_size"] * grid_cell_area(emb),
+    )
+    areas = np.bincount(head.ravel())[1:]
+    areas = areas[areas > 0]
+    width = 2.0 * np.sqrt(np.median(areas) / np.pi) if len(areas) else 0.0
+    return float(width), emb.input_size[0] / rgb.shape[0]
+
+
+def _tiles_for_small_objects(predictor: SamPredictor, rgb: np.ndarray, params: dict[str, Any]):
+    """Tiles (tile, halo) when the instance head finds the objects of an image larger than
+    the model's input too small at the whole-image scale (median width under
+    ``MIN_OBJECT_INPUT_PX``), or finds none; None when the whole image is fine.
+
+    The objects' width is then measured again on a centre crop at full resolution (at the
+    whole-image scale they are too small to measure), and tiles are sized so that a
+    typical object becomes about ``TARGET_OBJECT_INPUT_PX`` wide (at most the model's
+    ``max_upscale``), with a halo of 1.5 object widths."""
+    model = predictor.model
+    h, w = rgb.shape[:2]
+    width, scale = _head_widths(predictor, rgb, params)
+    if width * scale >= MIN_OBJECT_INPUT_PX:
+        return None
+    side = min(model.img_size, h, w)
+    y, x = (h - side) // 2, (w - side) // 2
+    width, _ = _head_widths(predictor, np.ascontiguousarray(rgb[y : y + side, x : x + side]), params)
+    upscale = TARGET_OBJECT_INPUT_PX / width if width else 1.0
+    upscale = min(max(upscale, model.img_size / max(h, w)), model.max_upscale or 1.0)
+    tile_side = int(model.img_size / upscale)  # a tile with its halo fills the model's input
+    margin = min(int(np.ceil(1.5 * width)) if width else tile_side // 8, tile_side // 4)
+    inner = tile_side - 2 * margin
+    return (inner, inner), (margin, margin)
+
+
+def _segment_tiled(predictor, rgb, mode, params, tile, halo, progress) -> np.ndarray:
+    """Everything mode tile by tile: each tile with its halo is segmented on its own; an
+    object belongs to the tile whose inner part holds its centroid, so objects cut by one
+    tile's edge come whole from the neighbour whose halo holds them, and none twice.
+    Objects are painted in tile order without overwriting earlier ones."""
+    h, w = rgb.shape[:2]
+    (th, tw), (hy, hx) = tile, halo
+    starts = [(y, x) for y in range(0, h, th) for x in range(0, w, tw)]
+    out = np.zeros((h, w), np.int32)
+    next_id = 1
+    for k, (y, x) in enumerate(starts):
+        y0, x0, y1, x1 = max(0, y - hy), max(0, x - hx), min(h, y + th + hy), min(w, x + tw + hx)
+        crop = rgb[y0:y1, x0:x1]
+        if crop.min() != crop.max():
+            masks = _segment_masks(predictor, np.ascontiguousarray(crop), mode, params)
+            labels, _ = paint_labels(masks.crops, masks.places, np.array(masks.iou), crop.shape[:2])
+            n = int(labels.max())
+            if n:
+                centres = np.array(ndimage.center_of_mass(labels > 0, labels, np.arange(1, n + 1)))
+                cy, cx = centres[:, 0] + y0, centres[:, 1] + x0
+                own = (cy >= y) & (cy < y + th) & (cx >= x) & (cx < x + tw)
+                lut = np.zeros(n + 1, np.int32)
+                lut[1:][own] = np.arange(next_id, next_id + int(own.sum()))
+                next_id += int(own.sum())
+                region = out[y0:y1, x0:x1]
+                new = lut[labels]
+                free = (new > 0) & (region == 0)
+                region[free] = new[free]
+        if progress is not None:
+            progress(k + 1, len(starts))
+    # ids of objects that lost every pixel to earlier ones are dropped: renumber 1..N
+    ids = np.unique(out[out > 0])
+    lut = np.zeros(next_id, np.int32)
+    lut[ids] = np.arange(1, len(ids) + 1)
+    return lut[out]
 
 
 def volume_contrast_limits(stack, percentiles=(0.5, 99.5), max_slices: int = 8, max_samples: int = 2_000_000):
