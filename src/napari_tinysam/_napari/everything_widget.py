@@ -39,12 +39,13 @@ CURRENT, STACK = "current slice", "whole stack"
 def run_everything(model_name, data, index, scope, stitch, contrast_limits, params, cancel, report):
     """Worker body (no napari calls). ``index`` is the displayed slice (leading axes);
     ``report(done, total)`` is called after each slice. Returns labels shaped like the
-    image's spatial axes (only the segmented slice or stack filled)."""
+    image's spatial axes (only the segmented slice or stack filled). A 2D image reports
+    its tiles (1 of 1 when it is not tiled)."""
     model = get_model(model_name)
     spatial = data.shape[: len(index) + 2]
     if scope == CURRENT or len(index) == 0:
-        labels2d = segment_everything(model, np.asarray(data[index]), contrast_limits=contrast_limits, **params)
-        report(1, 1)
+        labels2d = segment_everything(model, np.asarray(data[index]), contrast_limits=contrast_limits,
+                                      progress=report, **params)
         if not index:
             return labels2d
         out = np.zeros(spatial, np.int32)
