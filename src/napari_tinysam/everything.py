@@ -26,6 +26,7 @@ from .instances import (
     drop_faint,
     grid_cell_area,
     head_maps,
+    head_only_labels,
     labels_from_maps,
     object_prompts,
 )
@@ -530,13 +531,9 @@ def _check_tiling(tile_shape, halo, return_records: bool):
 def _head_widths(predictor: SamPredictor, rgb: np.ndarray, params: dict[str, Any]) -> tuple[float, float]:
     """Median width (image pixels; 0 when the head finds nothing) of the head's instances
     in ``rgb``, and the image's scale (model-input pixels per image pixel)."""
-    model = predictor.model
     predictor.set_image(rgb)
     emb = predictor._embedding
-    head = labels_from_maps(
-        head_maps(model, emb), params["foreground_thresh"], params["center_thresh"], params["boundary_thresh"],
-        params["min_size"] * grid_cell_area(emb),
-    )
+    head = head_only_labels(predictor.model, emb, **{k: params[k] for k in HEAD_THRESHOLDS})
     areas = np.bincount(head.ravel())[1:]
     areas = areas[areas > 0]
     width = 2.0 * np.sqrt(np.median(areas) / np.pi) if len(areas) else 0.0
