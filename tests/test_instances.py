@@ -73,6 +73,15 @@ def test_touching_objects_are_split_by_their_seeds():
     assert out.max() == 2 and _best_iou(out, labels == 1) > 0.9 and _best_iou(out, labels == 2) > 0.9
 
 
+def test_touching_objects_whose_seed_regions_join_get_a_seed_each():
+    yy, xx = np.mgrid[:64, :96]
+    centre = np.minimum(np.hypot(yy - 32, xx - 40), np.hypot(yy - 32, xx - 56)).clip(0, 18) / 18
+    maps = np.stack([(centre < 1).astype(np.float32), centre, centre])  # the region < 0.6 is one piece
+    assert labels_from_maps(maps, 0.5, 0.6, 0.6, 10, seed_depth=0).max() == 1
+    out = labels_from_maps(maps, 0.5, 0.6, 0.6, 10)  # a centre-distance minimum for each
+    assert out.max() == 2 and out[32, 40] != out[32, 56] and 0 not in (out[32, 40], out[32, 56])
+
+
 @pytest.mark.parametrize("head_only", [False, True])
 def test_auto_mode_finds_each_object_once(head_only):
     truth = _discs()

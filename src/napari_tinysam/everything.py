@@ -771,4 +771,6 @@ def volume_from_maps(
     seeds and a seeded watershed in 3D as in 2D (:func:`labels_from_maps`); objects under
     ``min_volume`` voxels are dropped."""
     smooth = np.stack([ndimage.gaussian_filter(m.astype(np.float32), (z_sigma, xy_sigma, xy_sigma)) for m in maps])
-    return labels_from_maps(smooth, foreground_thresh, center_thresh, boundary_thresh, min_volume)
+    # one seed per connected seed region: seeding at centre-distance minima (as in 2D)
+    # would cut a nucleus in two where one slice of it is missing
+    return labels_from_maps(smooth, foreground_thresh, center_thresh, boundary_thresh, min_volume, seed_depth=0.0)
