@@ -33,11 +33,11 @@ from napari_tinysam.everything import (
     segment_everything,
     volume_contrast_limits,
     volume_from_maps,
+    volume_head_maps,
 )
 from napari_tinysam.instances import grid_cell_area, head_maps, labels_from_maps
 from napari_tinysam.metrics import match_instances
 from napari_tinysam.model.build import update_checkpoint_meta
-from napari_tinysam.predictor import to_uint8_rgb
 from napari_tinysam.weights import load_model
 
 
@@ -123,7 +123,8 @@ def tune_volume(model, data: Path, n: int) -> dict:
         "stand-in (train)": [noisy_stack(s.image, s.labels, seed=i) for i, s in enumerate(fields)],
         "gonuclear 1135+1136": [(img, lab) for name, img, lab in gonuclear(data) if name in ("1135", "1136")],
     }
-    maps = {name: [(volume_maps(model, img), lab) for img, lab in vols] for name, vols in sources.items()}
+    maps = {name: [(volume_head_maps(SamPredictor(model), img, volume_contrast_limits(img)), lab) for img, lab in vols]
+            for name, vols in sources.items()}
     rows = []
     for z, xy, fg, c, b in itertools.product((1.0, 2.0), (0.0, 1.0), (0.3, 0.4, 0.5), (0.5, 0.6), (0.5, 0.6)):
         prm = dict(foreground_thresh=fg, center_thresh=c, boundary_thresh=b, z_sigma=z, xy_sigma=xy,
@@ -138,17 +139,6 @@ def tune_volume(model, data: Path, n: int) -> dict:
     best = {k: v for k, v in rows[0].items() if k in VOLUME_THRESHOLDS}
     return {**best, "tuned_on": f"train: {n} noisy stand-in stacks from BBBC039 train, GoNuclear 1135 and 1136; "
                                 "mean 3D F1@0.5"}
-
-
-def volume_maps(model, stack: np.ndarray) -> np.ndarray:
-    """The head's maps of every slice (3, Z, H, W), as segment_volume computes them."""
-    limits = volume_contrast_limits(stack)
-    pred = SamPredictor(model)
-    out = []
-    for z in range(stack.shape[0]):
-        pred.set_image(to_uint8_rgb(stack[z], limits))
-        out.append(head_maps(model, pred._embedding))
-    return np.stack(out, 1)
 
 
 def main() -> None:

@@ -22,11 +22,13 @@ from scipy import ndimage
 from .instances import (
     HEAD_THRESHOLDS,
     check_head_params,
+    check_seed_thresholds,
     decode_objects,
     drop_faint,
     grid_cell_area,
     head_maps,
     head_only_labels,
+    keep_objects,
     labels_from_maps,
     object_prompts,
 )
@@ -596,10 +598,7 @@ def _segment_tiled(predictor, rgb, mode, params, tile, halo, progress) -> np.nda
         if progress is not None:
             progress(k + 1, len(starts))
     # ids of objects that lost every pixel to earlier ones are dropped: renumber 1..N
-    ids = np.unique(out[out > 0])
-    lut = np.zeros(next_id, np.int32)
-    lut[ids] = np.arange(1, len(ids) + 1)
-    return lut[out]
+    return keep_objects(out, np.bincount(out.ravel(), minlength=next_id) > 0)
 
 
 def volume_contrast_limits(stack, percentiles=(0.5, 99.5), max_slices: int = 8, max_samples: int = 2_000_000):
@@ -736,25 +735,38 @@ def _volume_auto(predictor: SamPredictor, stack: np.ndarray, limits, kwargs: dic
                         f"it takes {sorted(VOLUME_THRESHOLDS)} (or per_slice=True for segment_everything's)")
     params = recommended_thresholds(model, "auto", volume=True)
     params.update({k: float(v) for k, v in kwargs.items() if k in VOLUME_THRESHOLDS and v is not None})
-    check_head_params({**params, "min_size": 0.0, "min_contrast": 0.0})
+    check_seed_thresholds(params)
     for name in ("z_sigma", "xy_sigma", "min_volume"):
         if params[name] < 0:
             raise ValueError(f"{name} must be >= 0, got {params[name]}")
-    z = stack.shape[0]
-    h, w = stack.shape[1:3]
+    return volume_from_maps(volume_head_maps(predictor, stack, limits, progress, cancel), **params)
+
+
+def volume_head_maps(
+    predictor: SamPredictor,
+    stack: np.ndarray,
+    limits: tuple[float, float],
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """The instance head's maps of every slice, (3, Z, H, W) float16, each slice scaled
+    by ``limits``; a constant slice is background. ``progress`` after each slice,
+    ``cancel`` checked before each (raises :class:`Cancelled`)."""
+    model = predictor.model
+    z, h, w = stack.shape[:3]
     maps = np.zeros((3, z, h, w), np.float16)
     for i in range(z):
         if cancel is not None and cancel():
             raise Cancelled(f"cancelled before slice {i} of {z}")
         rgb = to_uint8_rgb(stack[i], limits)
-        if rgb.min() == rgb.max():  # a constant slice: background
+        if rgb.min() == rgb.max():
             maps[0, i], maps[1:, i] = 0.0, 1.0
         else:
             predictor.set_image(rgb)
             maps[:, i] = head_maps(model, predictor._embedding)
         if progress is not None:
             progress(i + 1, z)
-    return volume_from_maps(maps, **params)
+    return maps
 
 
 def volume_from_maps(

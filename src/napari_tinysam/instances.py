@@ -51,6 +51,16 @@ def grid_cell_area(embedding: ImageEmbedding) -> float:
     return 16.0 * (h / ih) * (w / iw)
 
 
+def keep_objects(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Labels with only the ids where ``keep`` (bool, indexed by id; entry 0 ignored) is
+    true, renumbered 1..N in id order."""
+    keep = keep.copy()
+    keep[0] = False
+    lut = np.zeros(len(keep), np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1)
+    return lut[labels]
+
+
 #: Depth of the centre-distance minima that seed separate objects in 2D: two touching
 #: objects whose centres are separated by a rise of at least this much get one seed each,
 #: even when the seed region joins them. On training images it lifted the auto mode's F1
@@ -88,18 +98,17 @@ def labels_from_maps(
     if n == 0:
         return np.zeros(fg.shape, np.int32)
     labels = watershed(maps[2], seeds, mask=fg)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = sizes >= min_area
-    keep[0] = False
-    lut = np.zeros(n + 1, np.int32)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1)
-    return lut[labels]
+    return keep_objects(labels, np.bincount(labels.ravel(), minlength=n + 1) >= min_area)
 
 
-def check_head_params(params: dict[str, Any]) -> None:
+def check_seed_thresholds(params: dict[str, Any]) -> None:
     for name in ("foreground_thresh", "center_thresh", "boundary_thresh"):
         if not 0.0 < params[name] < 1.0:
             raise ValueError(f"{name} must be in (0, 1), got {params[name]}")
+
+
+def check_head_params(params: dict[str, Any]) -> None:
+    check_seed_thresholds(params)
     if params["min_size"] < 0:
         raise ValueError(f"min_size must be >= 0, got {params['min_size']}")
     if not 0.0 <= params["min_contrast"] <= 1.0:
@@ -141,10 +150,7 @@ def drop_faint(labels: np.ndarray, gray: np.ndarray, min_contrast: float) -> np.
     typical = float(np.median(contrast))
     if typical <= 0:
         return labels
-    keep = np.concatenate([[False], contrast >= min_contrast * typical])
-    lut = np.zeros(n + 1, np.int32)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1)
-    return lut[labels]
+    return keep_objects(labels, np.concatenate([[False], contrast >= min_contrast * typical]))
 
 
 def head_only_labels(model: Sam, embedding: ImageEmbedding, **params) -> np.ndarray:
