@@ -52,7 +52,7 @@ def connect(scheduler: str | None = None, workers: int | None = None, timeout: f
     """A dask.distributed Client: to ``scheduler`` (an address such as
     tcp://host:8786), or a LocalCluster with ``workers`` processes. Fails fast with a
     clear message when the scheduler does not answer."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if scheduler:
         try:
@@ -62,9 +62,10 @@ def connect(scheduler: str | None = None, workers: int | None = None, timeout: f
                 f"the Dask scheduler at {scheduler} does not answer within {timeout:.0f} s ({exc}); "
                 "check the address and that the scheduler is running"
             ) from exc
-    cluster = LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True,
-                           dashboard_address=None)
-    return Client(cluster)
+    # the client starts the LocalCluster itself, so that closing the client closes it (a
+    # cluster passed in would outlive the client: worker processes and their IO threads
+    # then stay alive until the interpreter's teardown)
+    return Client(n_workers=workers or 2, threads_per_worker=1, processes=True, dashboard_address=None)
 
 
 def segment_volume_distributed(
