@@ -20,7 +20,6 @@ def client():
     c = connect(workers=2)
     yield c
     c.close()
-    c.cluster.close()
 
 
 def test_two_workers_match_single_process(client, tiny_model, tmp_path):
@@ -36,6 +35,19 @@ def test_two_workers_match_single_process(client, tiny_model, tmp_path):
     assert sorted(calls) == [1, 2, 3, 4, 5]
     with pytest.raises(FileExistsError):
         segment_volume_distributed(str(path), stack, tmp_path / "out.zarr", client, **PARAMS)
+
+
+def test_closing_the_client_stops_its_local_cluster():
+    """The command line closes its client when done: no worker process may outlive it."""
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    c = connect(workers=1)
+    cluster = c.cluster
+    assert len(set(multiprocessing.active_children()) - before) == 1
+    c.close()
+    assert cluster.status.name == "closed"
+    assert not set(multiprocessing.active_children()) - before
 
 
 def test_unreachable_scheduler_fails_fast():
