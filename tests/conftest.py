@@ -87,10 +87,14 @@ def pytest_unconfigure(config):
     status is kept. Some fresh-clone CI runs crashed there (segmentation fault after every
     test had passed). What was alive at that point: widgets built in tests without a dock,
     which stayed parentless top-level Qt widgets until the interpreter destroyed them in
-    arbitrary order (the tests now dock them, and none is left), and zarr's daemon IO
-    threads. The crash has not been reproduced locally with the teardown kept, so this
-    guard stays until CI has passed without it: ``TINYSAM_TEST_TEARDOWN=full`` keeps the
-    interpreter's teardown and prints what is alive at exit (see CONTRIBUTING.md)."""
+    arbitrary order (the tests now dock them, and none is left); the two worker processes
+    of the LocalCluster that the command line's ``--workers`` started, with their
+    watcher and queue threads (``connect`` passed the cluster to the client, so closing
+    the client left it running; the client now owns it); and daemon threads of zarr and
+    Dask's IO loops, which are idle. The crash has not been reproduced locally with the
+    teardown kept, so this guard stays until CI has passed without it:
+    ``TINYSAM_TEST_TEARDOWN=full`` keeps the interpreter's teardown and prints what is
+    alive at exit (see CONTRIBUTING.md)."""
     import sys
 
     if os.environ.get("TINYSAM_TEST_TEARDOWN") == "full":
