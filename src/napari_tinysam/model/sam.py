@@ -315,10 +315,10 @@ class Sam(nn.Module):
         The reference's two bilinear resizes (to the padded input size, crop to the valid
         region, to the original size), composed into one matrix per axis
         (``_upscale_matrix``; the same map up to float rounding) and applied as two
-        matrix products over the low-resolution cells that reach the valid region: 4x
-        faster than the two resizes for a click's three masks. Callers upscale only the
-        masks they return; the matrices' rows upscale just a window of a mask
-        (everything mode).
+        matrix products over the low-resolution cells that reach the valid region, which
+        is several times faster than the two resizes (docs/benchmarks.md). Callers
+        upscale only the masks they return; the matrices' rows upscale just a window of
+        a mask (everything mode).
         """
         s = self.img_size
         ry = _upscale_used(masks.shape[-2], s, input_size[0], original_size[0]).to(masks.device)
