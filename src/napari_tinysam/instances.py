@@ -37,12 +37,8 @@ def head_maps(model: Sam, embedding: ImageEmbedding) -> np.ndarray:
     """The head's three probability maps at the image's own resolution, (3, H, W) float32:
     the grid output mapped back exactly as masks are (resize to the padded input, crop to
     the valid part, resize to the original size)."""
-    probs = model.instance_maps(embedding.features)[0].float().cpu()
-    s, low = model.img_size, probs.shape[-1]
-    (h, w), (ih, iw) = embedding.original_size, embedding.input_size
-    ry = _upscale_matrix(low, s, ih, h)
-    rx = _upscale_matrix(low, s, iw, w)
-    return (ry @ probs @ rx.T).numpy()
+    probs = model.instance_maps(embedding.features).float().cpu()
+    return model.postprocess_masks(probs, embedding.input_size, embedding.original_size)[0].numpy()
 
 
 def grid_cell_area(embedding: ImageEmbedding) -> float:
