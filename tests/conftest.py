@@ -78,32 +78,15 @@ def blobs_image() -> tuple[np.ndarray, np.ndarray]:
     return image, labels
 
 
-def pytest_sessionfinish(session, exitstatus):
-    session.config._tinysam_exitstatus = int(exitstatus)
-
-
 def pytest_unconfigure(config):
-    """After the GUI tests, end the process without the interpreter's teardown; the exit
-    status is kept. Some fresh-clone CI runs crashed there (segmentation fault after every
-    test had passed). What was alive at that point: widgets built in tests without a dock,
-    which stayed parentless top-level Qt widgets until the interpreter destroyed them in
-    arbitrary order (the tests now dock them, and none is left); the two worker processes
-    of the LocalCluster that the command line's ``--workers`` started, with their
-    watcher and queue threads (``connect`` passed the cluster to the client, so closing
-    the client left it running; the client now owns it); and daemon threads of zarr and
-    Dask's IO loops, which are idle. The crash has not been reproduced locally with the
-    teardown kept, so this guard stays until CI has passed without it:
-    ``TINYSAM_TEST_TEARDOWN=full`` keeps the interpreter's teardown and prints what is
-    alive at exit (see CONTRIBUTING.md)."""
-    import sys
-
-    if os.environ.get("TINYSAM_TEST_TEARDOWN") == "full":
+    """The interpreter's own teardown ends the run. It must not crash: widgets built in
+    tests are docked into their viewer (closing the viewer deletes them, where a
+    parentless widget would stay a top-level Qt widget until the interpreter destroys it
+    in no set order), and a Dask LocalCluster is owned by its client, so that closing the
+    client stops its worker processes. ``TINYSAM_TEST_REPORT_EXIT=1`` prints what is still
+    alive when the teardown starts (see CONTRIBUTING.md)."""
+    if os.environ.get("TINYSAM_TEST_REPORT_EXIT") == "1":
         _report_alive_at_exit()
-        return
-    if "qtpy" in sys.modules and hasattr(config, "_tinysam_exitstatus"):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(config._tinysam_exitstatus)
 
 
 def _report_alive_at_exit() -> None:
