@@ -125,18 +125,31 @@ def tune_volume(model, data: Path, n: int) -> dict:
     }
     maps = {name: [(volume_head_maps(SamPredictor(model), img, volume_contrast_limits(img)), lab) for img, lab in vols]
             for name, vols in sources.items()}
-    rows = []
-    for z, xy, fg, c, b in itertools.product((1.0, 2.0), (0.0, 1.0), (0.3, 0.4, 0.5), (0.5, 0.6), (0.5, 0.6)):
-        prm = dict(foreground_thresh=fg, center_thresh=c, boundary_thresh=b, z_sigma=z, xy_sigma=xy,
-                   min_volume=VOLUME_THRESHOLDS["min_volume"])
-        per = {name: [match_instances(volume_from_maps(m, **prm), lab)["f1"] for m, lab in items]
-               for name, items in maps.items()}
-        rows.append({**prm, **{k: float(np.mean(v)) for k, v in per.items()}, "score": _score(per)})
-    rows.sort(key=lambda r: -r["score"])
-    cols = ["z_sigma", "xy_sigma", "foreground_thresh", "center_thresh", "boundary_thresh", *sources, "score"]
-    print("\nsegment_volume, auto (train stacks, 3D F1@0.5):")
-    print_table([{k: (f"{v:.3f}" if k in (*sources, "score") else v) for k, v in r.items()} for r in rows[:8]], cols)
-    best = {k: v for k, v in rows[0].items() if k in VOLUME_THRESHOLDS}
+
+    def sweep(grid, title: str) -> dict:
+        rows = []
+        for prm in grid:
+            per = {name: [match_instances(volume_from_maps(m, **prm), lab)["f1"] for m, lab in items]
+                   for name, items in maps.items()}
+            rows.append({**prm, **{k: float(np.mean(v)) for k, v in per.items()}, "score": _score(per)})
+        rows.sort(key=lambda r: -r["score"])
+        cols = [*VOLUME_THRESHOLDS, *sources, "score"]
+        print(f"\nsegment_volume, auto (train stacks, 3D F1@0.5), {title}:")
+        print_table([{k: (f"{v:.3f}" if k in (*sources, "score") else v) for k, v in r.items()} for r in rows[:8]], cols)
+        return {k: v for k, v in rows[0].items() if k in VOLUME_THRESHOLDS}
+
+    # seeds first (one per connected seed region, objects grown over the same maps), then
+    # how much less the maps that give the objects' extent are smoothed, and seed splitting
+    min_volume = VOLUME_THRESHOLDS["min_volume"]
+    best = sweep([dict(foreground_thresh=fg, center_thresh=c, boundary_thresh=b, z_sigma=z, xy_sigma=xy,
+                       extent_z_sigma=z, extent_xy_sigma=xy, seed_depth=0.0, min_volume=min_volume)
+                  for z, xy, fg, c, b in itertools.product((1.0, 2.0), (0.0, 1.0), (0.3, 0.4, 0.5), (0.5, 0.6), (0.5, 0.6))],
+                 "seeds")
+    best = sweep([{**best, "extent_z_sigma": ez, "extent_xy_sigma": exy, "seed_depth": d}
+                  for ez, exy in sorted({(ez, exy) for ez in (0.5, 1.0, best["z_sigma"])
+                                         for exy in (0.0, 0.5, best["xy_sigma"])})
+                  for d in (0.0, 0.05, 0.1)],
+                 "extent and seed depth")
     return {**best, "tuned_on": f"train: {n} noisy stand-in stacks from BBBC039 train, GoNuclear 1135 and 1136; "
                                 "mean 3D F1@0.5"}
 

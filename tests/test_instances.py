@@ -196,6 +196,17 @@ def test_volume_from_maps_bridges_a_slice_where_the_head_sees_nothing():
     assert volume_from_maps(maps, 0.3, 0.6, 0.6, z_sigma=0.0, xy_sigma=0.0, min_volume=20).max() == 3
 
 
+def test_volume_from_maps_grows_objects_over_less_smoothed_maps_so_they_end_where_they_end():
+    zz, yy, xx = np.mgrid[:21, :48, :48]
+    truth = ((((zz - 10) / 8) ** 2 + ((yy - 24) / 10) ** 2 + ((xx - 24) / 10) ** 2) <= 1).astype(np.int32)
+    maps = np.stack([instance_targets(t, factor=1) for t in truth], 1)
+    kw = dict(foreground_thresh=0.3, center_thresh=0.6, boundary_thresh=0.6, z_sigma=2.0, xy_sigma=1.0, min_volume=20)
+    smooth = volume_from_maps(maps, **kw)  # smoothing across slices spreads the ends' sections
+    assert smooth.max() == 1 and ((smooth > 0) & (truth == 0)).sum() > 300
+    out = volume_from_maps(maps, **kw, extent_z_sigma=0.5, extent_xy_sigma=0.0)
+    assert out.max() == 1 and ((out > 0) & (truth == 0)).sum() < 30 and ((out == 0) & (truth > 0)).sum() < 30
+
+
 def test_segment_volume_auto_uses_the_volume_thresholds_and_rejects_unknown_keywords():
     truth = _balls()
     fake = FakeSam(truth[4], head=True)

@@ -224,13 +224,22 @@ MODES = ("auto", "hierarchical", "grid")
 #: slices (``z_sigma`` slices) and within them (``xy_sigma`` pixels), give seeds and a
 #: seeded watershed in 3D. Averaging neighbouring slices is what finds nuclei in noisy
 #: stacks that no single slice shows clearly; the thresholds are lower than in 2D because
-#: smoothing lowers the peaks. Tuned on training stacks (docs/benchmarks.md).
+#: smoothing lowers the peaks. The seeds then grow over maps smoothed less
+#: (``extent_z_sigma``, ``extent_xy_sigma``): smoothing across slices spreads each
+#: nucleus's sections past its ends, so objects grown over the smoothed maps run too long
+#: in z. ``seed_depth`` > 0 splits a seed region at centre-distance minima as in 2D
+#: (:data:`~napari_tinysam.instances.SEED_DEPTH`); 0 keeps one seed per connected region,
+#: which never cuts a nucleus in two where a slice of it is missing. Tuned on training
+#: stacks (docs/benchmarks.md).
 VOLUME_THRESHOLDS = {
     "foreground_thresh": 0.3,
     "center_thresh": 0.6,
     "boundary_thresh": 0.6,
     "z_sigma": 2.0,
     "xy_sigma": 1.0,
+    "extent_z_sigma": 1.0,
+    "extent_xy_sigma": 0.5,
+    "seed_depth": 0.0,
     "min_volume": 50.0,
 }
 
@@ -686,9 +695,11 @@ def segment_volume(
     percentiles). In ``"auto"`` mode (the default for models with an instance head) the
     head's maps of every slice are smoothed across slices and turned into 3D instances by
     a seeded watershed in 3D (:func:`volume_from_maps`; keywords ``foreground_thresh``,
-    ``center_thresh``, ``boundary_thresh``, ``z_sigma``, ``xy_sigma``, ``min_volume``,
-    None = the model's tuned values for stacks). For strongly anisotropic stacks, where an
-    object spans only a few slices, lower ``z_sigma``.
+    ``center_thresh``, ``boundary_thresh``, ``z_sigma``, ``xy_sigma``, ``extent_z_sigma``,
+    ``extent_xy_sigma``, ``seed_depth``, ``min_volume``, None = the model's tuned values
+    for stacks). For
+    strongly anisotropic stacks, where an object spans only a few slices, lower
+    ``z_sigma``.
 
     Other modes, or ``per_slice=True``, segment every slice with
     :func:`segment_everything` (extra keywords go there) and, with ``stitch=True``, link
@@ -736,7 +747,7 @@ def _volume_auto(predictor: SamPredictor, stack: np.ndarray, limits, kwargs: dic
     params = recommended_thresholds(model, "auto", volume=True)
     params.update({k: float(v) for k, v in kwargs.items() if k in VOLUME_THRESHOLDS and v is not None})
     check_seed_thresholds(params)
-    for name in ("z_sigma", "xy_sigma", "min_volume"):
+    for name in ("z_sigma", "xy_sigma", "extent_z_sigma", "extent_xy_sigma", "seed_depth", "min_volume"):
         if params[name] < 0:
             raise ValueError(f"{name} must be >= 0, got {params[name]}")
     return volume_from_maps(volume_head_maps(predictor, stack, limits, progress, cancel), **params)
@@ -777,12 +788,23 @@ def volume_from_maps(
     z_sigma: float,
     xy_sigma: float,
     min_volume: float,
+    extent_z_sigma: float | None = None,
+    extent_xy_sigma: float | None = None,
+    seed_depth: float = 0.0,
 ) -> np.ndarray:
     """3D instance labels (Z, H, W) int32 from the head's maps of every slice (3, Z, H, W):
-    each map smoothed with a Gaussian of ``z_sigma`` slices and ``xy_sigma`` pixels, then
-    seeds and a seeded watershed in 3D as in 2D (:func:`labels_from_maps`); objects under
-    ``min_volume`` voxels are dropped."""
-    smooth = np.stack([ndimage.gaussian_filter(m.astype(np.float32), (z_sigma, xy_sigma, xy_sigma)) for m in maps])
-    # one seed per connected seed region: seeding at centre-distance minima (as in 2D)
-    # would cut a nucleus in two where one slice of it is missing
-    return labels_from_maps(smooth, foreground_thresh, center_thresh, boundary_thresh, min_volume, seed_depth=0.0)
+    seeds from the maps smoothed with a Gaussian of ``z_sigma`` slices and ``xy_sigma``
+    pixels, grown by a seeded watershed in 3D (:func:`labels_from_maps`) over the maps
+    smoothed with ``extent_z_sigma`` and ``extent_xy_sigma`` (default: the same). A seed
+    region splits at centre-distance minima at least ``seed_depth`` deep (0: one seed per
+    connected region). Objects under ``min_volume`` voxels are dropped."""
+
+    def smooth(sz: float, sxy: float) -> np.ndarray:
+        return np.stack([ndimage.gaussian_filter(m.astype(np.float32), (sz, sxy, sxy)) for m in maps])
+
+    seed_maps = smooth(z_sigma, xy_sigma)
+    ez = z_sigma if extent_z_sigma is None else extent_z_sigma
+    exy = xy_sigma if extent_xy_sigma is None else extent_xy_sigma
+    extent = None if (ez, exy) == (z_sigma, xy_sigma) else smooth(ez, exy)
+    return labels_from_maps(seed_maps, foreground_thresh, center_thresh, boundary_thresh, min_volume,
+                            seed_depth=seed_depth, extent_maps=extent)

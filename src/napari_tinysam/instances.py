@@ -72,13 +72,16 @@ def labels_from_maps(
     boundary_thresh: float,
     min_area: float,
     seed_depth: float = SEED_DEPTH,
+    extent_maps: np.ndarray | None = None,
 ) -> np.ndarray:
     """Seeded watershed inside the foreground. The seed region is where both distances are
     below their thresholds; its seeds are the minima of the centre distance at least
     ``seed_depth`` deep (0: one seed per connected part of the region), grown over the
     region by the centre distance and then over the foreground by the boundary distance.
-    Objects under ``min_area`` pixels are dropped. Works on 2D maps (3, H, W) and on 3D
-    maps (3, Z, H, W). Returns int32 labels 1..N."""
+    ``extent_maps`` (same shape; default ``maps``) give the foreground and boundary
+    distance of that last step, so that seeds can come from smoother maps than the
+    objects' outlines. Objects under ``min_area`` pixels are dropped. Works on 2D maps
+    (3, H, W) and on 3D maps (3, Z, H, W). Returns int32 labels 1..N."""
     from skimage.morphology import h_minima
     from skimage.segmentation import watershed
 
@@ -93,6 +96,8 @@ def labels_from_maps(
         seeds, n = ndimage.label(region)
     if n == 0:
         return np.zeros(fg.shape, np.int32)
+    if extent_maps is not None:
+        maps, fg = extent_maps, (extent_maps[0] > foreground_thresh) | region
     labels = watershed(maps[2], seeds, mask=fg)
     return keep_objects(labels, np.bincount(labels.ravel(), minlength=n + 1) >= min_area)
 
