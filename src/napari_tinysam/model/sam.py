@@ -69,6 +69,19 @@ def _upscale_used(low: int, padded: int, valid: int, original: int) -> torch.Ten
     return m[:, :used].contiguous()
 
 
+@lru_cache(maxsize=32)
+def _upscale_taps(low: int, padded: int, valid: int, original: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nonzero entries of each row of ``_upscale_matrix``: column indices and weights,
+    both (original, k). An output pixel blends two pixels of the padded-size resize, each
+    a blend of two neighbouring low-resolution cells, so k is 3 (4 at most); rows with
+    fewer entries are padded with weight 0."""
+    m = _upscale_matrix(low, padded, valid, original)
+    nonzero = m != 0
+    k = int(nonzero.sum(1).max())
+    idx = torch.argsort((~nonzero).to(torch.int8), dim=1, stable=True)[:, :k].contiguous()
+    return idx, torch.gather(m, 1, idx).contiguous()
+
+
 class Sam(nn.Module):
     """Segment Anything model.
 
@@ -314,17 +327,18 @@ class Sam(nn.Module):
 
         The reference's two bilinear resizes (to the padded input size, crop to the valid
         region, to the original size), composed into one matrix per axis
-        (``_upscale_matrix``; the same map up to float rounding) and applied as two
-        matrix products over the low-resolution cells that reach the valid region, which
-        is several times faster than the two resizes (docs/benchmarks.md). Callers
-        upscale only the masks they return; the matrices' rows upscale just a window of
-        a mask (everything mode).
+        (``_upscale_matrix``; the same map up to float rounding), applied to the
+        low-resolution cells that reach the valid region: along x as a matrix product on
+        the small low-resolution rows, then along y as a blend of the few low-resolution
+        rows each output row draws on (``_upscale_taps``), which is several times faster
+        than the two resizes (docs/benchmarks.md). Callers upscale only the masks they
+        return; the matrices' rows upscale just a window of a mask (everything mode).
         """
         s = self.img_size
-        ry = _upscale_used(masks.shape[-2], s, input_size[0], original_size[0]).to(masks.device)
         rx = _upscale_used(masks.shape[-1], s, input_size[1], original_size[1]).to(masks.device)
-        low = masks[..., : ry.shape[1], : rx.shape[1]].float()
-        (h, vy), (w, vx) = ry.shape, rx.shape
-        if h * vy * vx + h * vx * w <= vy * vx * w + h * vy * w:  # the cheaper order
-            return torch.matmul(torch.matmul(ry, low), rx.T)
-        return torch.matmul(ry, torch.matmul(low, rx.T))
+        iy, wy = (t.to(masks.device) for t in _upscale_taps(masks.shape[-2], s, input_size[0], original_size[0]))
+        rows = torch.matmul(masks[..., : int(iy.max()) + 1, : rx.shape[1]].float(), rx.T)  # (..., used rows, W)
+        out = rows.index_select(-2, iy[:, 0]) * wy[:, 0, None]
+        for k in range(1, iy.shape[1]):
+            out.addcmul_(rows.index_select(-2, iy[:, k]), wy[:, k, None])
+        return out
