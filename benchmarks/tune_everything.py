@@ -117,20 +117,25 @@ def tune_volume(model, data: Path, n: int) -> dict:
     """3D thresholds of ``segment_volume``'s auto mode on training stacks: noisy stand-ins
     built from BBBC039 train fields and the GoNuclear crops the head was trained on (1135,
     1136), scored as the mean of the two sources' mean 3D F1@0.5. The head's maps of every
-    slice are computed once; the sweep only smooths and thresholds them."""
+    slice are computed once per in-plane denoising; the sweeps only smooth and threshold
+    them."""
     fields = load_folder(data / "bbbc039" / "train" / "images")[:n]
     sources = {
         "stand-in (train)": [noisy_stack(s.image, s.labels, seed=i) for i, s in enumerate(fields)],
         "gonuclear 1135+1136": [(img, lab) for name, img, lab in gonuclear(data) if name in ("1135", "1136")],
     }
-    maps = {name: [(volume_head_maps(SamPredictor(model), img, volume_contrast_limits(img)), lab) for img, lab in vols]
-            for name, vols in sources.items()}
+    maps = {sigma: {name: [(volume_head_maps(SamPredictor(model), img,
+                                             volume_contrast_limits(img, denoise_sigma=sigma), denoise_sigma=sigma),
+                            lab) for img, lab in vols]
+                    for name, vols in sources.items()}
+            for sigma in (0.0, 0.5, 1.0)}
 
     def sweep(grid, title: str) -> dict:
         rows = []
         for prm in grid:
-            per = {name: [match_instances(volume_from_maps(m, **prm), lab)["f1"] for m, lab in items]
-                   for name, items in maps.items()}
+            shape = {k: v for k, v in prm.items() if k != "denoise_sigma"}
+            per = {name: [match_instances(volume_from_maps(m, **shape), lab)["f1"] for m, lab in items]
+                   for name, items in maps[prm["denoise_sigma"]].items()}
             rows.append({**prm, **{k: float(np.mean(v)) for k, v in per.items()}, "score": _score(per)})
         rows.sort(key=lambda r: -r["score"])
         cols = [*VOLUME_THRESHOLDS, *sources, "score"]
@@ -138,13 +143,15 @@ def tune_volume(model, data: Path, n: int) -> dict:
         print_table([{k: (f"{v:.3f}" if k in (*sources, "score") else v) for k, v in r.items()} for r in rows[:8]], cols)
         return {k: v for k, v in rows[0].items() if k in VOLUME_THRESHOLDS}
 
-    # seeds first (one per connected seed region, objects grown over the same maps), then
-    # how much less the maps that give the objects' extent are smoothed, and seed splitting
+    # in-plane denoising and seeds first (one seed per connected seed region, objects grown
+    # over the same maps), then how much less the maps that give the objects' extent are
+    # smoothed, and seed splitting
     min_volume = VOLUME_THRESHOLDS["min_volume"]
     best = sweep([dict(foreground_thresh=fg, center_thresh=c, boundary_thresh=b, z_sigma=z, xy_sigma=xy,
-                       extent_z_sigma=z, extent_xy_sigma=xy, seed_depth=0.0, min_volume=min_volume)
-                  for z, xy, fg, c, b in itertools.product((1.0, 2.0), (0.0, 1.0), (0.3, 0.4, 0.5), (0.5, 0.6), (0.5, 0.6))],
-                 "seeds")
+                       extent_z_sigma=z, extent_xy_sigma=xy, seed_depth=0.0, min_volume=min_volume, denoise_sigma=d)
+                  for d, z, xy, fg, c, b in itertools.product(maps, (1.0, 2.0), (0.0, 1.0), (0.3, 0.4, 0.5), (0.5, 0.6),
+                                                              (0.5, 0.6))],
+                 "denoising and seeds")
     best = sweep([{**best, "extent_z_sigma": ez, "extent_xy_sigma": exy, "seed_depth": d}
                   for ez, exy in sorted({(ez, exy) for ez in (0.5, 1.0, best["z_sigma"])
                                          for exy in (0.0, 0.5, best["xy_sigma"])})

@@ -229,8 +229,11 @@ MODES = ("auto", "hierarchical", "grid")
 #: nucleus's sections past its ends, so objects grown over the smoothed maps run too long
 #: in z. ``seed_depth`` > 0 splits a seed region at centre-distance minima as in 2D
 #: (:data:`~napari_tinysam.instances.SEED_DEPTH`); 0 keeps one seed per connected region,
-#: which never cuts a nucleus in two where a slice of it is missing. Tuned on training
-#: stacks (docs/benchmarks.md).
+#: which never cuts a nucleus in two where a slice of it is missing. ``denoise_sigma`` > 0
+#: smooths every slice in its plane (a Gaussian of that many pixels) before the head sees
+#: it: in noisy confocal stacks the head takes pixel noise for texture and misses bright
+#: nuclei that a slightly smoothed slice shows plainly. Tuned on training stacks
+#: (docs/benchmarks.md).
 VOLUME_THRESHOLDS = {
     "foreground_thresh": 0.3,
     "center_thresh": 0.6,
@@ -241,6 +244,7 @@ VOLUME_THRESHOLDS = {
     "extent_xy_sigma": 0.5,
     "seed_depth": 0.0,
     "min_volume": 50.0,
+    "denoise_sigma": 0.0,
 }
 
 
@@ -610,13 +614,26 @@ def _segment_tiled(predictor, rgb, mode, params, tile, halo, progress) -> np.nda
     return keep_objects(out, np.bincount(out.ravel(), minlength=next_id) > 0)
 
 
-def volume_contrast_limits(stack, percentiles=(0.5, 99.5), max_slices: int = 8, max_samples: int = 2_000_000):
+def denoise_slice(image: np.ndarray, sigma: float) -> np.ndarray:
+    """A slice (H, W) or (H, W, C) smoothed in the image plane by a Gaussian of ``sigma``
+    pixels (float32), or returned unchanged for ``sigma`` 0."""
+    image = np.asarray(image)
+    if sigma <= 0:
+        return image
+    sigmas = (sigma, sigma) + (0,) * (image.ndim - 2)
+    return ndimage.gaussian_filter(image.astype(np.float32), sigmas)
+
+
+def volume_contrast_limits(
+    stack, percentiles=(0.5, 99.5), max_slices: int = 8, max_samples: int = 2_000_000, denoise_sigma: float = 0.0
+):
     """Contrast limits for a whole stack, so that every slice is scaled the same way:
     percentiles of up to ``max_slices`` evenly spaced slices (subsampled to at most
-    ``max_samples`` values). Reads only those slices, so it works on Zarr and dask
-    arrays too."""
+    ``max_samples`` values), each smoothed first when ``denoise_sigma`` > 0 (as
+    :func:`volume_head_maps` sees them). Reads only those slices, so it works on Zarr and
+    dask arrays too."""
     idx = np.unique(np.linspace(0, stack.shape[0] - 1, min(stack.shape[0], max_slices)).astype(int))
-    sample = np.stack([np.asarray(stack[int(i)]) for i in idx]).reshape(-1)
+    sample = np.stack([denoise_slice(stack[int(i)], denoise_sigma) for i in idx]).reshape(-1)
     if sample.size > max_samples:
         sample = sample[:: sample.size // max_samples + 1]
     lo, hi = np.percentile(sample, percentiles)
@@ -696,8 +713,10 @@ def segment_volume(
     head's maps of every slice are smoothed across slices and turned into 3D instances by
     a seeded watershed in 3D (:func:`volume_from_maps`; keywords ``foreground_thresh``,
     ``center_thresh``, ``boundary_thresh``, ``z_sigma``, ``xy_sigma``, ``extent_z_sigma``,
-    ``extent_xy_sigma``, ``seed_depth``, ``min_volume``, None = the model's tuned values
-    for stacks). For
+    ``extent_xy_sigma``, ``seed_depth``, ``min_volume``, ``denoise_sigma``, None = the
+    model's tuned values for stacks; ``denoise_sigma`` smooths each slice in its plane
+    before the head sees it, and the percentiles are then taken of the smoothed slices).
+    For
     strongly anisotropic stacks, where an object spans only a few slices, lower
     ``z_sigma``.
 
@@ -716,9 +735,9 @@ def segment_volume(
     if not 0.0 < stitch_iou <= 1.0:
         raise ValueError(f"stitch_iou must be in (0, 1], got {stitch_iou}")
     predictor = model if isinstance(model, SamPredictor) else SamPredictor(model)
-    limits = contrast_limits or volume_contrast_limits(stack)
     if (mode or default_mode(predictor.model)) == "auto" and not per_slice:
-        return _volume_auto(predictor, stack, limits, kwargs, progress, cancel)
+        return _volume_auto(predictor, stack, contrast_limits, kwargs, progress, cancel)
+    limits = contrast_limits or volume_contrast_limits(stack)
     z = stack.shape[0]
     out = np.zeros(stack.shape[:3], np.int32)
     next_id = 1
@@ -734,7 +753,8 @@ def segment_volume(
     return out
 
 
-def _volume_auto(predictor: SamPredictor, stack: np.ndarray, limits, kwargs: dict, progress, cancel) -> np.ndarray:
+def _volume_auto(predictor: SamPredictor, stack: np.ndarray, contrast_limits, kwargs: dict, progress,
+                 cancel) -> np.ndarray:
     model = predictor.model
     if not model.has_instance_head:
         _check_params("auto", {}, model)  # raises: names the modes this model supports
@@ -747,10 +767,13 @@ def _volume_auto(predictor: SamPredictor, stack: np.ndarray, limits, kwargs: dic
     params = recommended_thresholds(model, "auto", volume=True)
     params.update({k: float(v) for k, v in kwargs.items() if k in VOLUME_THRESHOLDS and v is not None})
     check_seed_thresholds(params)
-    for name in ("z_sigma", "xy_sigma", "extent_z_sigma", "extent_xy_sigma", "seed_depth", "min_volume"):
+    for name in ("z_sigma", "xy_sigma", "extent_z_sigma", "extent_xy_sigma", "seed_depth", "min_volume",
+                 "denoise_sigma"):
         if params[name] < 0:
             raise ValueError(f"{name} must be >= 0, got {params[name]}")
-    return volume_from_maps(volume_head_maps(predictor, stack, limits, progress, cancel), **params)
+    sigma = params.pop("denoise_sigma")
+    limits = contrast_limits or volume_contrast_limits(stack, denoise_sigma=sigma)
+    return volume_from_maps(volume_head_maps(predictor, stack, limits, progress, cancel, sigma), **params)
 
 
 def volume_head_maps(
@@ -759,9 +782,11 @@ def volume_head_maps(
     limits: tuple[float, float],
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
+    denoise_sigma: float = 0.0,
 ) -> np.ndarray:
-    """The instance head's maps of every slice, (3, Z, H, W) float16, each slice scaled
-    by ``limits``; a constant slice is background. ``progress`` after each slice,
+    """The instance head's maps of every slice, (3, Z, H, W) float16, each slice smoothed
+    in its plane by a Gaussian of ``denoise_sigma`` pixels (:func:`denoise_slice`) and
+    scaled by ``limits``; a constant slice is background. ``progress`` after each slice,
     ``cancel`` checked before each (raises :class:`Cancelled`)."""
     model = predictor.model
     z, h, w = stack.shape[:3]
@@ -769,7 +794,7 @@ def volume_head_maps(
     for i in range(z):
         if cancel is not None and cancel():
             raise Cancelled(f"cancelled before slice {i} of {z}")
-        rgb = to_uint8_rgb(stack[i], limits)
+        rgb = to_uint8_rgb(denoise_slice(stack[i], denoise_sigma), limits)
         if rgb.min() == rgb.max():
             maps[0, i], maps[1:, i] = 0.0, 1.0
         else:
