@@ -75,6 +75,34 @@ def test_bf16_agrees_with_fp32_on_clicks():
     assert np.mean(ious) >= 0.97
 
 
+def test_a_clicks_large_products_run_in_bf16_and_follow_weight_changes():
+    """With bf16 precision a single click's decoder runs in float32 but its products over
+    every image token in bfloat16 (cached weight copies): close to float32, and a weight
+    changed in place (a training step) reaches the cached copies."""
+    model = load_model("default", precision="fp32")
+    assert model.mask_decoder.product_dtype is None
+    assert load_model("default", precision="bf16").mask_decoder.product_dtype == torch.bfloat16
+    pred = SamPredictor(model)
+    pred.set_image(samples.nuclei_2d()[:256, :256])
+    pt, lab = np.array([[120.0, 130.0]]), np.array([1])
+
+    def both():
+        model.mask_decoder.set_product_dtype(None)
+        exact = pred.predict(pt, lab, return_logits=True)[0]
+        model.mask_decoder.set_product_dtype(torch.bfloat16)
+        return exact, pred.predict(pt, lab, return_logits=True)[0]
+
+    exact, low = both()
+    assert not np.array_equal(exact, low)
+    assert np.abs(low - exact).max() < 0.05 * np.abs(exact).max()
+    assert ((low > 0) == (exact > 0)).mean() > 0.995
+    with torch.no_grad():
+        model.mask_decoder.output_upscaling[0].weight.mul_(1.5)
+    exact2, low2 = both()
+    assert np.abs(exact2 - exact).max() > 0.5  # the change matters...
+    assert np.abs(low2 - exact2).max() < 0.05 * np.abs(exact2).max()  # ...and the copies follow it
+
+
 def test_channels_last_upscaling_equals_the_module_path(tiny_model):
     dec = tiny_model.mask_decoder
     assert dec._plain_upscaling()

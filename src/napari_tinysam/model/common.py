@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_LOW_PRECISION_CACHE: dict[int, tuple] = {}
+
+
+def cached_cast(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``param`` cast to ``dtype``, kept until the parameter changes in place (training
+    bumps its version) or is freed: a single click's decoder would otherwise spend more
+    on casting its weights than the low-precision products save."""
+    key = (dtype, param._version, param.data_ptr())
+    hit = _LOW_PRECISION_CACHE.get(id(param))
+    if hit is None or hit[0]() is not param or hit[1] != key:
+        if hit is None or hit[0]() is not param:
+            weakref.finalize(param, _LOW_PRECISION_CACHE.pop, id(param), None)
+        hit = (weakref.ref(param), key, param.detach().to(dtype))
+        _LOW_PRECISION_CACHE[id(param)] = hit
+    return hit[2]
 
 
 class LayerNorm2d(nn.Module):

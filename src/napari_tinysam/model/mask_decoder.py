@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP, LayerNorm2d, MatMul
+from .common import MLP, LayerNorm2d, MatMul, cached_cast
 from .transformer import TwoWayTransformer
 
 
@@ -52,6 +52,17 @@ class MaskDecoder(nn.Module):
             transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
         self.hyper_product = MatMul()  # hypernetwork weights @ upscaled image features
+        self.set_product_dtype(None)
+
+    def set_product_dtype(self, dtype: torch.dtype | None) -> None:
+        """Run the decoder's large products on image tokens at ``dtype`` (bfloat16 on CPUs
+        that run it natively) when the decoder itself runs in float32, as it does for a
+        single click (``Sam.decode_autocast_batch``); None keeps them float32. Norms,
+        softmax and the final mask product stay float32."""
+        self.product_dtype = dtype
+        for m in self.transformer.modules():
+            if hasattr(m, "product_dtype"):
+                m.product_dtype = dtype
 
     def run_transformer(
         self,
@@ -115,11 +126,19 @@ class MaskDecoder(nn.Module):
         b, h, w, c = src.shape
         conv1, norm, _, conv2, _ = self.output_upscaling
         c1, c2 = conv1.out_channels, conv2.out_channels
-        w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)  # columns (di, dj, o)
-        y = torch.addmm(conv1.bias.repeat(4), src.reshape(-1, c), w1).view(-1, c1)
+        lp = self.product_dtype if src.dtype == torch.float32 else None
+        w1, b1, w2, b2 = conv1.weight, conv1.bias, conv2.weight, conv2.bias
+        x = src.reshape(-1, c)
+        if lp is not None:  # the two large products (and the norm between) at low precision
+            w1, b1, w2, b2 = (cached_cast(t, lp) for t in (w1, b1, w2, b2))
+            x = x.to(lp)
+        w1 = w1.permute(0, 2, 3, 1).reshape(c, 4 * c1)  # columns (di, dj, o)
+        y = torch.addmm(b1.repeat(4), x, w1).view(-1, c1)
         y = F.gelu(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
-        w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
-        y = F.gelu(torch.addmm(conv2.bias.repeat(4), y, w2))  # (B*h*w*4, 4*c2)
+        w2 = w2.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
+        y = F.gelu(torch.addmm(b2.repeat(4), y, w2))  # (B*h*w*4, 4*c2)
+        if lp is not None:
+            y = y.float()
         t = hyper_in.shape[1]
         masks = torch.bmm(y.view(b, h * w * 16, c2), hyper_in.transpose(1, 2))  # (B, h*w*16, T)
         # pixel (4i + 2di + di2, 4j + 2dj + dj2) of token t

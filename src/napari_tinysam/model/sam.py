@@ -140,12 +140,16 @@ class Sam(nn.Module):
         if resolved != self.precision:
             self.precision = resolved
             self.__dict__.pop("_cache_token", None)
+        # a single click's float32 decoder still runs its large products in bfloat16
+        self.mask_decoder.set_product_dtype(torch.bfloat16 if resolved == "bf16" and self.device.type == "cpu" else None)
         return self
 
     #: Prompts per decoder call from which the decoder, too, runs at the model's precision.
     #: A single prompt's decoder is made of small products, for which casting the weights
     #: costs more than bfloat16 saves (12 -> 16 ms per click on the bundled model), while
-    #: batches of prompts (everything mode) gain (9.8 -> 7.6 ms per prompt at 16).
+    #: batches of prompts (everything mode) gain (9.8 -> 7.6 ms per prompt at 16). Below
+    #: it only the products over every image token run in bfloat16, from weight copies
+    #: cast once (``MaskDecoder.set_product_dtype``).
     decode_autocast_batch: int = 4
 
     @contextlib.contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import MatMul, MLPBlock
+from .common import MatMul, MLPBlock, cached_cast
 
 
 def _short_softmax(x: torch.Tensor) -> torch.Tensor:
@@ -34,6 +34,12 @@ class Attention(nn.Module):
     #: Reassociate the products for few-token attention (set False for the textbook
     #: form, e.g. as a benchmark baseline).
     reassociate = True
+    #: dtype of the products with the image tokens in the few-token paths while the
+    #: module runs in float32 (set by ``MaskDecoder.set_product_dtype``); None: float32.
+    product_dtype: torch.dtype | None = None
+
+    def _low(self, x: torch.Tensor) -> torch.dtype | None:
+        return self.product_dtype if x.dtype in (torch.float32, self.product_dtype) else None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -72,9 +78,16 @@ class Attention(nn.Module):
         qh = self._heads(self.q_proj(q))  # (B, h, nq, d)
         wk = self.k_proj.weight.view(h, d, c)
         qk = torch.matmul(qh, wk).reshape(b, h * nq, c)  # (B, h*nq, C)
-        scores = torch.matmul(qk, k.transpose(1, 2)) * d**-0.5  # (B, h*nq, nk)
-        attn = scores.softmax(-1)
-        av = torch.matmul(attn, v).view(b, h, nq, c)  # rows of attn sum to 1
+        lp = self._low(k)
+        if lp is not None:  # the two products over every image token at low precision
+            # image tokens on the left: the low-precision kernels are slow with a
+            # transposed right-hand side
+            scores = torch.matmul(k.to(lp), qk.to(lp).transpose(1, 2)).transpose(1, 2).float() * d**-0.5
+            av = torch.matmul(scores.softmax(-1).to(lp), v.to(lp)).float().view(b, h, nq, c)
+        else:
+            scores = torch.matmul(qk, k.transpose(1, 2)) * d**-0.5  # (B, h*nq, nk)
+            attn = scores.softmax(-1)
+            av = torch.matmul(attn, v).view(b, h, nq, c)  # rows of attn sum to 1
         wv = self.v_proj.weight.view(h, d, c)
         out = torch.matmul(av, wv.transpose(1, 2)) + self.v_proj.bias.view(1, h, 1, d)
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, h * d))
@@ -92,18 +105,24 @@ class Attention(nn.Module):
         m = torch.matmul(wq.transpose(1, 2), kh.transpose(2, 3))  # (B, h, C, nk)
         m = m.permute(0, 2, 1, 3).reshape(b, c, h * nk)
         bias = torch.matmul(self.q_proj.bias.view(1, h, 1, d), kh.transpose(2, 3))  # (B, h, 1, nk)
-        scores = torch.matmul(q, m).view(b, nq, h, nk) + bias.reshape(b, 1, h, nk)
+        lp = self._low(q)
+        qm = torch.matmul(q, m) if lp is None else torch.matmul(q.to(lp), m.to(lp)).float()
+        scores = qm.view(b, nq, h, nk) + bias.reshape(b, 1, h, nk)
         attn = _short_softmax(scores * d**-0.5).reshape(b, nq, h * nk)
-        return self._folded_output(attn, vh)
+        return self._folded_output(attn, vh, lp)
 
-    def _folded_output(self, attn: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+    def _folded_output(self, attn: torch.Tensor, vh: torch.Tensor, lp: torch.dtype | None = None) -> torch.Tensor:
         """sum_h A_h (V_h W_oh^T) + b_o for few keys: attention weights (B, Nq, h*nk) of
         every head side by side and the values' heads vh (B, h, nk, d) -> (B, Nq, C); the
-        output projection is folded into the few values instead of applied to Nq rows."""
+        output projection is folded into the few values instead of applied to Nq rows.
+        With ``lp`` the product over the Nq rows runs at that dtype."""
         b, h, nk, d = vh.shape
         c = self.out_proj.out_features
         wo = self.out_proj.weight.view(c, h, d).permute(1, 2, 0)  # (h, d, C)
         vo = torch.matmul(vh, wo).reshape(b, h * nk, c)  # (B, h*nk, C)
+        if lp is not None:
+            out = torch.baddbmm(cached_cast(self.out_proj.bias, lp).expand(b, attn.shape[1], c), attn.to(lp), vo.to(lp))
+            return out.float()
         return torch.baddbmm(self.out_proj.bias.expand(b, attn.shape[1], c), attn, vo)
 
     # -- one image shared by a batch of prompts ------------------------------------------
@@ -183,9 +202,14 @@ class TwoWayAttentionBlock(nn.Module):
         # cross-attentions is computed once (see Attention.shared_keys)
         shared = (keys.shape[0] > 1 and keys.stride(0) == 0 and self.cross_attn_token_to_image.reassociate
                   and self.cross_attn_image_to_token.reassociate)
+        lp = None if shared else self.cross_attn_token_to_image._low(keys)
         if shared:
             k = keys[:1] + key_pe
             attn_out = self.cross_attn_token_to_image.shared_keys(q, k, keys[:1])
+        elif lp is not None:  # image tokens cast once for the products of both attentions
+            kl = keys.to(lp)
+            k = kl + key_pe.to(lp)
+            attn_out = self.cross_attn_token_to_image(q, k, kl)
         else:
             k = keys + key_pe  # the keys do not change before the second use below
             attn_out = self.cross_attn_token_to_image(q, k, keys)
@@ -234,10 +258,14 @@ class TwoWayTransformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys = image_embedding.flatten(2).permute(0, 2, 1)  # an expanded batch stays expanded
         key_pe = image_pe.flatten(2).permute(0, 2, 1)
+        lp = self.final_attn_token_to_image._low(keys)
+        if lp is not None and not (keys.shape[0] > 1 and keys.stride(0) == 0):
+            key_pe = key_pe.to(lp)  # added to low-precision image tokens only (once here)
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
         q = queries + point_embedding
-        k = keys + key_pe
-        queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
+        kl = keys if lp is None else keys.to(lp)
+        k = kl + (key_pe if lp is None else key_pe.to(lp))
+        queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, kl))
         return queries, keys
