@@ -152,17 +152,23 @@ class Sam(nn.Module):
     #: cast once (``MaskDecoder.set_product_dtype``).
     decode_autocast_batch: int = 4
 
+    #: Decode a batch one prompt at a time where a single prompt takes another path than a
+    #: batch (low-precision products, ``MaskDecoder.set_product_dtype``), so that a
+    #: benchmark batching objects scores exactly what single clicks give (set by
+    #: :meth:`interactive_decoding`).
+    decode_singly: bool = False
+
     @contextlib.contextmanager
     def interactive_decoding(self):
         """Decode every batch as a single click is decoded (float32 decoder at any batch
         size): prompted benchmarks batch objects, and must score what a user clicking
         one object at a time gets."""
-        before = self.decode_autocast_batch
-        self.decode_autocast_batch = sys.maxsize
+        before = self.decode_autocast_batch, self.decode_singly
+        self.decode_autocast_batch, self.decode_singly = sys.maxsize, True
         try:
             yield self
         finally:
-            self.decode_autocast_batch = before
+            self.decode_autocast_batch, self.decode_singly = before
 
     def autocast(self, batch: int | None = None):
         """The autocast context of this model's precision (a no-op for float32); with
@@ -254,6 +260,13 @@ class Sam(nn.Module):
         """Prompts in model-input pixels -> low-resolution logits (B, 4, s/4, s/4) and
         IoU predictions (B, 4) for all four mask tokens."""
         batch = len(points[0]) if points is not None else len(boxes) if boxes is not None else len(mask_input)
+        if batch > 1 and self.decode_singly and self.mask_decoder.product_dtype is not None:
+            def one(t, i):
+                return None if t is None else t[i : i + 1] if len(t) == batch else t
+
+            outs = [self.decode(one(image_embeddings, i), None if points is None else (one(points[0], i), one(points[1], i)),
+                                one(boxes, i), one(mask_input, i)) for i in range(batch)]
+            return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
         with self.autocast(batch):
             sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
             low, iou = self.mask_decoder(
