@@ -84,7 +84,7 @@ def tune_auto(model, data: Path, n: int) -> dict:
             p.set_image(s.image)
             emb = p._embedding
             cached[name].append((p, head_maps(model, emb), grid_cell_area(emb), s))
-    grid = itertools.product((0.4, 0.5, 0.6), (0.4, 0.5, 0.6), (0.4, 0.5, 0.6), (0.5, 2.0))
+    grid = itertools.product((0.4, 0.5, 0.6, 0.7), (0.4, 0.5, 0.6), (0.4, 0.5, 0.6), (0.5, 1.0, 2.0, 3.0))
     rows = []
     for fg, c, b, ms in grid:
         per = {name: [match_instances(labels_from_maps(maps, fg, c, b, ms * cell), s.labels)["f1"]
