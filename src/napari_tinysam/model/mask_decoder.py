@@ -57,8 +57,9 @@ class MaskDecoder(nn.Module):
     def set_product_dtype(self, dtype: torch.dtype | None) -> None:
         """Run the decoder's large products on image tokens at ``dtype`` (bfloat16 on CPUs
         that run it natively) when the decoder itself runs in float32, as it does for a
-        single click (``Sam.decode_autocast_batch``); None keeps them float32. Norms,
-        softmax and the final mask product stay float32."""
+        single click (``Sam.decode_autocast_batch``); None keeps them float32. The norm
+        between the two upscaling products takes their low-precision values; the image
+        tokens' norms and residuals, softmax and the final mask product stay float32."""
         self.product_dtype = dtype
         for m in self.transformer.modules():
             if hasattr(m, "product_dtype"):

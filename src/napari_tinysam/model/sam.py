@@ -161,8 +161,9 @@ class Sam(nn.Module):
     @contextlib.contextmanager
     def interactive_decoding(self):
         """Decode every batch as a single click is decoded (float32 decoder at any batch
-        size): prompted benchmarks batch objects, and must score what a user clicking
-        one object at a time gets."""
+        size, and one prompt at a time where single prompts take their own low-precision
+        path): prompted benchmarks batch objects, and must score what a user clicking one
+        object at a time gets."""
         before = self.decode_autocast_batch, self.decode_singly
         self.decode_autocast_batch, self.decode_singly = sys.maxsize, True
         try:
