@@ -17,12 +17,19 @@ def cached_cast(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     on casting its weights than the low-precision products save."""
     key = (dtype, param._version, param.data_ptr())
     hit = _LOW_PRECISION_CACHE.get(id(param))
-    if hit is None or hit[0]() is not param or hit[1] != key:
-        if hit is None or hit[0]() is not param:
-            weakref.finalize(param, _LOW_PRECISION_CACHE.pop, id(param), None)
-        hit = (weakref.ref(param), key, param.detach().to(dtype))
-        _LOW_PRECISION_CACHE[id(param)] = hit
-    return hit[2]
+    if hit is None:  # first cast of this parameter: its entry goes when it does
+        weakref.finalize(param, _LOW_PRECISION_CACHE.pop, id(param), None)
+    elif hit[0] == key:
+        return hit[1]
+    cast = param.detach().to(dtype)
+    _LOW_PRECISION_CACHE[id(param)] = (key, cast)
+    return cast
+
+
+def expanded_over_batch(t: torch.Tensor) -> bool:
+    """Whether ``t`` is one item expanded over a batch (the same image or dense prompt
+    embedding for every prompt): its batch stride is 0."""
+    return t.shape[0] > 1 and t.stride(0) == 0
 
 
 class LayerNorm2d(nn.Module):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP, LayerNorm2d, MatMul, cached_cast
+from .common import MLP, LayerNorm2d, MatMul, cached_cast, expanded_over_batch
 from .transformer import TwoWayTransformer
 
 
@@ -81,7 +81,7 @@ class MaskDecoder(nn.Module):
         output_tokens = output_tokens.unsqueeze(0).expand(b, -1, -1)
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
         dense = dense_prompt_embeddings
-        if dense.shape[0] > 1 and dense.stride(0) == 0:
+        if expanded_over_batch(dense):
             dense = dense[:1]  # the same for every prompt (no mask input): added once
         src = image_embeddings + dense
         if src.shape[0] != b:  # one image for the batch: stays shared (see TwoWayTransformer)

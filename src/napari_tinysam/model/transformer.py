@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import MatMul, MLPBlock, cached_cast
+from .common import MatMul, MLPBlock, cached_cast, expanded_over_batch
 
 
 def _short_softmax(x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +200,7 @@ class TwoWayAttentionBlock(nn.Module):
         q = queries + query_pe
         # one image for every prompt of the batch (an expanded tensor): its side of both
         # cross-attentions is computed once (see Attention.shared_keys)
-        shared = (keys.shape[0] > 1 and keys.stride(0) == 0 and self.cross_attn_token_to_image.reassociate
+        shared = (expanded_over_batch(keys) and self.cross_attn_token_to_image.reassociate
                   and self.cross_attn_image_to_token.reassociate)
         lp = None if shared else self.cross_attn_token_to_image._low(keys)
         if shared:
@@ -259,7 +259,7 @@ class TwoWayTransformer(nn.Module):
         keys = image_embedding.flatten(2).permute(0, 2, 1)  # an expanded batch stays expanded
         key_pe = image_pe.flatten(2).permute(0, 2, 1)
         lp = self.final_attn_token_to_image._low(keys)
-        if lp is not None and not (keys.shape[0] > 1 and keys.stride(0) == 0):
+        if lp is not None and not expanded_over_batch(keys):
             key_pe = key_pe.to(lp)  # added to low-precision image tokens only (once here)
         queries = point_embedding
         for layer in self.layers:
