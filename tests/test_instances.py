@@ -385,6 +385,14 @@ def test_head_training_lowers_loss_and_resumes(tmp_path, data_dir, monkeypatch):
     assert len(losses) - n == 10
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["step"] == 50 and json.loads(state["history"])[-1]["step"] == 50
+    # a new run can start from a trained head (here with a zero learning rate: it stays as it was)
+    start = sam_from_checkpoint(path).instance_head.state_dict()
+    warm = instance.HeadConfig(**{**vars(cfg), "out_dir": str(tmp_path / "warm"), "steps": 2, "lr": 0.0,
+                                  "init": str(path), "val": []})
+    again = sam_from_checkpoint(instance.train_head(warm)).instance_head.state_dict()
+    assert all(torch.equal(start[k], again[k]) for k in start)
+    with pytest.raises(ValueError, match="differs"):
+        instance.train_head(instance.HeadConfig(**{**vars(warm), "head": {"channels": [16, 8, 8]}}))
 
 
 def test_linking_survives_one_missed_slice():

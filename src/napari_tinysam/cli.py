@@ -176,7 +176,8 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     cfg = HeadConfig(
         sources=args.data, out_dir=args.out, model=args.model, val=args.val or [], views=args.views,
         z_step=args.z_step, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-        val_every=args.val_every, val_limit=args.val_limit, minutes=args.minutes,
+        val_every=args.val_every, val_limit=args.val_limit, minutes=args.minutes, init=args.init,
+        precision=args.precision,
     )
     path = train_head(cfg)
     print(f"wrote {path} (the model with the head that scored best on validation)")
@@ -459,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--val-every", type=int, default=500)
     h.add_argument("--val-limit", type=int, default=30, help="images (or slices) per validation source")
     h.add_argument("--minutes", type=float, default=None, help="time budget: fewer steps when they would not fit")
+    h.add_argument("--init", default=None, metavar="MODEL",
+                   help="start from the instance head of this model (registry name or checkpoint) instead of at random")
+    h.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="the head's arithmetic while training (weights stay float32); auto: bfloat16 where the CPU "
+                        "runs it natively")
     h.add_argument("--threads", type=int, default=2)
     h.set_defaults(func=cmd_train_head)
 

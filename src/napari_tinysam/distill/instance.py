@@ -26,6 +26,7 @@ from scipy import ndimage
 from ..io import read_image
 from ..model import Sam, save_checkpoint
 from ..model.instance_head import DEFAULT_HEAD, build_instance_head
+from ..precision import autocast, resolve_precision
 from .data import IMAGE_SUFFIXES, Augment, Sample, _resize, load_folder, seeded_crop
 from .teacher import TeacherStore
 
@@ -260,6 +261,8 @@ class HeadConfig:
     val_every: int = 500
     val_limit: int = 30
     minutes: float | None = None
+    init: str | None = None
+    precision: str = "auto"
     augment: dict = field(default_factory=lambda: dict(HEAD_AUGMENT))
     head: dict = field(default_factory=lambda: dict(DEFAULT_HEAD))
 
@@ -286,6 +289,19 @@ def _load_val(specs: list[str], z_step: float, limit: int) -> dict[str, list[tup
             (s.image, s.labels) for s in smp
         ]
     return out
+
+
+def _head_state(name_or_path: str, config: dict) -> dict:
+    """Float32 weights of the instance head of a model (to start training from them)."""
+    from ..weights import load_model
+
+    model = load_model(name_or_path, precision="fp32")
+    head = getattr(model, "instance_head", None)
+    if head is None:
+        raise ValueError(f"{name_or_path!r} has no instance head to start from; leave --init out")
+    if dict(model.config.get("instance_head", {})) != dict(config):
+        raise ValueError(f"the instance head of {name_or_path!r} differs from this run's head config")
+    return {k: v.float() for k, v in head.state_dict().items()}
 
 
 def build_store(cfg: HeadConfig, model: Sam) -> HeadStore:
@@ -321,6 +337,10 @@ def train_head(cfg: HeadConfig, log: Callable[[str], None] = print) -> Path:
 
     torch.manual_seed(cfg.seed)
     head = build_instance_head(cfg.head)
+    if cfg.init:
+        head.load_state_dict(_head_state(cfg.init, cfg.head))
+        log(f"head initialised from {cfg.init}")
+    amp = resolve_precision(cfg.precision)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state_path = out / "last.pt"
     step, best, history = 0, -1.0, []
@@ -342,7 +362,9 @@ def train_head(cfg: HeadConfig, log: Callable[[str], None] = print) -> Path:
         idx = np.sort(rng.choice(cfg.views, cfg.batch, replace=False))
         emb, tgt, valid = store.batch(idx)
         head.train()
-        loss = head_loss(head(emb), tgt, valid)
+        with autocast(torch.device("cpu"), amp):
+            logits = head(emb)
+        loss = head_loss(logits.float(), tgt, valid)
         opt.zero_grad()
         loss.backward()
         opt.step()
