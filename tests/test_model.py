@@ -199,3 +199,26 @@ def test_mask_upscaling_equals_the_references_two_resizes(tiny_model, input_size
     out = tiny_model.postprocess_masks(low, input_size, original)
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_encoder_activations_in_place_only_without_autograd(tiny_model):
+    """Inference runs the encoder's GELUs in place over its own intermediates (memory
+    order for channels-last maps); with autograd on they stay out of place, so training
+    through the encoder still has the inputs its backward pass needs."""
+    from napari_tinysam.model.tiny_vit import gelu_
+
+    x = torch.randn(1, 8, 5, 6).contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.functional.gelu(x)
+    with torch.no_grad():
+        y = x.clone(memory_format=torch.channels_last)
+        assert gelu_(y) is y
+        torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)  # kernels differ in the last bit
+    leaf = x.clone().requires_grad_(True)
+    out = gelu_(leaf)
+    assert out is not leaf
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-6, atol=1e-6)
+    img = torch.randn(1, 3, 64, 64, requires_grad=True)
+    tiny_model.image_encoder(img).sum().backward()
+    assert img.grad is not None and torch.isfinite(img.grad).all()
+    with torch.no_grad():
+        assert torch.allclose(tiny_model.image_encoder(img), tiny_model.image_encoder(img.detach()))
