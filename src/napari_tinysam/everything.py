@@ -386,8 +386,9 @@ def segment_everything(
             round 1 prompts a sparse grid with n / 4 points per side; masks that pass the
             filters mark as covered the pixels where their logits exceed
             ``high_score_thresh``; round 2 prompts only the points of the dense n x n grid
-            that are not covered and, when the model has a head, not confident background
-            (foreground probability below ``background_thresh``); both rounds are merged
+            that are not covered. When the model has a head, neither round prompts points
+            where it is confident of background (foreground probability below
+            ``background_thresh``). Both rounds are merged
             before NMS and postprocessing. Unlike the reference, round 2 uses the dense
             grid's own points (the reference's sit at sparse points +/- a stride, off the
             grid), an image fully covered after round 1 simply has no round 2 (the
