@@ -215,8 +215,7 @@ def test_encoder_activations_in_place_only_without_autograd(tiny_model):
         torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)  # kernels differ in the last bit
     leaf = x.clone().requires_grad_(True)
     out = gelu_(leaf)
-    assert out is not leaf
-    torch.testing.assert_close(out.detach(), expected, rtol=1e-6, atol=1e-6)
+    assert out is not leaf and torch.equal(out.detach(), y)  # the same values either way
     img = torch.randn(1, 3, 64, 64, requires_grad=True)
     tiny_model.image_encoder(img).sum().backward()
     assert img.grad is not None and torch.isfinite(img.grad).all()

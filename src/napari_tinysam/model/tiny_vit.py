@@ -48,14 +48,13 @@ def gelu_(x: torch.Tensor) -> torch.Tensor:
 
     The stage-0 maps are tens of megabytes: a new output for every activation costs more
     in fresh pages than the GELU itself, and torch's kernel is about twice as fast over a
-    channels-last map seen in its memory order (docs/benchmarks.md). With autograd on, the
-    out-of-place GELU keeps its input for the backward pass."""
-    if torch.is_grad_enabled():
-        return F.gelu(x)
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        torch.ops.aten.gelu_(x.permute(0, 2, 3, 1))
-    else:
-        torch.ops.aten.gelu_(x)
+    channels-last map seen in its memory order (docs/benchmarks.md). With autograd on, an
+    out-of-place GELU in the same order keeps its input for the backward pass and gives
+    the same values, so results never depend on whether autograd was on."""
+    memory_order = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    if torch.is_grad_enabled():  # the same kernel over the same order: the same values
+        return F.gelu(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if memory_order else F.gelu(x)
+    torch.ops.aten.gelu_(x.permute(0, 2, 3, 1) if memory_order else x)
     return x
 
 
