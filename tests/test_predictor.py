@@ -126,3 +126,18 @@ def test_max_upscale_caps_how_far_small_images_are_enlarged(tiny_model):
         assert masks.shape == (3, 40, 30)
     finally:
         del tiny_model.meta
+
+
+def test_embeddings_are_computed_without_autograd(tiny_model, blobs_image):
+    """``set_image`` runs the encoder as inference (no autograd), whatever the caller's
+    mode: the in-place activations and the compiled encoder apply, and nothing is recorded."""
+    import torch
+
+    seen = []
+    hook = tiny_model.image_encoder.register_forward_pre_hook(lambda *a: seen.append(torch.is_grad_enabled()))
+    try:
+        with torch.enable_grad():
+            SamPredictor(tiny_model).set_image(blobs_image[0])
+    finally:
+        hook.remove()
+    assert seen == [False]

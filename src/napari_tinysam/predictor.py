@@ -176,8 +176,10 @@ def model_input(model: Sam, rgb: np.ndarray) -> torch.Tensor:
     return x.permute(2, 0, 1)[None].float()
 
 
+@torch.no_grad()
 def compute_embedding(model: Sam, rgb: np.ndarray) -> ImageEmbedding:
-    """Encode a uint8 RGB image (H, W, 3): resize, normalise, pad, run the encoder."""
+    """Encode a uint8 RGB image (H, W, 3): resize, normalise, pad, run the encoder
+    (inference: without autograd, so the encoder's in-place and compiled paths apply)."""
     tune_allocator()
     x = model_input(model, rgb)
     features = model.embed(x)
