@@ -505,19 +505,17 @@ def _segment_masks(predictor: SamPredictor, rgb: np.ndarray, mode: str, params: 
         sparse = build_point_grid(max(1, params["points_per_side"] // 4)) * scale
         foreground = head_maps(model, predictor._embedding)[0] if model.has_instance_head else None
 
+        def pixels(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return (np.clip(points[:, 1].astype(np.int64), 0, h - 1), np.clip(points[:, 0].astype(np.int64), 0, w - 1))
+
         def background(points: np.ndarray) -> np.ndarray:
             """Points where the head is confident of background (none without a head)."""
             if foreground is None:
                 return np.zeros(len(points), bool)
-            xi = np.clip(points[:, 0].astype(np.int64), 0, w - 1)
-            yi = np.clip(points[:, 1].astype(np.int64), 0, h - 1)
-            return foreground[yi, xi] < params["background_thresh"]
+            return foreground[pixels(points)] < params["background_thresh"]
 
         masks = _candidates_from_points(predictor, sparse[~background(sparse)], params, coverage)
-        xi = np.clip(dense[:, 0].astype(np.int64), 0, w - 1)
-        yi = np.clip(dense[:, 1].astype(np.int64), 0, h - 1)
-        skip = coverage[yi, xi] | background(dense)
-        remaining = dense[~skip]
+        remaining = dense[~(coverage[pixels(dense)] | background(dense))]
         if len(remaining):
             masks.extend(_candidates_from_points(predictor, remaining, params, None))
     return _postprocess(masks, params, nms=not (mode == "auto" and params["head_only"]))
