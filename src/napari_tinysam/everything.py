@@ -812,6 +812,12 @@ def volume_head_maps(
     return maps
 
 
+def smooth_maps(maps: np.ndarray, z_sigma: float, xy_sigma: float) -> np.ndarray:
+    """The head's maps of a stack (3, Z, H, W) smoothed by a Gaussian of ``z_sigma`` slices
+    and ``xy_sigma`` pixels, float32."""
+    return np.stack([ndimage.gaussian_filter(m.astype(np.float32), (z_sigma, xy_sigma, xy_sigma)) for m in maps])
+
+
 def volume_from_maps(
     maps: np.ndarray,
     foreground_thresh: float,
@@ -831,12 +837,9 @@ def volume_from_maps(
     region splits at centre-distance minima at least ``seed_depth`` deep (0: one seed per
     connected region). Objects under ``min_volume`` voxels are dropped."""
 
-    def smooth(sz: float, sxy: float) -> np.ndarray:
-        return np.stack([ndimage.gaussian_filter(m.astype(np.float32), (sz, sxy, sxy)) for m in maps])
-
-    seed_maps = smooth(z_sigma, xy_sigma)
+    seed_maps = smooth_maps(maps, z_sigma, xy_sigma)
     ez = z_sigma if extent_z_sigma is None else extent_z_sigma
     exy = xy_sigma if extent_xy_sigma is None else extent_xy_sigma
-    extent = None if (ez, exy) == (z_sigma, xy_sigma) else smooth(ez, exy)
+    extent = None if (ez, exy) == (z_sigma, xy_sigma) else smooth_maps(maps, ez, exy)
     return labels_from_maps(seed_maps, foreground_thresh, center_thresh, boundary_thresh, min_volume,
                             seed_depth=seed_depth, extent_maps=extent)
