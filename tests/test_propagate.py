@@ -34,8 +34,9 @@ def _iou(a, b):
 def test_one_click_recovers_the_object_and_stops_at_its_ends(predictor):
     stack, truth = disc_stack()
     seen = []
-    res = segment_object_in_volume(predictor, stack, 5, [[50, 48]], [1], progress=lambda z, m, s: seen.append(z))
-    assert res.shape == stack.shape and res.dtype == bool
+    res = segment_object_in_volume(predictor, stack, 5, [[50, 48]], [1], progress=lambda z, m, s: seen.append(z),
+                                   method="decoder")
+    assert res.method == "decoder" and res.shape == stack.shape and res.dtype == bool
     assert res.z_range == (2, 8)
     assert _iou(np.asarray(res), truth) > 0.8
     assert sorted(seen) == list(range(2, 9))  # every slice of the object, reported once
@@ -44,13 +45,67 @@ def test_one_click_recovers_the_object_and_stops_at_its_ends(predictor):
     assert np.isfinite(res.scores[2:9]).all() and np.isnan(res.scores[[0, 1, 9, 10]]).all()
     assert 2 <= res.least_confident <= 8
     # z_range bounds the walk
-    res = segment_object_in_volume(predictor, stack, 5, [[50, 48]], [1], z_range=(4, 6))
+    res = segment_object_in_volume(predictor, stack, 5, [[50, 48]], [1], z_range=(4, 6), method="decoder")
     assert res.z_range == (4, 6)
+
+
+def test_the_head_grows_the_clicked_object_in_3d_from_the_slices_around_it(predictor):
+    stack, truth = disc_stack()
+    # 20 empty slices above and below: only the slices around the object are embedded
+    pad = np.full((20, *stack.shape[1:]), 100, np.uint16) + np.random.default_rng(1).normal(0, 20, (20, *stack.shape[1:])).astype(np.uint16)
+    tall, tall_truth = np.concatenate([pad, stack, pad]), np.concatenate([np.zeros_like(pad, bool), truth, np.zeros_like(pad, bool)])
+    seen = []
+    res = segment_object_in_volume(predictor, tall, 25, [[50, 48]], [1], progress=lambda z, m, s: seen.append(z))
+    assert res.method == "head"  # the default for a model with a head and clicks only
+    first, last = res.z_range
+    assert (first, last) == (22, 28)  # the disc's slices
+    assert _iou(np.asarray(res), tall_truth) > 0.65
+    assert seen == list(range(first, last + 1))
+    assert not (res[:, 30, 105]).any()  # the other nucleus, through every slice, is not part of it
+    embedded = set(res.embedded)
+    assert 25 in embedded and not embedded & {*range(0, 12), *range(39, 51)}
+    assert np.isfinite(res.scores[first : last + 1]).all() and np.isnan(res.scores[:first]).all()
+    # the same object from a click on another of its slices
+    other = segment_object_in_volume(predictor, tall, 23, [[50, 48]], [1])
+    assert _iou(np.asarray(other), np.asarray(res)) > 0.8
+    # z_range bounds it; cancelling before the first slice returns nothing
+    assert segment_object_in_volume(predictor, tall, 25, [[50, 48]], [1], z_range=(24, 26)).z_range == (24, 26)
+    cancelled = segment_object_in_volume(predictor, tall, 25, [[50, 48]], [1], cancel=lambda: True)
+    assert cancelled.cancelled and not cancelled.any()
+
+
+def test_a_click_where_the_head_sees_nothing_still_gives_an_object_there(predictor):
+    stack, _ = disc_stack()
+    res = segment_object_in_volume(predictor, stack, 5, [[10, 10]], [1], method="head")
+    assert res[5, 10, 10] and res.sum() < 200
+
+
+def test_the_method_follows_the_prompts():
+    from types import SimpleNamespace
+
+    from napari_tinysam.annotate import Prompts
+    from napari_tinysam.propagate import choose_method
+
+    with_head, without = SimpleNamespace(has_instance_head=True), SimpleNamespace(has_instance_head=False)
+    click = {5: Prompts(np.array([[50.0, 48.0]]), np.array([1]))}
+    boxed = {5: Prompts(np.zeros((0, 2)), np.zeros(0, np.int64), np.array([40.0, 40, 60, 60]))}
+    negative = {5: Prompts(np.array([[50.0, 48.0], [60, 60]]), np.array([1, 0]))}
+    assert choose_method(with_head, click, None) == "head"
+    assert choose_method(without, click, None) == "decoder"
+    assert choose_method(with_head, boxed, None) == choose_method(with_head, negative, None) == "decoder"
+    assert choose_method(with_head, {}, {5: np.ones((4, 4), bool)}) == "decoder"
+    with pytest.raises(ValueError, match="positive points only"):
+        choose_method(with_head, boxed, None, "head")
+    with pytest.raises(ValueError, match="needs a model with an instance head"):
+        choose_method(without, click, None, "head")
+    with pytest.raises(ValueError, match="method must be one of"):
+        choose_method(with_head, click, None, "magic")
 
 
 def test_fills_between_two_prompted_slices(predictor):
     stack, truth = disc_stack()
-    res = segment_object_in_volume(predictor, stack, [3, 7], [[[50, 48]], [[50, 48]]], [[1], [1]], z_range=(3, 7))
+    res = segment_object_in_volume(predictor, stack, [3, 7], [[[50, 48]], [[50, 48]]], [[1], [1]], z_range=(3, 7),
+                                   method="decoder")
     assert res.z_range == (3, 7)
     for z in range(3, 8):
         assert _iou(res[z], truth[z]) > 0.7, z
@@ -64,7 +119,7 @@ def test_given_mask_is_kept_on_its_slice(predictor):
 
 def test_cancel_stops_after_the_current_slice(predictor):
     stack, _ = disc_stack()
-    res = segment_object_in_volume(predictor, stack, 5, [[50, 48]], [1], cancel=lambda: True)
+    res = segment_object_in_volume(predictor, stack, 5, [[50, 48]], [1], cancel=lambda: True, method="decoder")
     assert res.cancelled and res.z_range == (5, 5)
 
 
@@ -108,3 +163,18 @@ def test_commit_object_writes_one_id_and_undo_is_exact():
     with pytest.raises(ValueError, match="shape"):
         commit_object(labels, {(3,): np.ones((5, 5), bool)})
     assert np.array_equal(labels, before)
+
+
+def test_an_object_ends_before_the_next_nucleus_above_it():
+    from napari_tinysam.head_object import end_at_next_object
+
+    radii = [4, 6, 8, 6, 4, 6, 8, 6, 4]  # two nuclei stacked in z, joined at slice 4
+    yy, xx = np.mgrid[:32, :32]
+    merged = np.stack([(yy - 16) ** 2 + (xx - 16) ** 2 <= r * r for r in radii])
+    assert end_at_next_object(merged, 2, 2).any((1, 2)).tolist() == [True] * 5 + [False] * 4
+    # a thin tail (under a fifth of the largest clicked section) is not part of it
+    tail = merged.copy()
+    tail[0] = (yy - 16) ** 2 + (xx - 16) ** 2 <= 9
+    assert end_at_next_object(tail, 2, 2).any((1, 2)).tolist() == [False] + [True] * 4 + [False] * 4
+    # clicked off its largest slice, the object still grows to it
+    assert end_at_next_object(merged, 0, 0).any((1, 2)).tolist() == [True] * 5 + [False] * 4

@@ -1,9 +1,11 @@
-"""One object through a 3D stack: prompts on one slice (or a few), then slice by slice up
-and down, each slice prompted by the result of the slice next to it, until the object
-ends.
+"""One object through a 3D stack from prompts on one slice (or a few), by one of two
+methods:
 
-Only the slices the propagation reaches are embedded, nearest first, so one nucleus
-costs the slices it spans plus one on each side, not the whole stack.
+- ``"decoder"``: slice by slice up and down, each slice prompted by the result of the
+  slice next to it, until the object ends. Only the slices the propagation reaches are
+  embedded, nearest first, so one nucleus costs the slices it spans plus one on each side.
+- ``"head"`` (models with an instance head, positive points only): the clicks seed a 3D
+  watershed over the head's maps of the slices around them (:mod:`.head_object`).
 """
 
 from __future__ import annotations
@@ -17,19 +19,22 @@ import torch.nn.functional as F
 
 from .annotate import Prompts, is_embedded, mask_box, mask_to_logits, segment_prompts
 from .evaluation import innermost_point
-from .everything import volume_contrast_limits
+from .everything import Cancelled, recommended_thresholds, volume_contrast_limits
+from .head_object import HeadSlices, iter_head_object
 from .predictor import SamPredictor, preprocess_shape, to_uint8_rgb
 
 
 class VolumeMask(np.ndarray):
     """A (Z, H, W) bool mask of one object, with what the propagation knows about it:
 
-    - ``scores`` (Z,): the decoder's predicted IoU per slice (NaN where not segmented);
+    - ``scores`` (Z,): the decoder's predicted IoU per slice (method ``"head"``: the
+      head's mean foreground probability inside the slice's mask); NaN where not segmented;
     - ``z_range``: (first, last) slice of the object, or None when it is empty;
     - ``embedded``: the slices whose embeddings were computed for it (not cached before);
     - ``visited``: every slice that was decoded, in order (the ones where it stopped too);
     - ``cancelled``: True when ``cancel`` stopped it (the mask holds what was done);
-    - ``scale``: model-input pixels per slice pixel the slices were segmented at.
+    - ``scale``: model-input pixels per slice pixel the slices were segmented at;
+    - ``method``: ``"decoder"`` or ``"head"``, the method that segmented it.
     """
 
     scores: np.ndarray
@@ -37,6 +42,7 @@ class VolumeMask(np.ndarray):
     visited: list[int]
     cancelled: bool
     scale: float
+    method: str
 
     def __array_finalize__(self, obj) -> None:
         if obj is None:
@@ -46,6 +52,7 @@ class VolumeMask(np.ndarray):
         self.visited = getattr(obj, "visited", [])
         self.cancelled = getattr(obj, "cancelled", False)
         self.scale = getattr(obj, "scale", float("nan"))
+        self.method = getattr(obj, "method", "decoder")
 
     @property
     def z_range(self) -> tuple[int, int] | None:
@@ -122,6 +129,14 @@ def _resize_rgb(rgb: np.ndarray, factor: float) -> np.ndarray:
     return np.ascontiguousarray(t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy())
 
 
+def _model_scale(predictor: SamPredictor, shape: tuple[int, int], factor: float = 1.0) -> float:
+    """Model-input pixels per slice pixel for slices of ``shape`` resized by ``factor``."""
+    h, w = shape
+    ih, iw = preprocess_shape(max(2, round(h * factor)), max(2, round(w * factor)),
+                              predictor.model.img_size, predictor.model.max_upscale)
+    return max(ih / h, iw / w)
+
+
 class _Walker:
     """Slices -> RGB (resized by ``factor``) -> embedded predictor; decodes at that
     scale and returns masks at the slice's size. Records which slices were embedded."""
@@ -150,10 +165,7 @@ class _Walker:
     @property
     def scale(self) -> float:
         """Model-input pixels per slice pixel."""
-        h, w = self.stack.shape[1:3]
-        ih, iw = preprocess_shape(max(2, round(h * self.factor)), max(2, round(w * self.factor)),
-                                  self.predictor.model.img_size, self.predictor.model.max_upscale)
-        return max(ih / h, iw / w)
+        return _model_scale(self.predictor, self.stack.shape[1:3], self.factor)
 
     def _full(self, low: np.ndarray) -> np.ndarray:
         """Low-resolution logits (1, s/4, s/4) -> mask at the slice's size."""
@@ -288,6 +300,62 @@ def iter_propagation(
             yield res
 
 
+#: Propagation methods (see the module's docstring); ``"auto"`` picks ``"head"`` where it
+#: applies (a model with an instance head, positive points only) and ``"decoder"`` elsewhere.
+METHODS = ("auto", "head", "decoder")
+
+
+def choose_method(model, prompts: Mapping[int, Prompts], masks: Mapping[int, np.ndarray] | None,
+                  method: str = "auto") -> str:
+    """The method that propagates these prompts: ``method``, checked, or for ``"auto"``
+    the head where it applies."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    points_only = not masks and all(
+        p.box is None and len(p.labels) > 0 and bool((np.asarray(p.labels) > 0).all()) for p in prompts.values()
+    )
+    if method == "auto":
+        return "head" if model.has_instance_head and points_only else "decoder"
+    if method == "head" and not model.has_instance_head:
+        raise ValueError("method='head' needs a model with an instance head; use method='decoder'")
+    if method == "head" and not points_only:
+        raise ValueError("method='head' takes positive points only; for boxes, masks or negative points "
+                         "use method='decoder'")
+    return method
+
+
+def iter_head_propagation(
+    predictor: SamPredictor,
+    stack,
+    prompts: Mapping[int, Prompts],
+    *,
+    contrast_limits: tuple[float, float] | None = None,
+    z_range: tuple[int, int] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    slices: HeadSlices | None = None,
+    previews: bool = True,
+) -> Iterator[SliceResult]:
+    """The ``"head"`` method in the form of :func:`iter_propagation`: the slices of each
+    estimate of the object as it grows (with ``previews``; a slice an estimate no longer
+    holds comes with ``kept=False``), then the result's. ``cancel()`` is checked before
+    each embedding and a True raises :class:`~napari_tinysam.everything.Cancelled`."""
+    if slices is None:
+        params = recommended_thresholds(predictor.model, "auto", volume=True)
+        limits = contrast_limits or volume_contrast_limits(stack, denoise_sigma=params["denoise_sigma"])
+        slices = HeadSlices(predictor, stack, limits, params["denoise_sigma"], cancel=cancel)
+    clicks = {z: np.asarray(p.points, np.float64) for z, p in prompts.items()}
+    shown: set[int] = set()
+    empty = np.zeros((1, 0, 0), np.float32)
+    for est in iter_head_object(predictor, stack, clicks, z_range=z_range, slices=slices):
+        if not (est.final or previews):
+            continue
+        for z in sorted(shown - set(est.sections)):
+            yield SliceResult(z, np.zeros(stack.shape[1:3], bool), float("nan"), empty, kept=False)
+        for z, mask in sorted(est.sections.items()):
+            yield SliceResult(z, mask, est.scores[z], empty)
+        shown = set(est.sections)
+
+
 def _as_prompt_sets(z, point_coords, point_labels, box, mask, shape):
     """The per-slice prompts of :func:`segment_object_in_volume`'s arguments, checked."""
     depth, h, w = shape
@@ -353,10 +421,19 @@ def segment_object_in_volume(
     z_range: tuple[int, int] | None = None,
     progress: Callable[[int, np.ndarray, float], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    method: str = "auto",
 ) -> VolumeMask:
     """Segment one object through a (Z, H, W) stack from prompts on slice ``z``.
 
-    The prompted slice is segmented as the annotator does it (``point_coords`` (N, 2) as
+    ``method="head"`` (the ``"auto"`` choice for a model with an instance head and
+    positive points only): the points seed a 3D watershed over the instance head's maps
+    of the slices around them, and the object is what grows from them; it ends where the
+    head's object ends, or before a second rise of its cross-section (the next nucleus
+    above or below). The window of slices grows until the object ends a slice inside
+    it. ``progress`` is called for every slice once the object is known.
+
+    ``method="decoder"`` (boxes, masks, negative points, or models without a head):
+    the prompted slice is segmented as the annotator does it (``point_coords`` (N, 2) as
     (x, y) with ``point_labels`` (N,) 1/0, and/or ``box`` (4,) XYXY; or ``mask`` (H, W):
     an existing mask, kept as it is, or corrected by the points given with it). Then each
     next slice, up and down, is prompted with the previous slice's result (its box, its
@@ -374,7 +451,7 @@ def segment_object_in_volume(
     object; ``cancel()`` returning True stops the walk (the result holds what was done
     and has ``cancelled`` set).
 
-    Returns a :class:`VolumeMask`: the (Z, H, W) bool mask, with per-slice predicted IoU
+    Returns a :class:`VolumeMask`: the (Z, H, W) bool mask, with per-slice confidence
     in ``.scores`` and the slices embedded for it in ``.embedded``.
     """
     predictor = model_or_predictor if isinstance(model_or_predictor, SamPredictor) else SamPredictor(model_or_predictor)
@@ -390,9 +467,27 @@ def segment_object_in_volume(
         if not (0 <= lo <= hi < shape[0]) or any(not lo <= zi <= hi for zi in prompts):
             raise ValueError(f"z_range {z_range} must lie in 0..{shape[0] - 1} and hold the prompted slices")
         z_range = (lo, hi)
-    limits = contrast_limits if contrast_limits is not None else volume_contrast_limits(stack)
     out = np.zeros(shape, bool).view(VolumeMask)
     out.scores = np.full(shape[0], np.nan, np.float32)
+    out.method = choose_method(predictor.model, prompts, given, method)
+    if out.method == "head":
+        params = recommended_thresholds(predictor.model, "auto", volume=True)
+        sigma = params["denoise_sigma"]
+        limits = contrast_limits or volume_contrast_limits(stack, denoise_sigma=sigma)
+        slices = HeadSlices(predictor, stack, limits, sigma, cancel=cancel)
+        out.embedded, out.visited = slices.embedded, slices.visited
+        out.scale = _model_scale(predictor, shape[1:3])
+        try:
+            for res in iter_head_propagation(predictor, stack, prompts, z_range=z_range, slices=slices,
+                                             previews=False):
+                out[res.z] = res.mask
+                out.scores[res.z] = res.score
+                if progress is not None:
+                    progress(res.z, res.mask, res.score)
+        except Cancelled:
+            out.cancelled = True
+        return out
+    limits = contrast_limits if contrast_limits is not None else volume_contrast_limits(stack)
     walker = _Walker(predictor, stack, limits, None)
     out.embedded, out.visited = walker.embedded, walker.visited
     for res in iter_propagation(
