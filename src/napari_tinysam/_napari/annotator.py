@@ -26,8 +26,9 @@ from ..annotate import (
     slice_rgb,
     undo_commit,
 )
+from ..everything import Cancelled
 from ..predictor import EmbeddingCache, SamPredictor, compute_embedding, image_key
-from ..propagate import iter_propagation
+from ..propagate import choose_method, iter_head_propagation, iter_propagation
 from .layers import check_slice, image_ndim, prompts_on_slice, slice_of, to_image_coords
 from .models import get_model, model_choices
 
@@ -692,13 +693,20 @@ class AnnotatorWidget(Container):
 
         def run():
             for i, (prompts, masks) in enumerate(seeds):
-                for res in iter_propagation(
-                    predictor, data, prompts, masks, contrast_limits=limits,
-                    prepare_slice=lambda z, rgb: self._embedded((z,), rgb),
-                ):
-                    yield i, res
-                    if self._cancel_propagation:
-                        return
+                if choose_method(predictor.model, prompts, masks) == "head":
+                    # the head sees denoised slices: the store's embeddings of the raw ones do not apply
+                    results = iter_head_propagation(predictor, data, prompts, contrast_limits=limits,
+                                                    cancel=lambda: self._cancel_propagation)
+                else:
+                    results = iter_propagation(predictor, data, prompts, masks, contrast_limits=limits,
+                                               prepare_slice=lambda z, rgb: self._embedded((z,), rgb))
+                try:
+                    for res in results:
+                        yield i, res
+                        if self._cancel_propagation:
+                            return
+                except Cancelled:
+                    return
 
         worker = create_worker(run, _ignore_errors=True)
         worker.yielded.connect(self._propagated_slice)
@@ -710,10 +718,16 @@ class AnnotatorWidget(Container):
 
     def _propagated_slice(self, item) -> None:
         i, res = item
-        if self._cancel_propagation or not res.kept:
+        if self._cancel_propagation:
             return
-        self.preview_volumes[i][res.z] = res.mask
-        self.volume_scores[i][res.z] = res.score
+        if res.kept:
+            self.preview_volumes[i][res.z] = res.mask
+            self.volume_scores[i][res.z] = res.score
+        elif res.z in self.preview_volumes[i]:  # an earlier estimate held it; this one does not
+            del self.preview_volumes[i][res.z]
+            del self.volume_scores[i][res.z]
+        else:
+            return
         plane = np.zeros(res.mask.shape, np.uint8)
         for j, volume in enumerate(self.preview_volumes):
             if res.z in volume:
@@ -722,7 +736,8 @@ class AnnotatorWidget(Container):
         self.preview_layer.refresh()
         zs = sorted(self.preview_volumes[i])
         what = f"object {i + 1} of {len(self.preview_volumes)}: " if len(self.preview_volumes) > 1 else ""
-        self.status.value = f"propagating {what}slices {zs[0]}-{zs[-1]}…"
+        if zs:
+            self.status.value = f"propagating {what}slices {zs[0]}-{zs[-1]}…"
 
     def _propagation_finished(self) -> None:
         self._propagation = None
@@ -737,7 +752,7 @@ class AnnotatorWidget(Container):
         what = "object" if n == 1 else f"{n} objects"
         self.status.value = (
             f"{state}{what} on slices {zs[0]}-{zs[-1]}; least confident: slice {worst} "
-            f"(predicted IoU {score:.2f}); {KEYS['commit']} commits {'it' if n == 1 else 'them'}"
+            f"(confidence {score:.2f}); {KEYS['commit']} commits {'it' if n == 1 else 'them'}"
         )
 
     def _stop_propagation(self) -> None:
