@@ -1,6 +1,7 @@
 """One click per object on its largest slice, propagated through the stack
-(``segment_object_in_volume``), against the slice-by-slice upper bound (one click on
-every slice the object spans, the best of TinySAM's three masks):
+(``segment_object_in_volume``) by each method (``--methods``: the instance head's 3D
+watershed from the click, the decoder's slice-by-slice walk), against the decoder's
+slice-by-slice upper bound (one click on every slice the object spans):
 
 - 3D IoU with the true object, mean over objects (and the share of objects >= 0.5);
 - slices embedded per object against the slices it spans and the stack depth;
@@ -13,7 +14,7 @@ built from BBBC039 fields (``volumes.noisy_stack``: drifting, growing and shrink
 nuclei, blur, dim nuclei, Poisson noise at SNR 3).
 
     .venv/bin/python benchmarks/bench_propagation.py [--model default] [--data ../shared/data]
-        [--split val] [--noisy 2] [--max-objects 40] [--cold 3]
+        [--split val] [--noisy 2] [--max-objects 40] [--cold 3] [--methods head,decoder]
 """
 
 from __future__ import annotations
@@ -55,65 +56,63 @@ def volumes(data: Path, split: str, noisy: int):
     return out
 
 
-def run_volume(model, name, stack, labels, max_objects, cold, rng):
-    limits = volume_contrast_limits(stack)
+def run_volume(model, name, stack, labels, max_objects, cold, rng, methods, upper_bound=True):
     cache = EmbeddingCache(4 * 2**30)
     predictor = SamPredictor(model, cache=cache)
     ids = np.unique(labels[labels > 0])
     if max_objects and len(ids) > max_objects:
         ids = np.sort(rng.choice(ids, max_objects, replace=False))
     # embedding time per slice, measured on this volume (median of 3)
-    rgb = to_uint8_rgb(np.asarray(stack[len(stack) // 2]), limits)
+    rgb = to_uint8_rgb(np.asarray(stack[len(stack) // 2]), volume_contrast_limits(stack))
     t = []
     for _ in range(3):
         t0 = time.perf_counter()
         compute_embedding(model, rgb)
         t.append(time.perf_counter() - t0)
     t_embed = float(np.median(t))
-    prop, upper, spans, embeds, secs, cold_secs, scales = [], [], [], [], [], [], []
-    for k, i in enumerate(ids):
-        obj = labels == i
-        area = obj.reshape(len(obj), -1).sum(1)
-        z = int(np.argmax(area))
-        x, y = innermost_point(obj[z])
-        if k < cold:
+    row = {"volume": name, "depth": stack.shape[0], "objects": len(ids)}
+    spans, upper = [], []
+    for obj_id in ids:
+        area = (labels == obj_id).reshape(len(labels), -1).sum(1)
+        spans.append(int((area > 0).sum()))
+    for method in methods:
+        prop, embeds, secs, cold_secs = [], [], [], []
+        for k, i in enumerate(ids):
+            obj = labels == i
+            z = int(np.argmax(obj.reshape(len(obj), -1).sum(1)))
+            x, y = innermost_point(obj[z])
+            if k < cold:
+                t0 = time.perf_counter()
+                segment_object_in_volume(SamPredictor(model), stack, z, [[x, y]], [1], method=method)
+                cold_secs.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            res = segment_object_in_volume(SamPredictor(model), stack, z, [[x, y]], [1], contrast_limits=limits)
-            cold_secs.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        before = set(cache._items)
-        res = segment_object_in_volume(predictor, stack, z, [[x, y]], [1], contrast_limits=limits)
-        decode = time.perf_counter() - t0
-        new = len(set(cache._items) - before)
-        secs.append(decode - new * t_embed + len(set(res.visited)) * t_embed)
-        embeds.append(len(set(res.visited)))
-        prop.append(iou3d(np.asarray(res), obj))
-        scales.append(res.scale)
-        zs = np.flatnonzero(area)
-        spans.append(len(zs))
-        # upper bound: a click on every slice it spans (each slice at its own best scale)
-        ub = np.zeros_like(obj)
-        for zz in zs:
-            px, py = innermost_point(obj[zz])
-            ub[zz] = segment_object_in_volume(predictor, stack, zz, [[px, py]], [1], contrast_limits=limits,
-                                              z_range=(zz, zz))[zz]
-        upper.append(iou3d(ub, obj))
-    return {
-        "volume": name,
-        "depth": stack.shape[0],
-        "objects": len(ids),
-        "3D IoU, 1 click": f"{np.mean(prop):.3f}",
-        ">= 0.5": f"{np.mean(np.array(prop) >= 0.5):.2f}",
-        "3D IoU, click per slice": f"{np.mean(upper):.3f}",
-        "slices spanned": f"{np.mean(spans):.1f}",
-        "slices embedded": f"{np.mean(embeds):.1f}",
-        "s/object": f"{np.median(secs):.2f}",
-        "s/object cold (measured)": f"{np.median(cold_secs):.2f}" if cold_secs else "-",
-        "s/embedding": f"{t_embed:.2f}",
-        "input scale (median)": f"{np.median(scales):.1f}",
-        "_prop": prop,
-        "_upper": upper,
-    }
+            before = set(cache._items)
+            res = segment_object_in_volume(predictor, stack, z, [[x, y]], [1], method=method)
+            decode = time.perf_counter() - t0
+            new = len(set(cache._items) - before)
+            secs.append(decode - new * t_embed + len(set(res.visited)) * t_embed)
+            embeds.append(len(set(res.visited)))
+            prop.append(iou3d(np.asarray(res), obj))
+        row[f"{method}: 3D IoU"] = f"{np.mean(prop):.3f}"
+        row[f"{method}: >= 0.5"] = f"{np.mean(np.array(prop) >= 0.5):.2f}"
+        row[f"{method}: slices embedded"] = f"{np.mean(embeds):.1f}"
+        row[f"{method}: s/object"] = f"{np.median(secs):.2f}"
+        row[f"{method}: s/object cold"] = f"{np.median(cold_secs):.2f}" if cold_secs else "-"
+        row[f"_{method}"] = prop
+    if upper_bound:  # a click on every slice the object spans (each slice at its own best scale)
+        for i in ids:
+            obj = labels == i
+            ub = np.zeros_like(obj)
+            for zz in np.flatnonzero(obj.reshape(len(obj), -1).any(1)):
+                px, py = innermost_point(obj[zz])
+                ub[zz] = segment_object_in_volume(predictor, stack, zz, [[px, py]], [1], z_range=(zz, zz),
+                                                  method="decoder")[zz]
+            upper.append(iou3d(ub, obj))
+        row["3D IoU, click per slice"] = f"{np.mean(upper):.3f}"
+        row["_upper"] = upper
+    row["slices spanned"] = f"{np.mean(spans):.1f}"
+    row["s/embedding"] = f"{t_embed:.2f}"
+    return row
 
 
 def main() -> None:
@@ -125,22 +124,26 @@ def main() -> None:
     ap.add_argument("--max-objects", type=int, default=40, help="objects per volume (random, seeded)")
     ap.add_argument("--cold", type=int, default=3, help="objects per volume timed on a cold cache")
     ap.add_argument("--only", default="", help="only volumes whose name contains this")
+    ap.add_argument("--methods", default="head,decoder", help="propagation methods to compare, comma-separated")
+    ap.add_argument("--no-upper-bound", action="store_true", help="skip the click-on-every-slice bound")
     args = ap.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
     torch.set_grad_enabled(False)
     model = load_model(args.model)
     rng = np.random.default_rng(0)
-    rows, allp, allu = [], [], []
+    rows, every = [], {}
     for name, stack, labels in volumes(args.data, args.split, args.noisy):
         if args.only and args.only not in name:
             continue
-        row = run_volume(model, name, stack, labels, args.max_objects, args.cold, rng)
-        allp += row.pop("_prop")
-        allu += row.pop("_upper")
+        row = run_volume(model, name, stack, labels, args.max_objects, args.cold, rng, methods,
+                         not args.no_upper_bound)
+        for key in [k for k in row if k.startswith("_")]:
+            every.setdefault(key[1:], []).extend(row.pop(key))
         rows.append(row)
         print(row, flush=True)
+    overall = ", ".join(f"{k} {np.mean(v):.3f}" for k, v in every.items())
     print(f"\nmodel {args.model} ({model.precision}), {cpu_name()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; all objects: 3D IoU 1 click {np.mean(allp):.3f}, "
-          f"click per slice {np.mean(allu):.3f}\n")
+          f"{torch.get_num_threads()} threads; all objects, 3D IoU: {overall}\n")
     print_table(rows, list(rows[0]))
 
 
