@@ -21,7 +21,13 @@ from napari_tinysam.everything import (
     volume_contrast_limits,
     volume_from_maps,
 )
-from napari_tinysam.instances import _window_origin, drop_faint, labels_from_maps, object_prompts
+from napari_tinysam.instances import (
+    _window_origin,
+    drop_faint,
+    labels_from_maps,
+    object_prompts,
+    split_stacked_objects,
+)
 from napari_tinysam.masks import build_point_grid
 from napari_tinysam.model import build_sam, read_checkpoint, sam_from_checkpoint, save_checkpoint
 from tests.fakes import FakeSam
@@ -210,6 +216,20 @@ def test_volume_from_maps_grows_objects_over_less_smoothed_maps_so_they_end_wher
     assert smooth.max() == 1 and ((smooth > 0) & (truth == 0)).sum() > 300
     out = volume_from_maps(maps, **kw, extent_z_sigma=0.5, extent_xy_sigma=0.0)
     assert out.max() == 1 and ((out > 0) & (truth == 0)).sum() < 30 and ((out == 0) & (truth > 0)).sum() < 30
+
+
+def test_nuclei_stacked_in_z_under_one_label_are_split_and_thin_tails_dropped():
+    yy, xx = np.mgrid[:40, :40]
+    radii = [2, 5, 8, 9, 8, 5, 4, 6, 9, 10, 9, 6, 2]  # two nuclei, one above the other
+    labels = np.stack([((yy - 20) ** 2 + (xx - 20) ** 2 <= r * r) * 7 for r in radii]).astype(np.int32)
+    labels[6:, 2:6, 2:6] = 3  # another object, a column through the lower slices
+    out = split_stacked_objects(labels, min_volume=20)
+    below, above = out[3, 20, 20], out[9, 20, 20]
+    assert below > 0 and above > 0 and below != above
+    assert (out[1:6, 20, 20] == below).all() and (out[7:12, 20, 20] == above).all()
+    assert out[0].max() == 0 and (out[12] != above).all()  # the thin end sections (radius 2) go
+    assert (out[6:, 2:6, 2:6] > 0).all() and len(np.unique(out[6:, 2:6, 2:6])) == 1  # untouched
+    assert sorted(np.unique(out[out > 0])) == [1, 2, 3]
 
 
 def test_segment_volume_auto_uses_the_volume_thresholds_and_rejects_unknown_keywords():

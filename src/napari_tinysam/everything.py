@@ -31,6 +31,7 @@ from .instances import (
     keep_objects,
     labels_from_maps,
     object_prompts,
+    split_stacked_objects,
 )
 from .masks import box_nms, build_point_grid, paint_labels, remove_small_regions, stitch_pair
 from .model import Sam
@@ -835,11 +836,14 @@ def volume_from_maps(
     pixels, grown by a seeded watershed in 3D (:func:`labels_from_maps`) over the maps
     smoothed with ``extent_z_sigma`` and ``extent_xy_sigma`` (default: the same). A seed
     region splits at centre-distance minima at least ``seed_depth`` deep (0: one seed per
-    connected region). Objects under ``min_volume`` voxels are dropped."""
+    connected region). Objects under ``min_volume`` voxels are dropped; objects are cut
+    where their cross-section rises again through z (:func:`split_stacked_objects`: a
+    nucleus above or below joined to them by the smoothing) and lose thin tails."""
 
     seed_maps = smooth_maps(maps, z_sigma, xy_sigma)
     ez = z_sigma if extent_z_sigma is None else extent_z_sigma
     exy = xy_sigma if extent_xy_sigma is None else extent_xy_sigma
     extent = None if (ez, exy) == (z_sigma, xy_sigma) else smooth_maps(maps, ez, exy)
-    return labels_from_maps(seed_maps, foreground_thresh, center_thresh, boundary_thresh, min_volume,
-                            seed_depth=seed_depth, extent_maps=extent)
+    labels = labels_from_maps(seed_maps, foreground_thresh, center_thresh, boundary_thresh, min_volume,
+                              seed_depth=seed_depth, extent_maps=extent)
+    return split_stacked_objects(labels, min_volume)

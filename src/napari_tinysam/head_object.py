@@ -26,7 +26,7 @@ from .everything import (
     smooth_maps,
     volume_contrast_limits,
 )
-from .instances import head_maps, labels_from_maps
+from .instances import end_at_next_object, head_maps, labels_from_maps
 from .predictor import SamPredictor, to_uint8_rgb
 
 #: Slices of maps kept beyond each end of the object. On training stacks one slice gave
@@ -37,48 +37,9 @@ Z_MARGIN = 1
 Z_STEP = 2
 #: Pixels of maps kept around the object in the image plane (besides its own size).
 XY_MARGIN = 16
-#: A nucleus's cross-section rises to one maximum through z and falls. Walking out of
-#: the clicked slices, a cross-section ``GROWTH`` times larger than the smallest one
-#: since the largest, after the section fell below ``DECLINE`` of the largest, is the
-#: next nucleus above or below (joined to this one by the smoothing across slices):
-#: the object ends before it.
-GROWTH = 1.2
-DECLINE = 0.9
 #: Half-width (voxels) of the seed put at a click that lands outside every object the
 #: head finds: a user's click says that an object is there.
 CLICK_SEED = 1
-#: The object ends at a cross-section smaller than this share of its largest clicked one:
-#: the smoothing across slices leaves thin tails above and below a nucleus. On training
-#: stacks 0.15-0.3 gave a 3D IoU of 0.634-0.635 against 0.624 without (docs/benchmarks.md).
-MIN_SECTION = 0.2
-
-
-def end_at_next_object(mask: np.ndarray, first: int, last: int,
-                       growth: float = GROWTH, decline: float = DECLINE) -> np.ndarray:
-    """Cut a (Z, H, W) object where, walking out of slices ``first``..``last`` (kept as
-    they are), its cross-section falls below ``MIN_SECTION`` of the largest of those
-    slices', grows again after it had declined (see ``GROWTH``) or stops overlapping the
-    slice before it by half. Returns a new mask."""
-    out = np.zeros_like(mask)
-    out[first : last + 1] = mask[first : last + 1]
-    area = mask.reshape(len(mask), -1).sum(1)
-    largest = area[first : last + 1].max()
-    for start, side in ((last, 1), (first, -1)):
-        peak = low = int(area[start])
-        z = start + side
-        while 0 <= z < len(mask) and area[z] > MIN_SECTION * largest:
-            a = int(area[z])
-            if low < decline * peak and a > growth * low:
-                break
-            if (mask[z] & out[z - side]).sum() < 0.5 * min(a, area[z - side]):
-                break
-            out[z] = mask[z]
-            if a >= peak:
-                peak = low = a
-            else:
-                low = min(low, a)
-            z += side
-    return out
 
 
 class HeadSlices:
