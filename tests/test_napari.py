@@ -369,6 +369,8 @@ def test_annotator_propagates_commits_and_undoes_a_3d_object(make_napari_viewer,
     w.propagate()
     _wait(qtbot, w)
     assert len(w.preview_volumes) == 2 and "2 objects" in w.status.value
+    # each from its click by the instance head: the disc on its slices, the other nucleus through the stack
+    assert sorted(w.preview_volumes[0]) == list(range(2, 9)) and sorted(w.preview_volumes[1]) == list(range(11))
     w.commit()
     assert set(np.unique(target.data[target.data != before])) == {4, 5}
     w.undo()

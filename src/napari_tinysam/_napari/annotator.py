@@ -24,6 +24,7 @@ from ..annotate import (
     segment_objects,
     segment_prompts,
     slice_rgb,
+    split_objects,
     undo_commit,
 )
 from ..everything import Cancelled
@@ -665,8 +666,12 @@ class AnnotatorWidget(Container):
         # propagation picks for the stack); a candidate other than the first that the
         # user picked on the previewed slice is kept as it is
         z0 = self.preview_slice[0]
-        if self.objects:  # one object per point: each seeded by its mask on this slice
-            seeds = [({}, {z0: obj.mask.copy()}) for obj in self.objects]
+        if self.objects:  # one object per point: each from its click, or seeded by its mask on this slice
+            model = self.predictor.model
+            seeds = [
+                ({z0: p}, {}) if choose_method(model, {z0: p}, None) == "head" else ({}, {z0: obj.mask.copy()})
+                for p, obj in zip(split_objects(self._prompts((z0,))), self.objects)
+            ]
         else:
             prompts = {z: p for z in self._prompted_slices() if not (p := self._prompts((z,))).empty}
             masks = {}
