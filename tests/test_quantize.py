@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from napari_tinysam import SamPredictor, load_model
+from napari_tinysam import SamPredictor, load_model, segment_everything
+from napari_tinysam.everything import default_mode
+from napari_tinysam.metrics import match_instances
 from napari_tinysam.model import CheckpointError
 from napari_tinysam.quantize import (
     QConv,
@@ -264,6 +266,10 @@ def test_bundled_int8_model_agrees_with_float(blobs_image):
         a, b = mq[sq.argmax()], mf[sf.argmax()]
         ious.append((a & b).sum() / max(1, (a | b).sum()))
     assert np.mean(ious) > 0.9, np.mean(ious)
+    # the instance head is quantized with the rest: everything mode runs "auto" and finds the same nuclei
+    assert qm.has_instance_head and default_mode(qm) == "auto" and qm.meta.get("auto")
+    found = match_instances(segment_everything(qm, image), segment_everything(fm, image))
+    assert found["f1"] > 0.95 and found["mean_matched_iou"] > 0.9, found
 
 
 def test_calibration_samples_do_not_keep_whole_feature_maps(tiny_model):

@@ -46,7 +46,7 @@ REGISTRY: dict[str, ModelInfo] = {
         ModelInfo(
             "default-int8",
             "default-int8.pt",
-            "the default model quantized to 8 bits (W8A8, int8 CPU kernels), without the instance head; bundled",
+            "the default model, instance head included, quantized to 8 bits (W8A8, int8 CPU kernels); bundled",
             bundled=True,
         ),
         ModelInfo(
