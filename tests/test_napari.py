@@ -360,6 +360,22 @@ def test_annotator_propagates_commits_and_undoes_a_3d_object(make_napari_viewer,
     w.undo()
     assert np.array_equal(target.data, before)
     _wait(qtbot, w)
+    # with a negative point the decoder walks slice by slice from the click
+    w.points_layer.add([5, 48, 50])
+    w.negative.value = True
+    w.points_layer.add([5, 10, 10])
+    w.negative.value = False
+    _wait(qtbot, w)
+    w.propagate()
+    _wait(qtbot, w)
+    assert sorted(w.preview_volumes[0]) == list(range(2, 9)) and "slices 2-8" in w.status.value
+    w.commit()
+    written = target.data != before
+    assert set(np.unique(target.data[written])) == {4}
+    assert _iou(written, truth) > 0.8 and (target.data[4, 40:44, 40:44] == 3).all()
+    w.undo()
+    assert np.array_equal(target.data, before)
+    _wait(qtbot, w)
     # one object per point: two discs, each propagated, committed as two ids in one step
     w.each_point.value = True
     w.points_layer.add([5, 48, 50])

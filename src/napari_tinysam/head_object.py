@@ -24,7 +24,6 @@ from .everything import (
     denoise_slice,
     recommended_thresholds,
     smooth_maps,
-    volume_contrast_limits,
 )
 from .instances import end_at_next_object, head_maps, labels_from_maps
 from .predictor import SamPredictor, to_uint8_rgb
@@ -140,15 +139,15 @@ def iter_head_object(
     predictor: SamPredictor,
     stack,
     clicks: Mapping[int, np.ndarray],
+    slices: HeadSlices,
     *,
-    contrast_limits: tuple[float, float] | None = None,
     z_range: tuple[int, int] | None = None,
     params: dict | None = None,
-    slices: HeadSlices | None = None,
 ) -> Iterator[HeadEstimate]:
     """One object of a (Z, H, W) stack from positive clicks ``{z: (N, 2) (x, y)}``, by the
-    instance head (see the module's docstring); ``params`` are the model's tuned 3D
-    thresholds by default (``recommended_thresholds(model, "auto", volume=True)``).
+    instance head (see the module's docstring), over the maps of ``slices``; ``params``
+    are the model's tuned 3D thresholds by default (``recommended_thresholds(model,
+    "auto", volume=True)``; their ``denoise_sigma`` is the slices').
     Yields a preview from the clicked slices and one slice on each side (three
     embeddings for one click), one estimate per window of slices, and the result last
     (``final``)."""
@@ -156,11 +155,8 @@ def iter_head_object(
     if not model.has_instance_head:
         raise ValueError("this model has no instance head; propagate with method='decoder'")
     params = dict(recommended_thresholds(model, "auto", volume=True) if params is None else params)
-    sigma = params.pop("denoise_sigma", 0.0)
+    params.pop("denoise_sigma", None)
     depth, h, w = stack.shape[:3]
-    if slices is None:
-        limits = contrast_limits or volume_contrast_limits(stack, denoise_sigma=sigma)
-        slices = HeadSlices(predictor, stack, limits, sigma)
     zmin, zmax = z_range if z_range is not None else (0, depth - 1)
     first, last = min(clicks), max(clicks)
     pts = {z: np.clip(np.round(np.asarray(p, np.float64).reshape(-1, 2)[:, ::-1]).astype(int), 0, [h - 1, w - 1])

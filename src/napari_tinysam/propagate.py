@@ -324,6 +324,14 @@ def choose_method(model, prompts: Mapping[int, Prompts], masks: Mapping[int, np.
     return method
 
 
+def _head_slices(predictor: SamPredictor, stack, contrast_limits, cancel) -> HeadSlices:
+    """The head's maps of the stack's slices as the model's 3D settings prepare them (in-plane
+    smoothing; by default the contrast limits of the smoothed stack)."""
+    sigma = recommended_thresholds(predictor.model, "auto", volume=True)["denoise_sigma"]
+    limits = contrast_limits or volume_contrast_limits(stack, denoise_sigma=sigma)
+    return HeadSlices(predictor, stack, limits, sigma, cancel=cancel)
+
+
 def iter_head_propagation(
     predictor: SamPredictor,
     stack,
@@ -339,14 +347,11 @@ def iter_head_propagation(
     estimate of the object as it grows (with ``previews``; a slice an estimate no longer
     holds comes with ``kept=False``), then the result's. ``cancel()`` is checked before
     each embedding and a True raises :class:`~napari_tinysam.everything.Cancelled`."""
-    if slices is None:
-        params = recommended_thresholds(predictor.model, "auto", volume=True)
-        limits = contrast_limits or volume_contrast_limits(stack, denoise_sigma=params["denoise_sigma"])
-        slices = HeadSlices(predictor, stack, limits, params["denoise_sigma"], cancel=cancel)
+    slices = slices or _head_slices(predictor, stack, contrast_limits, cancel)
     clicks = {z: np.asarray(p.points, np.float64) for z, p in prompts.items()}
     shown: set[int] = set()
     empty = np.zeros((1, 0, 0), np.float32)
-    for est in iter_head_object(predictor, stack, clicks, z_range=z_range, slices=slices):
+    for est in iter_head_object(predictor, stack, clicks, slices, z_range=z_range):
         if not (est.final or previews):
             continue
         for z in sorted(shown - set(est.sections)):
@@ -471,10 +476,7 @@ def segment_object_in_volume(
     out.scores = np.full(shape[0], np.nan, np.float32)
     out.method = choose_method(predictor.model, prompts, given, method)
     if out.method == "head":
-        params = recommended_thresholds(predictor.model, "auto", volume=True)
-        sigma = params["denoise_sigma"]
-        limits = contrast_limits or volume_contrast_limits(stack, denoise_sigma=sigma)
-        slices = HeadSlices(predictor, stack, limits, sigma, cancel=cancel)
+        slices = _head_slices(predictor, stack, contrast_limits, cancel)
         out.embedded, out.visited = slices.embedded, slices.visited
         out.scale = _model_scale(predictor, shape[1:3])
         try:
