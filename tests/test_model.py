@@ -182,6 +182,20 @@ def test_dense_positional_encoding_is_cached_until_the_weights_change(tiny_model
         finally:
             pe_enc.load_state_dict(state)
         torch.testing.assert_close(pe_enc.get_dense_pe(), first)
+        # a round trip through float16 replaces the matrix's storage (its address and
+        # version can repeat) and rounds it: the encoding follows the rounded values
+        saved = pe_enc.pe_layer.positional_encoding_gaussian_matrix.detach().clone()
+        try:
+            pe_enc.pe_layer.positional_encoding_gaussian_matrix.add_(1e-3 / 3)  # off the float16 grid
+            off_grid = pe_enc.pe_layer.positional_encoding_gaussian_matrix.clone()
+            pe_enc.get_dense_pe()
+            pe_enc.half().float()
+            assert not torch.equal(pe_enc.pe_layer.positional_encoding_gaussian_matrix, off_grid)
+            torch.testing.assert_close(pe_enc.get_dense_pe(), pe_enc.pe_layer(pe_enc.image_embedding_size)[None])
+        finally:
+            with torch.no_grad():
+                pe_enc.pe_layer.positional_encoding_gaussian_matrix.copy_(saved)
+        torch.testing.assert_close(pe_enc.get_dense_pe(), first)
 
 
 @pytest.mark.parametrize("input_size, original", [((192, 256), (520, 696)), ((256, 171), (3000, 2000)),

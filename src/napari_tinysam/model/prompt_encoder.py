@@ -88,17 +88,21 @@ class PromptEncoder(nn.Module):
 
         It depends only on the Gaussian matrix and the grid size, so it is computed once
         (its sines and cosines cost about 5% of a click) and again only when the
-        matrix changes (loading weights bumps the tensor's version) or moves."""
+        matrix's values, dtype or device change. The cache compares the matrix itself
+        (2 x C/2 numbers): a tensor's address and version can repeat after its storage
+        is replaced (``model.half().float()`` frees one and allocates its twin)."""
         g = self.pe_layer.positional_encoding_gaussian_matrix
-        key = (g.device, g.data_ptr(), g._version, tuple(self.image_embedding_size))
+        size = tuple(self.image_embedding_size)
         cached = self.__dict__.get("_dense_pe")
-        if cached is None or cached[0] != key or torch.is_grad_enabled():
+        fresh = (cached is not None and cached[0] == size and cached[1].device == g.device
+                 and cached[1].dtype == g.dtype and torch.equal(cached[1], g))
+        if not fresh or torch.is_grad_enabled():
             with torch.autocast(g.device.type, enabled=False):
                 pe = self.pe_layer(self.image_embedding_size).unsqueeze(0)
             if torch.is_grad_enabled():
                 return pe
-            cached = self.__dict__["_dense_pe"] = (key, pe)
-        return cached[1]
+            cached = self.__dict__["_dense_pe"] = (size, g.detach().clone(), pe)
+        return cached[2]
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         points = points + 0.5  # centre of the pixel
