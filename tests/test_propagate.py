@@ -178,3 +178,13 @@ def test_an_object_ends_before_the_next_nucleus_above_it():
     assert end_at_next_object(tail, 2, 2).any((1, 2)).tolist() == [False] + [True] * 4 + [False] * 4
     # clicked off its largest slice, the object still grows to it
     assert end_at_next_object(merged, 0, 0).any((1, 2)).tolist() == [True] * 5 + [False] * 4
+
+
+def test_the_head_window_holds_every_click_in_the_plane():
+    from napari_tinysam.head_object import _crop_around
+
+    fg = np.zeros((200, 200), np.float32)
+    fg[20:40, 20:40] = 1.0  # the object under the first click; the second click is on background
+    clicks = np.array([[30, 30], [150, 170]])
+    y0, y1, x0, x1 = _crop_around(fg, clicks, 0.5)
+    assert y0 <= 20 and x0 <= 20 and y1 > 150 and x1 > 170

@@ -108,17 +108,15 @@ def _grow_from_clicks(maps: np.ndarray, clicks: list[tuple[int, int, int]], para
 
 
 def _crop_around(fg: np.ndarray, clicks_yx: np.ndarray, thresh: float) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1) around the foreground components under the clicks in one slice's
-    foreground map (H, W), with their own size and ``XY_MARGIN`` pixels on each side."""
+    """(y0, y1, x0, x1) around the clicks (y, x) and the foreground components under them
+    in one slice's foreground map (H, W), with their own size and ``XY_MARGIN`` pixels on
+    each side."""
     h, w = fg.shape
     comp, _ = ndimage.label(fg > thresh)
     ids = {int(comp[y, x]) for y, x in clicks_yx} - {0}
-    if ids:
-        ys, xs = np.nonzero(np.isin(comp, sorted(ids)))
-        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    else:
-        y0, y1 = int(clicks_yx[:, 0].min()), int(clicks_yx[:, 0].max()) + 1
-        x0, x1 = int(clicks_yx[:, 1].min()), int(clicks_yx[:, 1].max()) + 1
+    ys, xs = np.nonzero(np.isin(comp, sorted(ids))) if ids else (np.zeros(0, int), np.zeros(0, int))
+    ys, xs = np.concatenate([ys, clicks_yx[:, 0]]), np.concatenate([xs, clicks_yx[:, 1]])
+    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
     pad_y = max(y1 - y0, XY_MARGIN) + XY_MARGIN
     pad_x = max(x1 - x0, XY_MARGIN) + XY_MARGIN
     return max(0, y0 - pad_y), min(h, y1 + pad_y), max(0, x0 - pad_x), min(w, x1 + pad_x)
