@@ -23,9 +23,9 @@ from .everything import (
     Cancelled,
     denoise_slice,
     recommended_thresholds,
-    smooth_maps,
+    volume_instances,
 )
-from .instances import end_at_next_object, head_maps, labels_from_maps
+from .instances import end_at_next_object, head_maps
 from .predictor import SamPredictor, to_uint8_rgb
 
 #: Slices of maps kept beyond each end of the object. On training stacks one slice gave
@@ -88,12 +88,7 @@ def _grow_from_clicks(maps: np.ndarray, clicks: list[tuple[int, int, int]], para
     extent maps' foreground probability."""
     from skimage.segmentation import watershed
 
-    ez, exy = params["extent_z_sigma"], params["extent_xy_sigma"]
-    seed_maps = smooth_maps(maps, params["z_sigma"], params["xy_sigma"])
-    extent = seed_maps if (ez, exy) == (params["z_sigma"], params["xy_sigma"]) else smooth_maps(maps, ez, exy)
-    labels = labels_from_maps(seed_maps, params["foreground_thresh"], params["center_thresh"],
-                              params["boundary_thresh"], params["min_volume"], seed_depth=params["seed_depth"],
-                              extent_maps=extent)
+    labels, extent = volume_instances(maps, **params)
     ids = {int(labels[c]) for c in clicks} - {0}
     missed = [c for c in clicks if labels[c] == 0]
     if missed:
