@@ -819,31 +819,18 @@ def smooth_maps(maps: np.ndarray, z_sigma: float, xy_sigma: float) -> np.ndarray
     return np.stack([ndimage.gaussian_filter(m.astype(np.float32), (z_sigma, xy_sigma, xy_sigma)) for m in maps])
 
 
-def volume_instances(
-    maps: np.ndarray,
-    foreground_thresh: float,
-    center_thresh: float,
-    boundary_thresh: float,
-    z_sigma: float,
-    xy_sigma: float,
-    min_volume: float,
-    extent_z_sigma: float | None = None,
-    extent_xy_sigma: float | None = None,
-    seed_depth: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """3D instance labels (Z, H, W) int32 from the head's maps of every slice (3, Z, H, W):
-    seeds from the maps smoothed with a Gaussian of ``z_sigma`` slices and ``xy_sigma``
-    pixels, grown by a seeded watershed in 3D (:func:`labels_from_maps`) over the maps
-    smoothed with ``extent_z_sigma`` and ``extent_xy_sigma`` (default: the same), which
-    are returned too. A seed region splits at centre-distance minima at least
-    ``seed_depth`` deep (0: one seed per connected region). Objects under ``min_volume``
-    voxels are dropped."""
+def volume_instances(maps: np.ndarray, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The 3D instances of :func:`volume_from_maps` (``params``: its keywords) before
+    stacked objects are cut, and the maps (3, Z, H, W) they were grown over."""
+    z_sigma, xy_sigma = params["z_sigma"], params["xy_sigma"]
     seed_maps = smooth_maps(maps, z_sigma, xy_sigma)
-    ez = z_sigma if extent_z_sigma is None else extent_z_sigma
-    exy = xy_sigma if extent_xy_sigma is None else extent_xy_sigma
+    ez = params.get("extent_z_sigma")
+    exy = params.get("extent_xy_sigma")
+    ez, exy = z_sigma if ez is None else ez, xy_sigma if exy is None else exy
     extent = seed_maps if (ez, exy) == (z_sigma, xy_sigma) else smooth_maps(maps, ez, exy)
-    labels = labels_from_maps(seed_maps, foreground_thresh, center_thresh, boundary_thresh, min_volume,
-                              seed_depth=seed_depth, extent_maps=None if extent is seed_maps else extent)
+    labels = labels_from_maps(seed_maps, params["foreground_thresh"], params["center_thresh"],
+                              params["boundary_thresh"], params["min_volume"], seed_depth=params.get("seed_depth", 0.0),
+                              extent_maps=None if extent is seed_maps else extent)
     return labels, extent
 
 
@@ -859,9 +846,16 @@ def volume_from_maps(
     extent_xy_sigma: float | None = None,
     seed_depth: float = 0.0,
 ) -> np.ndarray:
-    """The labels of :func:`volume_instances` (same arguments) with objects cut where their
-    cross-section rises again through z (:func:`split_stacked_objects`: a nucleus above or
-    below joined to them by the smoothing) and without thin tails."""
-    labels, _ = volume_instances(maps, foreground_thresh, center_thresh, boundary_thresh, z_sigma, xy_sigma,
-                                 min_volume, extent_z_sigma, extent_xy_sigma, seed_depth)
+    """3D instance labels (Z, H, W) int32 from the head's maps of every slice (3, Z, H, W):
+    seeds from the maps smoothed with a Gaussian of ``z_sigma`` slices and ``xy_sigma``
+    pixels, grown by a seeded watershed in 3D (:func:`labels_from_maps`) over the maps
+    smoothed with ``extent_z_sigma`` and ``extent_xy_sigma`` (default: the same). A seed
+    region splits at centre-distance minima at least ``seed_depth`` deep (0: one seed per
+    connected region). Objects under ``min_volume`` voxels are dropped; objects are cut
+    where their cross-section rises again through z (:func:`split_stacked_objects`: a
+    nucleus above or below joined to them by the smoothing) and lose thin tails."""
+    params = dict(foreground_thresh=foreground_thresh, center_thresh=center_thresh, boundary_thresh=boundary_thresh,
+                  z_sigma=z_sigma, xy_sigma=xy_sigma, min_volume=min_volume, extent_z_sigma=extent_z_sigma,
+                  extent_xy_sigma=extent_xy_sigma, seed_depth=seed_depth)
+    labels, _ = volume_instances(maps, params)
     return split_stacked_objects(labels, min_volume)

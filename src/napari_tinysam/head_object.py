@@ -88,7 +88,7 @@ def _grow_from_clicks(maps: np.ndarray, clicks: list[tuple[int, int, int]], para
     extent maps' foreground probability."""
     from skimage.segmentation import watershed
 
-    labels, extent = volume_instances(maps, **params)
+    labels, extent = volume_instances(maps, params)
     ids = {int(labels[c]) for c in clicks} - {0}
     missed = [c for c in clicks if labels[c] == 0]
     if missed:
