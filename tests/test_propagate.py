@@ -74,6 +74,22 @@ def test_the_head_grows_the_clicked_object_in_3d_from_the_slices_around_it(predi
     assert cancelled.cancelled and not cancelled.any()
 
 
+def test_the_head_shows_the_clicked_slice_after_its_own_embedding_then_grows(predictor):
+    from napari_tinysam.head_object import iter_head_object
+    from napari_tinysam.propagate import _head_slices
+
+    stack, truth = disc_stack()
+    slices = _head_slices(predictor, stack, None, None)
+    estimates = iter_head_object(predictor, stack, {5: np.array([[50.0, 48.0]])}, slices)
+    first = next(estimates)
+    assert slices.visited == [5] and set(first.sections) == {5} and not first.final
+    assert _iou(first.sections[5], truth[5]) > 0.6
+    second = next(estimates)
+    assert slices.visited == [5, 4] and set(second.sections) <= {4, 5} and 5 in second.sections
+    *_, last = estimates
+    assert last.final and min(last.sections) == 2 and max(last.sections) == 8
+
+
 def test_a_click_where_the_head_sees_nothing_still_gives_an_object_there(predictor):
     stack, _ = disc_stack()
     res = segment_object_in_volume(predictor, stack, 5, [[10, 10]], [1], method="head")

@@ -141,9 +141,9 @@ def iter_head_object(
     instance head (see the module's docstring), over the maps of ``slices``; ``params``
     are the model's tuned 3D thresholds by default (``recommended_thresholds(model,
     "auto", volume=True)``; their ``denoise_sigma`` is the slices').
-    Yields a preview from the clicked slices and one slice on each side (three
-    embeddings for one click), one estimate per window of slices, and the result last
-    (``final``)."""
+    Yields previews as the first slices come in (the clicked slices alone: one
+    embedding for one click; then with the slice below, then the slice above), one
+    estimate per larger window of slices, and the result last (``final``)."""
     model = predictor.model
     if not model.has_instance_head:
         raise ValueError("this model has no instance head; propagate with method='decoder'")
@@ -171,8 +171,9 @@ def iter_head_object(
             scores[lo + int(i)] = float(fg[i][obj[i]].mean())
         return HeadEstimate(out, scores, final)
 
-    lo, hi = max(zmin, first - 1), min(zmax, last + 1)
-    yield sections(lo, *estimate(lo, hi), final=False)
+    for lo, hi in dict.fromkeys([(first, last), (max(zmin, first - 1), last),
+                                 (max(zmin, first - 1), min(zmax, last + 1))]):
+        yield sections(lo, *estimate(lo, hi), final=False)
     lo, hi = max(zmin, first - Z_MARGIN - 1), min(zmax, last + Z_MARGIN + 1)
     while True:
         obj, fg = estimate(lo, hi)
