@@ -13,6 +13,8 @@ Every call uses the API defaults (thresholds None = the model's tuned values).
         [--data ../shared/data] [--fields 20] [--dsb 50] [--no-3d] [--stacks 10] [--mosaic 1] [--slow]
 
 --slow adds the point-grid modes (hierarchical, grid) to the DSB2018 and 3D tables.
+--anisotropy prints only the GoNuclear crops resampled in z (every other slice, twice as
+many), segmented without and with their voxel size (``segment_volume(..., scale=...)``).
 """
 
 from __future__ import annotations
@@ -130,6 +132,39 @@ def mosaics(fields, side: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+#: GoNuclear's voxel size (z, y, x) in um (../shared/data/README.md).
+GONUCLEAR_VOXEL = (0.28, 0.127, 0.127)
+
+
+def anisotropy_rows(model, data: Path) -> list[dict]:
+    """3D F1 of ``segment_volume`` on the GoNuclear crops resampled in z (every other
+    slice; twice as many slices, linearly interpolated), without and with the stack's
+    voxel size (``scale``)."""
+    from scipy import ndimage
+
+    from napari_tinysam.predictor import EmbeddingCache
+
+    predictor = SamPredictor(model, cache=EmbeddingCache(8 * 2**30))
+    rows = []
+    for name, img, lab in gonuclear(data):
+        if name.endswith("1139"):  # noise only (see below)
+            continue
+        for what, factor in (("as acquired", 1.0), ("every other slice", 0.5), ("twice as many slices", 2.0)):
+            if factor < 1:
+                im, lb = img[::2], lab[::2]
+            elif factor > 1:
+                im = ndimage.zoom(img.astype(np.float32), (factor, 1, 1), order=1)
+                lb = ndimage.zoom(lab, (factor, 1, 1), order=0)
+            else:
+                im, lb = img, lab
+            scale = (GONUCLEAR_VOXEL[0] / factor, *GONUCLEAR_VOXEL[1:])
+            row = {"crop": name, "z sampling": what, "slices": len(im), "z / xy": f"{scale[0] / scale[1]:.2f}"}
+            for key, kw in (("F1 without scale", {}), ("F1 with scale", {"scale": scale})):
+                row[key] = f"{match_instances(segment_volume(predictor, im, **kw), lb)['f1']:.3f}"
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default")
@@ -141,6 +176,8 @@ def main() -> None:
     ap.add_argument("--mosaic", type=int, default=1, help="large-image table from BBBC039 val mosaics (0: off)")
     ap.add_argument("--stacks", type=int, default=10, help="noisy stand-in stacks (from BBBC039 val fields)")
     ap.add_argument("--slow", action="store_true", help="point-grid modes on DSB2018 and 3D too")
+    ap.add_argument("--anisotropy", action="store_true",
+                    help="only the table of GoNuclear crops resampled in z, without and with their voxel size")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -149,6 +186,11 @@ def main() -> None:
     print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{time.strftime('%Y-%m-%d')}, model {args.model}")
     model = load_model(args.model)
+    if args.anisotropy:
+        print("\nGoNuclear crops resampled in z, segment_volume without and with scale (3D F1@0.5):")
+        rows = anisotropy_rows(model, data)
+        print_table(rows, list(rows[0]))
+        return
     if not model.has_instance_head:
         for name in FAST + ("hierarchical + head (skips background)",):
             METHODS.pop(name)

@@ -88,7 +88,8 @@ def segment_file(
 ) -> Result:
     """Everything mode on one file; writes ``out``. 2D images with
     :func:`segment_everything` (``progress`` per tile), 3D stacks with
-    :func:`segment_volume` (``progress`` per slice; ``stitch`` for the per-slice modes)."""
+    :func:`segment_volume` (``progress`` per slice; ``stitch`` for the per-slice modes, ``scale``
+    the voxel size (z, y, x) for auto mode)."""
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     data = select_index(read_image(path), index)
@@ -96,7 +97,7 @@ def segment_file(
     rgb = data.ndim >= 3 and data.shape[-1] in (3, 4)
     if data.ndim == 2 or (data.ndim == 3 and rgb):
         labels = segment_everything(model, data, progress=progress,
-                                    **{k: v for k, v in kwargs.items() if k != "stitch"})
+                                    **{k: v for k, v in kwargs.items() if k not in ("stitch", "scale")})
         slices = 1
     else:
         check_volume(data)

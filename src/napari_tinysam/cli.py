@@ -198,6 +198,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         check_output_folder(out)
         if out.exists() and not args.overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it (nothing was written)")
+    if args.scale and (args.workers or args.scheduler):
+        raise ValueError("--scale applies to 3D stacks segmented in one process (a Dask cluster segments "
+                         "slice by slice); leave out --workers / --scheduler to use it")
     if args.workers or args.scheduler:
         return _segment_distributed(args, inputs, outputs)
     model = load_model(args.model, precision=args.precision)
@@ -208,6 +211,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         "min_mask_region_area": args.min_area,
         "contrast_limits": tuple(args.contrast_limits) if args.contrast_limits else None,
         "stitch": not args.no_stitch,
+        **({"scale": tuple(args.scale)} if args.scale else {}),
         **({"tile_shape": tuple(args.tile_shape), "halo": tuple(args.halo or (0, 0))} if args.tile_shape else {}),
     }
     if args.halo and not args.tile_shape:
@@ -383,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--halo", type=int, nargs=2, metavar=("H", "W"), help="overlap added around each tile")
     g.add_argument("--index", type=int, nargs="+", help="leading indices for 4D+ data (e.g. a time point)")
     g.add_argument("--no-stitch", action="store_true", help="do not link objects across slices")
+    g.add_argument("--scale", type=float, nargs=3, metavar=("Z", "Y", "X"),
+                   help="3D stacks: voxel size in any one unit (e.g. 0.5 0.1 0.1 um); the smoothing "
+                        "across slices is converted to this stack's z spacing")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     g.add_argument("--workers", type=int, default=None, help="run on a local Dask cluster with N worker processes")
     g.add_argument("--scheduler", default=None, help="run on the Dask cluster at this address (tcp://host:port)")

@@ -249,6 +249,43 @@ VOLUME_THRESHOLDS = {
 }
 
 
+#: Voxel aspect (z spacing over the in-plane pixel size) of the stacks that the 3D
+#: settings' lengths across slices (``z_sigma``, ``extent_z_sigma``) are tuned for: the
+#: GoNuclear confocal crops (about 0.28 um between slices, 0.127 um pixels). With a
+#: stack's ``scale`` they are converted to its slices. On those crops resampled in z,
+#: every other slice and twice as many slices (3D F1 of 1135 / 1136), the converted
+#: lengths gave 0.735 / 0.533 and 0.735 / 0.629 against 0.688 / 0.630 and 0.478 / 0.343
+#: with the lengths left in slices (docs/benchmarks.md).
+TUNED_ANISOTROPY = 2.2
+Z_LENGTHS = ("z_sigma", "extent_z_sigma")
+
+
+def anisotropy(scale) -> float:
+    """z spacing over the in-plane pixel size (the mean of y and x) of a voxel size
+    ``scale`` (z, y, x) in any one unit, e.g. a napari layer's ``scale`` (its last three
+    values are taken)."""
+    try:
+        values = np.asarray(scale, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        values = np.zeros(0)
+    if values.size < 3 or not np.isfinite(values[-3:]).all() or (values[-3:] <= 0).any():
+        raise ValueError(f"scale must be the voxel size (z, y, x), three positive numbers; got {scale!r}")
+    z, y, x = values[-3:]
+    return float(z / ((y + x) / 2))
+
+
+def volume_thresholds(model: Sam, scale=None) -> dict[str, float]:
+    """The model's settings for 3D instances (``recommended_thresholds(model, "auto",
+    volume=True)``) with the lengths across slices converted from the z spacing they were
+    tuned for (:data:`TUNED_ANISOTROPY`) to that of a stack of voxel size ``scale`` (z, y,
+    x); None leaves them in slices as tuned."""
+    params = recommended_thresholds(model, "auto", volume=True)
+    if scale is not None:
+        factor = TUNED_ANISOTROPY / anisotropy(scale)
+        params.update({k: params[k] * factor for k in Z_LENGTHS})
+    return params
+
+
 def default_mode(model: Sam) -> str:
     """``"auto"`` for models with an instance head, else TinySAM's ``"hierarchical"``."""
     return "auto" if model.has_instance_head else "hierarchical"
@@ -712,6 +749,7 @@ def segment_volume(
     cancel: Callable[[], bool] | None = None,
     contrast_limits: tuple[float, float] | None = None,
     per_slice: bool = False,
+    scale=None,
     **kwargs,
 ) -> np.ndarray:
     """Everything mode on a (Z, H, W) or (Z, H, W, 3) stack.
@@ -724,15 +762,17 @@ def segment_volume(
     ``extent_xy_sigma``, ``seed_depth``, ``min_volume``, ``denoise_sigma``, None = the
     model's tuned values for stacks; ``denoise_sigma`` smooths each slice in its plane
     before the head sees it, and the percentiles are then taken of the smoothed slices).
-    For
-    strongly anisotropic stacks, where an object spans only a few slices, lower
-    ``z_sigma``.
+    ``scale``: the voxel size (z, y, x) in any one unit (a napari layer's ``scale``);
+    given, the model's smoothing across slices is converted from the z spacing it was
+    tuned for (:data:`TUNED_ANISOTROPY`) to this stack's, so finely or coarsely sampled
+    stacks are smoothed over the same depth; keywords given explicitly are in this
+    stack's slices and are used as they are.
 
     Other modes, or ``per_slice=True``, segment every slice with
     :func:`segment_everything` (extra keywords go there) and, with ``stitch=True``, link
     objects of neighbouring slices by one-to-one matching (Hungarian, IoU >=
     ``stitch_iou``), so an object spanning several slices has one id; otherwise ids are
-    unique per volume but not linked.
+    unique per volume but not linked (``scale`` plays no part there).
 
     ``progress(done, total)`` is called after each slice; ``cancel()`` is checked before
     each slice and a ``True`` raises :class:`Cancelled` (nothing partial is returned).
@@ -742,9 +782,11 @@ def segment_volume(
     check_volume(stack)
     if not 0.0 < stitch_iou <= 1.0:
         raise ValueError(f"stitch_iou must be in (0, 1], got {stitch_iou}")
+    if scale is not None:
+        anisotropy(scale)  # checked before any slice is read
     predictor = model if isinstance(model, SamPredictor) else SamPredictor(model)
     if (mode or default_mode(predictor.model)) == "auto" and not per_slice:
-        return _volume_auto(predictor, stack, contrast_limits, kwargs, progress, cancel)
+        return _volume_auto(predictor, stack, contrast_limits, kwargs, progress, cancel, scale)
     limits = contrast_limits or volume_contrast_limits(stack)
     z = stack.shape[0]
     out = np.zeros(stack.shape[:3], np.int32)
@@ -762,7 +804,7 @@ def segment_volume(
 
 
 def _volume_auto(predictor: SamPredictor, stack: np.ndarray, contrast_limits, kwargs: dict, progress,
-                 cancel) -> np.ndarray:
+                 cancel, scale=None) -> np.ndarray:
     model = predictor.model
     if not model.has_instance_head:
         _check_params("auto", {}, model)  # raises: names the modes this model supports
@@ -772,7 +814,7 @@ def _volume_auto(predictor: SamPredictor, stack: np.ndarray, contrast_limits, kw
     if unknown:
         raise TypeError(f"segment_volume got unexpected keyword arguments {sorted(unknown)} for mode='auto'; "
                         f"it takes {sorted(VOLUME_THRESHOLDS)} (or per_slice=True for segment_everything's)")
-    params = recommended_thresholds(model, "auto", volume=True)
+    params = volume_thresholds(model, scale)
     params.update({k: float(v) for k, v in kwargs.items() if k in VOLUME_THRESHOLDS and v is not None})
     check_seed_thresholds(params)
     for name in ("z_sigma", "xy_sigma", "extent_z_sigma", "extent_xy_sigma", "seed_depth", "min_volume",

@@ -36,9 +36,10 @@ from .models import get_model, model_choices
 CURRENT, STACK = "current slice", "whole stack"
 
 
-def run_everything(model_name, data, index, scope, stitch, contrast_limits, params, cancel, report):
+def run_everything(model_name, data, index, scope, stitch, contrast_limits, params, cancel, report, scale=None):
     """Worker body (no napari calls). ``index`` is the displayed slice (leading axes);
-    ``report(done, total)`` is called after each slice. Returns labels shaped like the
+    ``report(done, total)`` is called after each slice; ``scale`` is the stack's voxel size
+    (z, y, x) for :func:`segment_volume`, None where unknown. Returns labels shaped like the
     image's spatial axes (only the segmented slice or stack filled). A 2D image reports
     its tiles (1 of 1 when it is not tiled)."""
     model = get_model(model_name)
@@ -55,13 +56,23 @@ def run_everything(model_name, data, index, scope, stitch, contrast_limits, para
     lead = index[:-1]
     stack = np.asarray(data[lead])
     labels = segment_volume(
-        model, stack, stitch=stitch, progress=report, cancel=cancel, contrast_limits=contrast_limits, **params
+        model, stack, stitch=stitch, progress=report, cancel=cancel, contrast_limits=contrast_limits, scale=scale,
+        **params,
     )
     if not lead:
         return labels
     out = np.zeros(spatial, np.int32)
     out[lead] = labels
     return out
+
+
+def voxel_size(image, nd: int) -> tuple[float, float, float] | None:
+    """The (z, y, x) voxel size of a stack's image layer from its ``scale``; None for 2D
+    images and for napari's default scale of 1 on every axis (the voxel size unknown)."""
+    if nd < 3:
+        return None
+    scale = tuple(float(v) for v in image.scale[-3:])
+    return None if np.allclose(scale, 1.0) else scale
 
 
 class _Relay(QObject):
@@ -227,7 +238,7 @@ class EverythingWidget(Container):
         limits = tuple(image.contrast_limits)
         worker = create_worker(
             run_everything, self.model_combo.value, data, index, self.scope.value, self.stitch.value,
-            limits, self.params(), self._cancel.is_set, self._relay.progressed.emit,
+            limits, self.params(), self._cancel.is_set, self._relay.progressed.emit, voxel_size(image, nd),
             _ignore_errors=True,
         )
         self.status.value = "running…"
