@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from volumes import gonuclear, noisy_stack
+from volumes import GONUCLEAR_VOXEL, Z_RESAMPLINGS, gonuclear, noisy_stack, resampled_in_z
 
 from napari_tinysam import SamPredictor, load_model, samples, segment_everything, segment_volume
 from napari_tinysam.bench import cpu_name, median_time, print_table
@@ -132,16 +132,10 @@ def mosaics(fields, side: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-#: GoNuclear's voxel size (z, y, x) in um (../shared/data/README.md).
-GONUCLEAR_VOXEL = (0.28, 0.127, 0.127)
-
-
 def anisotropy_rows(model, data: Path) -> list[dict]:
     """3D F1 of ``segment_volume`` on the GoNuclear crops resampled in z (every other
     slice; twice as many slices, linearly interpolated), without and with the stack's
     voxel size (``scale``)."""
-    from scipy import ndimage
-
     from napari_tinysam.predictor import EmbeddingCache
 
     predictor = SamPredictor(model, cache=EmbeddingCache(8 * 2**30))
@@ -149,14 +143,8 @@ def anisotropy_rows(model, data: Path) -> list[dict]:
     for name, img, lab in gonuclear(data):
         if name.endswith("1139"):  # noise only (see below)
             continue
-        for what, factor in (("as acquired", 1.0), ("every other slice", 0.5), ("twice as many slices", 2.0)):
-            if factor < 1:
-                im, lb = img[::2], lab[::2]
-            elif factor > 1:
-                im = ndimage.zoom(img.astype(np.float32), (factor, 1, 1), order=1)
-                lb = ndimage.zoom(lab, (factor, 1, 1), order=0)
-            else:
-                im, lb = img, lab
+        for what, factor in Z_RESAMPLINGS:
+            im, lb = resampled_in_z(img, lab, factor)
             scale = (GONUCLEAR_VOXEL[0] / factor, *GONUCLEAR_VOXEL[1:])
             row = {"crop": name, "z sampling": what, "slices": len(im), "z / xy": f"{scale[0] / scale[1]:.2f}"}
             for key, kw in (("F1 without scale", {}), ("F1 with scale", {"scale": scale})):

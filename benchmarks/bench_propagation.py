@@ -15,6 +15,9 @@ nuclei, blur, dim nuclei, Poisson noise at SNR 3).
 
     .venv/bin/python benchmarks/bench_propagation.py [--model default] [--data ../shared/data]
         [--split val] [--noisy 2] [--max-objects 40] [--cold 3] [--methods head,decoder]
+
+``--anisotropy``: only the GoNuclear crops resampled in z (every other slice, twice as many
+slices), one click per object by the head without and with the voxel size (``scale``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from volumes import gonuclear, noisy_stack
+from volumes import GONUCLEAR_VOXEL, Z_RESAMPLINGS, gonuclear, noisy_stack, resampled_in_z
 
 from napari_tinysam import SamPredictor, load_model
 from napari_tinysam.bench import cpu_name, print_table
@@ -115,6 +118,34 @@ def run_volume(model, name, stack, labels, max_objects, cold, rng, methods, uppe
     return row
 
 
+def anisotropy_rows(model, data: Path, max_objects: int) -> list[dict]:
+    """Mean 3D IoU of one click per object (the head method) on the GoNuclear crops
+    resampled in z (every other slice; twice as many slices), without and with the
+    stack's voxel size (``scale``)."""
+    rows = []
+    for name, img, lab in gonuclear(data):
+        if name.endswith("1139"):  # noise only
+            continue
+        for what, factor in Z_RESAMPLINGS:
+            im, lb = resampled_in_z(img, lab, factor)
+            scale = (GONUCLEAR_VOXEL[0] / factor, *GONUCLEAR_VOXEL[1:])
+            predictor = SamPredictor(model, cache=EmbeddingCache(8 * 2**30))
+            ids = np.unique(lb[lb > 0])
+            ids = np.sort(np.random.default_rng(0).choice(ids, min(max_objects, len(ids)), replace=False))
+            ious: dict[str, list[float]] = {"3D IoU without scale": [], "3D IoU with scale": []}
+            for i in ids:
+                obj = lb == i
+                z = int(np.argmax(obj.reshape(len(obj), -1).sum(1)))
+                x, y = innermost_point(obj[z])
+                for key, sc in zip(ious, (None, scale)):
+                    out = segment_object_in_volume(predictor, im, z, [[x, y]], [1], method="head", scale=sc)
+                    ious[key].append(iou3d(np.asarray(out), obj))
+            rows.append({"crop": name, "z sampling": what, "slices": len(im), "objects": len(ids),
+                         **{k: f"{np.mean(v):.3f}" for k, v in ious.items()}})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
@@ -126,10 +157,18 @@ def main() -> None:
     ap.add_argument("--only", default="", help="only volumes whose name contains this")
     ap.add_argument("--methods", default="head,decoder", help="propagation methods to compare, comma-separated")
     ap.add_argument("--no-upper-bound", action="store_true", help="skip the click-on-every-slice bound")
+    ap.add_argument("--anisotropy", action="store_true",
+                    help="only the GoNuclear crops resampled in z, without and with their voxel size")
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     torch.set_grad_enabled(False)
     model = load_model(args.model)
+    if args.anisotropy:
+        rows = anisotropy_rows(model, args.data, args.max_objects)
+        print(f"\nmodel {args.model} ({model.precision}), {cpu_name()}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads; one click per object, head method\n")
+        print_table(rows, list(rows[0]))
+        return
     rng = np.random.default_rng(0)
     rows, every = [], {}
     for name, stack, labels in volumes(args.data, args.split, args.noisy):

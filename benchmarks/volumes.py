@@ -22,6 +22,24 @@ def gonuclear(data: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     return out
 
 
+#: GoNuclear's voxel size (z, y, x) in um (../shared/data/README.md).
+GONUCLEAR_VOXEL = (0.28, 0.127, 0.127)
+#: z resamplings of a stack for the voxel-size tables: (name, factor on the slice count).
+Z_RESAMPLINGS = (("as acquired", 1.0), ("every other slice", 0.5), ("twice as many slices", 2.0))
+
+
+def resampled_in_z(image: np.ndarray, labels: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """A stack and its labels with ``factor`` times as many slices: every other slice for
+    0.5, linear interpolation of the image (nearest slice for the labels) for 2."""
+    if factor == 1.0:
+        return image, labels
+    if factor < 1.0:
+        step = round(1 / factor)
+        return image[::step], labels[::step]
+    return (ndimage.zoom(image.astype(np.float32), (factor, 1, 1), order=1),
+            ndimage.zoom(labels, (factor, 1, 1), order=0))
+
+
 def noisy_stack(
     image: np.ndarray, labels: np.ndarray, depth: int = 24, size: int = 128, snr: float = 3.0, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -31,6 +31,7 @@ from napari_tinysam.instances import (
 from napari_tinysam.masks import build_point_grid
 from napari_tinysam.model import build_sam, read_checkpoint, sam_from_checkpoint, save_checkpoint
 from tests.fakes import FakeSam
+from tests.stacks import gapped_nuclei_stack
 
 
 def _discs(side: int = 128, spec=((24, 24, 14), (30, 90, 18), (90, 40, 20), (95, 100, 12))) -> np.ndarray:
@@ -289,23 +290,14 @@ def test_segment_volume_finds_nuclei_in_a_noisy_stack():
 
 
 def test_a_finely_sampled_stack_with_its_voxel_size_is_smoothed_over_the_same_depth():
-    """42 slices 0.73 units apart (pixels 1 unit): one nucleus has three slices where it
-    does not show. The model's smoothing across slices, tuned for slices 2.2 pixels apart,
-    bridges them only once converted to this stack's slices (``scale``)."""
+    """42 slices 0.73 pixels apart: one nucleus has three slices where it does not show.
+    The model's smoothing across slices, tuned for slices 2.2 pixels apart, bridges them
+    only once converted to this stack's slices (``scale``)."""
     from napari_tinysam import load_model
     from napari_tinysam.predictor import EmbeddingCache
 
     predictor = SamPredictor(load_model("default"), cache=EmbeddingCache(2**30))
-    zz, yy, xx = np.mgrid[:42, :96, :96]
-    truth = np.zeros(zz.shape, np.int32)
-    for i, (cz, cy, cx, r) in enumerate(((18, 30, 30, 13), (21, 62, 70, 11), (18, 88, 22, 12)), 1):
-        truth[((zz - cz) / 15) ** 2 + ((yy - cy) / r) ** 2 + ((xx - cx) / r) ** 2 <= 1] = i
-    signal = 100.0 * (truth > 0)
-    signal[17:20][truth[17:20] == 1] = 0  # three slices where the first nucleus does not show
-    rng = np.random.default_rng(2)
-    clean = ndimage.gaussian_filter(signal, (0.7, 1, 1))
-    photons = 2.0**2 / 100  # SNR 2
-    stack = (rng.poisson(clean * photons) / photons + 150 + rng.normal(0, 15, clean.shape)).clip(0, None).astype(np.uint16)
+    stack, truth = gapped_nuclei_stack()
 
     def pieces(out):
         ids, counts = np.unique(out[truth == 1], return_counts=True)

@@ -286,13 +286,14 @@ def test_everything_widget_stack_and_cancel(make_napari_viewer, qtbot):
 def test_the_everything_widget_takes_the_voxel_size_from_the_layer_scale():
     from napari.layers import Image
 
-    from napari_tinysam._napari.everything_widget import voxel_size
+    from napari_tinysam._napari.layers import voxel_size
 
     stack = np.zeros((4, 16, 16), np.uint8)
-    assert voxel_size(Image(stack, scale=(0.5, 0.1, 0.1)), 3) == pytest.approx((0.5, 0.1, 0.1))
-    assert voxel_size(Image(np.zeros((2, 4, 16, 16)), scale=(9, 2, 1, 1)), 4) == pytest.approx((2, 1, 1))
-    assert voxel_size(Image(stack), 3) is None  # napari's default scale: the voxel size is unknown
-    assert voxel_size(Image(stack[0], scale=(0.1, 0.1)), 2) is None
+    assert voxel_size(Image(stack, scale=(0.5, 0.1, 0.1))) == pytest.approx((0.5, 0.1, 0.1))
+    assert voxel_size(Image(np.zeros((2, 4, 16, 16)), scale=(9, 2, 1, 1))) == pytest.approx((2, 1, 1))
+    assert voxel_size(Image(stack)) is None  # napari's default scale: the voxel size is unknown
+    assert voxel_size(Image(stack[0], scale=(0.1, 0.1))) is None
+    assert voxel_size(Image(np.zeros((16, 16, 3), np.uint8), rgb=True, scale=(0.1, 0.1))) is None  # 2D RGB
 
 
 def test_annotator_reuses_matching_embedding_store(make_napari_viewer, qtbot, tmp_path):

@@ -90,6 +90,23 @@ def test_the_head_shows_the_clicked_slice_after_its_own_embedding_then_grows(pre
     assert last.final and min(last.sections) == 2 and max(last.sections) == 8
 
 
+def test_the_head_follows_the_voxel_size_of_a_finely_sampled_stack(predictor):
+    """Slices 0.73 pixels apart, a nucleus missing from three of them: with the stack's
+    scale the smoothing across slices spans them and one click gives the whole nucleus."""
+    from tests.stacks import gapped_nuclei_stack
+
+    stack, truth = gapped_nuclei_stack()
+    nucleus = truth == 1
+    for z in (12, 24):  # a click below or above the slices where it does not show
+        half = segment_object_in_volume(predictor, stack, z, [[30, 30]], [1])
+        whole = segment_object_in_volume(predictor, stack, z, [[30, 30]], [1], scale=(0.73, 1.0, 1.0))
+        assert half.method == whole.method == "head"
+        assert _iou(np.asarray(half), nucleus) < 0.55 and _iou(np.asarray(whole), nucleus) > 0.7
+        assert whole.z_range[0] <= 4 and whole.z_range[1] >= 32
+    with pytest.raises(ValueError, match="voxel size"):
+        segment_object_in_volume(predictor, stack, 12, [[30, 30]], [1], scale=(1, 1))
+
+
 def test_a_click_where_the_head_sees_nothing_still_gives_an_object_there(predictor):
     stack, _ = disc_stack()
     res = segment_object_in_volume(predictor, stack, 5, [[10, 10]], [1], method="head")

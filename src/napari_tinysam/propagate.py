@@ -19,7 +19,13 @@ import torch.nn.functional as F
 
 from .annotate import Prompts, is_embedded, mask_box, mask_to_logits, segment_prompts
 from .evaluation import innermost_point
-from .everything import Cancelled, recommended_thresholds, volume_contrast_limits
+from .everything import (
+    Cancelled,
+    anisotropy,
+    recommended_thresholds,
+    volume_contrast_limits,
+    volume_thresholds,
+)
 from .head_object import HeadSlices, iter_head_object
 from .predictor import SamPredictor, preprocess_shape, to_uint8_rgb
 
@@ -342,16 +348,19 @@ def iter_head_propagation(
     cancel: Callable[[], bool] | None = None,
     slices: HeadSlices | None = None,
     previews: bool = True,
+    scale=None,
 ) -> Iterator[SliceResult]:
     """The ``"head"`` method in the form of :func:`iter_propagation`: the slices of each
     estimate of the object as it grows (with ``previews``; a slice an estimate no longer
     holds comes with ``kept=False``), then the result's. ``cancel()`` is checked before
-    each embedding and a True raises :class:`~napari_tinysam.everything.Cancelled`."""
+    each embedding and a True raises :class:`~napari_tinysam.everything.Cancelled`.
+    ``scale``: the stack's voxel size (z, y, x), as in :func:`segment_volume`."""
+    params = None if scale is None else volume_thresholds(predictor.model, scale)
     slices = slices or _head_slices(predictor, stack, contrast_limits, cancel)
     clicks = {z: np.asarray(p.points, np.float64) for z, p in prompts.items()}
     shown: set[int] = set()
     empty = np.zeros((1, 0, 0), np.float32)
-    for est in iter_head_object(predictor, stack, clicks, slices, z_range=z_range):
+    for est in iter_head_object(predictor, stack, clicks, slices, z_range=z_range, params=params):
         if not (est.final or previews):
             continue
         for z in sorted(shown - set(est.sections)):
@@ -427,6 +436,7 @@ def segment_object_in_volume(
     progress: Callable[[int, np.ndarray, float], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     method: str = "auto",
+    scale=None,
 ) -> VolumeMask:
     """Segment one object through a (Z, H, W) stack from prompts on slice ``z``.
 
@@ -435,7 +445,10 @@ def segment_object_in_volume(
     of the slices around them, and the object is what grows from them; it ends where the
     head's object ends, or before a second rise of its cross-section (the next nucleus
     above or below). The window of slices grows until the object ends a slice inside
-    it. ``progress`` is called for every slice once the object is known.
+    it. ``progress`` is called for every slice once the object is known. ``scale``: the
+    stack's voxel size (z, y, x) in any one unit (a napari layer's ``scale``); given, the
+    smoothing across slices is converted to this stack's z spacing as in
+    :func:`~napari_tinysam.everything.segment_volume`.
 
     ``method="decoder"`` (boxes, masks, negative points, or models without a head):
     the prompted slice is segmented as the annotator does it (``point_coords`` (N, 2) as
@@ -466,6 +479,8 @@ def segment_object_in_volume(
             f"propagation needs a (Z, H, W) stack, got shape {shape}; for a 2D image use "
             "SamPredictor.predict or the annotator on that slice"
         )
+    if scale is not None:
+        anisotropy(scale)  # checked before any slice is read
     prompts, given = _as_prompt_sets(z, point_coords, point_labels, box, mask, shape)
     if z_range is not None:
         lo, hi = (int(v) for v in z_range)
@@ -481,7 +496,7 @@ def segment_object_in_volume(
         out.scale = _model_scale(predictor, shape[1:3])
         try:
             for res in iter_head_propagation(predictor, stack, prompts, z_range=z_range, slices=slices,
-                                             previews=False):
+                                             previews=False, scale=scale):
                 out[res.z] = res.mask
                 out.scores[res.z] = res.score
                 if progress is not None:

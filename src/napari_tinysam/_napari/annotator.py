@@ -30,7 +30,7 @@ from ..annotate import (
 from ..everything import Cancelled
 from ..predictor import EmbeddingCache, SamPredictor, compute_embedding, image_key
 from ..propagate import choose_method, iter_head_propagation, iter_propagation
-from .layers import check_slice, image_ndim, prompts_on_slice, slice_of, to_image_coords
+from .layers import check_slice, image_ndim, prompts_on_slice, slice_of, to_image_coords, voxel_size
 from .models import get_model, model_choices
 
 POSITIVE_COLOR = "#2ecc40"
@@ -691,7 +691,7 @@ class AnnotatorWidget(Container):
         """Propagate each object of ``seeds`` ((prompts, masks) by slice) in turn."""
         predictor = SamPredictor(self.predictor.model, cache=self.cache)  # its own current slice
         self._jobs.clear()  # queued neighbour prefetches: the propagation embeds what it reaches
-        data, limits = image.data, tuple(image.contrast_limits)
+        data, limits, voxel = image.data, tuple(image.contrast_limits), voxel_size(image)
         self._cancel_propagation = False
         self.preview_volumes = [{} for _ in seeds]
         self.volume_scores = [{} for _ in seeds]
@@ -701,7 +701,7 @@ class AnnotatorWidget(Container):
                 if choose_method(predictor.model, prompts, masks) == "head":
                     # the head sees denoised slices: the store's embeddings of the raw ones do not apply
                     results = iter_head_propagation(predictor, data, prompts, contrast_limits=limits,
-                                                    cancel=lambda: self._cancel_propagation)
+                                                    cancel=lambda: self._cancel_propagation, scale=voxel)
                 else:
                     results = iter_propagation(predictor, data, prompts, masks, contrast_limits=limits,
                                                prepare_slice=lambda z, rgb: self._embedded((z,), rgb))

@@ -30,7 +30,7 @@ from ..everything import (
     segment_everything,
     segment_volume,
 )
-from .layers import image_ndim, slice_of
+from .layers import image_ndim, slice_of, voxel_size
 from .models import get_model, model_choices
 
 CURRENT, STACK = "current slice", "whole stack"
@@ -64,15 +64,6 @@ def run_everything(model_name, data, index, scope, stitch, contrast_limits, para
     out = np.zeros(spatial, np.int32)
     out[lead] = labels
     return out
-
-
-def voxel_size(image, nd: int) -> tuple[float, float, float] | None:
-    """The (z, y, x) voxel size of a stack's image layer from its ``scale``; None for 2D
-    images and for napari's default scale of 1 on every axis (the voxel size unknown)."""
-    if nd < 3:
-        return None
-    scale = tuple(float(v) for v in image.scale[-3:])
-    return None if np.allclose(scale, 1.0) else scale
 
 
 class _Relay(QObject):
@@ -238,7 +229,7 @@ class EverythingWidget(Container):
         limits = tuple(image.contrast_limits)
         worker = create_worker(
             run_everything, self.model_combo.value, data, index, self.scope.value, self.stitch.value,
-            limits, self.params(), self._cancel.is_set, self._relay.progressed.emit, voxel_size(image, nd),
+            limits, self.params(), self._cancel.is_set, self._relay.progressed.emit, voxel_size(image),
             _ignore_errors=True,
         )
         self.status.value = "running…"

@@ -17,6 +17,16 @@ def image_ndim(layer) -> int:
     return layer.data.ndim - (1 if getattr(layer, "rgb", False) else 0)
 
 
+def voxel_size(image) -> tuple[float, float, float] | None:
+    """The (z, y, x) voxel size of a stack's image layer from its ``scale`` (the last three
+    spatial axes); None for 2D images and for napari's default scale of 1 on every axis
+    (the voxel size unknown)."""
+    if image_ndim(image) < 3:
+        return None
+    scale = tuple(float(v) for v in image.scale[-3:])
+    return None if np.allclose(scale, 1.0) else scale
+
+
 def to_image_coords(prompt_layer, image_layer, coords: np.ndarray) -> np.ndarray:
     """(N, D) prompt-layer data coordinates -> (N, D) image-layer data coordinates."""
     coords = np.asarray(coords, dtype=np.float64)
