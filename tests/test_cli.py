@@ -90,6 +90,43 @@ def test_segment_folder_zarr_and_refusals(files, model_file, tmp_path, capsys):
     assert "--tile-shape" in capsys.readouterr().err and not (out / "halo.tif").exists()
 
 
+def test_voxel_size_read_from_imagej_and_ome_files(tmp_path):
+    import zarr
+
+    from napari_tinysam.io import read_voxel_size
+
+    stack = np.zeros((4, 16, 16), np.uint8)
+    tifffile.imwrite(tmp_path / "ij.tif", stack, imagej=True, resolution=(10, 10),
+                     metadata={"spacing": 0.5, "unit": "um", "axes": "ZYX"})
+    assert read_voxel_size(tmp_path / "ij.tif") == pytest.approx((0.5, 0.1, 0.1))
+    tifffile.imwrite(tmp_path / "a.ome.tif", stack, ome=True,
+                     metadata={"axes": "ZYX", "PhysicalSizeX": 0.1, "PhysicalSizeY": 0.2, "PhysicalSizeZ": 0.7})
+    assert read_voxel_size(tmp_path / "a.ome.tif") == pytest.approx((0.7, 0.2, 0.1))
+    group = zarr.open_group(str(tmp_path / "a.zarr"), mode="w")
+    group.create_array("0", shape=stack.shape, dtype="uint8")[...] = stack
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": n} for n in "zyx"], "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [2.0, 0.3, 0.3]}]}]}]
+    assert read_voxel_size(tmp_path / "a.zarr") == pytest.approx((2.0, 0.3, 0.3))
+    # nothing recorded, only the pixel size, or a spacing of 0: no voxel size
+    tifffile.imwrite(tmp_path / "plain.tif", stack)
+    tifffile.imwrite(tmp_path / "flat.tif", stack, imagej=True, resolution=(10, 10))
+    tifffile.imwrite(tmp_path / "zero.tif", stack, imagej=True, resolution=(10, 10), metadata={"spacing": 0.0})
+    np.save(tmp_path / "a.npy", stack)
+    for name in ("plain.tif", "flat.tif", "zero.tif", "a.npy", "missing.tif"):
+        assert read_voxel_size(tmp_path / name) is None
+
+
+def test_segment_uses_the_voxel_size_a_stack_records(files, model_file, tmp_path, capsys):
+    stack = np.random.default_rng(0).integers(0, 1000, (3, 32, 32), dtype=np.uint16)
+    tifffile.imwrite(files / "ij.tif", stack, imagej=True, resolution=(10, 10), metadata={"spacing": 0.5})
+    out = tmp_path / "ij_labels.tif"
+    assert main(["segment", str(files / "ij.tif"), "-o", str(out), "--model", model_file, *ARGS]) == 0
+    assert "0.5 x 0.1 x 0.1" in capsys.readouterr().out and read_image(out).shape == (3, 32, 32)
+    assert main(["segment", str(files / "ij.tif"), "-o", str(out), "--model", model_file, "--overwrite",
+                 "--scale", "2", "1", "1", *ARGS]) == 0
+    assert "2 x 1 x 1" in capsys.readouterr().out
+
+
 def test_write_labels_is_atomic(tmp_path):
     write_labels(tmp_path / "x.tif", np.ones((4, 4)))
     with pytest.raises(FileExistsError):

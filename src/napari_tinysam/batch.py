@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .everything import check_volume, segment_everything, segment_volume
-from .io import READABLE, WRITABLE, read_image, write_labels
+from .io import READABLE, WRITABLE, read_image, read_voxel_size, write_labels
 from .model import Sam
 
 
@@ -75,6 +75,7 @@ class Result:
     objects: int
     seconds: float
     slices: int
+    voxel_size: tuple[float, float, float] | None = None
 
 
 def segment_file(
@@ -88,8 +89,9 @@ def segment_file(
 ) -> Result:
     """Everything mode on one file; writes ``out``. 2D images with
     :func:`segment_everything` (``progress`` per tile), 3D stacks with
-    :func:`segment_volume` (``progress`` per slice; ``stitch`` for the per-slice modes, ``scale``
-    the voxel size (z, y, x) for auto mode)."""
+    :func:`segment_volume` (``progress`` per slice; ``stitch`` for the per-slice modes;
+    ``scale``, the voxel size (z, y, x), by default the one the file records
+    (:func:`~napari_tinysam.io.read_voxel_size`), else none)."""
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     data = select_index(read_image(path), index)
@@ -101,12 +103,14 @@ def segment_file(
         slices = 1
     else:
         check_volume(data)
+        if kwargs.get("scale") is None:
+            kwargs = {**kwargs, "scale": read_voxel_size(path)}
         labels = segment_volume(model, data, progress=progress, **kwargs)
         slices = data.shape[0]
     seconds = time.perf_counter() - t0
     write_labels(out, labels, overwrite=overwrite)
     objects = len(np.unique(labels)) - 1
-    return Result(path, out, tuple(labels.shape), objects, seconds, slices)
+    return Result(path, out, tuple(labels.shape), objects, seconds, slices, kwargs.get("scale"))
 
 
 def check_output_folder(path: Path) -> None:

@@ -228,9 +228,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         res = segment_file(model, path, out, overwrite=args.overwrite,
                            index=tuple(args.index) if args.index else None, progress=progress, **params)
         bar.close()
+        voxel = "" if res.voxel_size is None else " x ".join(f"{v:g}" for v in res.voxel_size)
         rows.append({"input": str(path), "output": str(out), "shape": "x".join(map(str, res.shape)),
-                     "objects": res.objects, "s/slice": f"{res.seconds / res.slices:.2f}"})
-    print_table(rows, ["input", "output", "shape", "objects", "s/slice"])
+                     "voxel (z, y, x)": voxel, "objects": res.objects, "s/slice": f"{res.seconds / res.slices:.2f}"})
+    print_table(rows, ["input", "output", "shape", "voxel (z, y, x)", "objects", "s/slice"])
     return 0
 
 
@@ -388,8 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--index", type=int, nargs="+", help="leading indices for 4D+ data (e.g. a time point)")
     g.add_argument("--no-stitch", action="store_true", help="do not link objects across slices")
     g.add_argument("--scale", type=float, nargs=3, metavar=("Z", "Y", "X"),
-                   help="3D stacks: voxel size in any one unit (e.g. 0.5 0.1 0.1 um); the smoothing "
-                        "across slices is converted to this stack's z spacing")
+                   help="3D stacks: voxel size in any one unit (e.g. 0.5 0.1 0.1 um; default: the one "
+                        "an ImageJ / OME-TIFF or OME-Zarr file records); the smoothing across slices "
+                        "is converted to this stack's z spacing")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     g.add_argument("--workers", type=int, default=None, help="run on a local Dask cluster with N worker processes")
     g.add_argument("--scheduler", default=None, help="run on the Dask cluster at this address (tcp://host:port)")

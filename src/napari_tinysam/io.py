@@ -57,6 +57,59 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     )
 
 
+def read_voxel_size(path: str | os.PathLike) -> tuple[float, float, float] | None:
+    """The voxel size (z, y, x) a 3D image file records, in its own unit: ImageJ TIFF
+    (``spacing`` and the X/Y resolution tags), OME-TIFF (``PhysicalSizeZ/Y/X``) or
+    OME-Zarr (the first dataset's ``scale`` transformation, its last three values). None
+    when the file records none, or not for all three axes."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return _tiff_voxel_size(path)
+        if path.suffix.lower() == ".zarr":
+            return _ome_zarr_voxel_size(path)
+    except Exception:  # metadata that cannot be read gives no voxel size; the pixels still load
+        return None
+    return None
+
+
+def _positive(values) -> tuple[float, float, float] | None:
+    out = tuple(float(v) for v in values)
+    return out if len(out) == 3 and all(np.isfinite(v) and v > 0 for v in out) else None
+
+
+def _tiff_voxel_size(path: Path) -> tuple[float, float, float] | None:
+    import re
+
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        if tif.is_ome and tif.ome_metadata:
+            sizes = {k: re.search(rf'PhysicalSize{k}="([^"]+)"', tif.ome_metadata) for k in "ZYX"}
+            if all(sizes.values()):
+                return _positive(sizes[k].group(1) for k in "ZYX")
+        ij = tif.imagej_metadata or {}
+        tags = tif.pages[0].tags
+        if "spacing" in ij and "XResolution" in tags and "YResolution" in tags:
+            (xn, xd), (yn, yd) = tags["XResolution"].value, tags["YResolution"].value
+            if xn and yn:  # pixels per unit
+                return _positive((ij["spacing"], yd / yn, xd / xn))
+    return None
+
+
+def _ome_zarr_voxel_size(path: Path) -> tuple[float, float, float] | None:
+    import zarr
+
+    node = zarr.open(str(path), mode="r")
+    multiscales = node.attrs.get("multiscales") if not hasattr(node, "shape") else None
+    if not multiscales:
+        return None
+    for t in multiscales[0]["datasets"][0].get("coordinateTransformations", []):
+        if t.get("type") == "scale" and len(t.get("scale", [])) >= 3:
+            return _positive(t["scale"][-3:])
+    return None
+
+
 def write_labels(path: str | os.PathLike, labels: np.ndarray, overwrite: bool = False) -> Path:
     """Write an int32 label image to TIFF, .npy or Zarr (chosen by the suffix).
 
