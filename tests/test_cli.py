@@ -102,6 +102,10 @@ def test_voxel_size_read_from_imagej_and_ome_files(tmp_path):
     tifffile.imwrite(tmp_path / "a.ome.tif", stack, ome=True,
                      metadata={"axes": "ZYX", "PhysicalSizeX": 0.1, "PhysicalSizeY": 0.2, "PhysicalSizeZ": 0.7})
     assert read_voxel_size(tmp_path / "a.ome.tif") == pytest.approx((0.7, 0.2, 0.1))
+    tifffile.imwrite(tmp_path / "nm.ome.tif", stack, ome=True, metadata={
+        "axes": "ZYX", "PhysicalSizeX": 100, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 100,
+        "PhysicalSizeYUnit": "nm", "PhysicalSizeZ": 0.5, "PhysicalSizeZUnit": "µm"})
+    assert read_voxel_size(tmp_path / "nm.ome.tif") == pytest.approx((0.5, 0.1, 0.1))  # one unit
     group = zarr.open_group(str(tmp_path / "a.zarr"), mode="w")
     group.create_array("0", shape=stack.shape, dtype="uint8")[...] = stack
     group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": n} for n in "zyx"], "datasets": [

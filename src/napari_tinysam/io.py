@@ -73,8 +73,18 @@ def read_voxel_size(path: str | os.PathLike) -> tuple[float, float, float] | Non
     return None
 
 
-def _positive(values) -> tuple[float, float, float] | None:
-    out = tuple(float(v) for v in values)
+#: Length units of OME metadata, in micrometres.
+_UNITS_UM = {"nm": 1e-3, "nanometer": 1e-3, "µm": 1.0, "um": 1.0, "micron": 1.0, "micrometer": 1.0,
+             "mm": 1e3, "millimeter": 1e3}
+
+
+def _positive(values, units=("µm",) * 3) -> tuple[float, float, float] | None:
+    """Three positive finite sizes in one unit (micrometres where units are given and
+    known), else None."""
+    factors = [_UNITS_UM.get(str(u).lower()) for u in units]
+    if None in factors:
+        return None
+    out = tuple(float(v) * f for v, f in zip(values, factors))
     return out if len(out) == 3 and all(np.isfinite(v) and v > 0 for v in out) else None
 
 
@@ -86,8 +96,10 @@ def _tiff_voxel_size(path: Path) -> tuple[float, float, float] | None:
     with tifffile.TiffFile(path) as tif:
         if tif.is_ome and tif.ome_metadata:
             sizes = {k: re.search(rf'PhysicalSize{k}="([^"]+)"', tif.ome_metadata) for k in "ZYX"}
+            units = {k: re.search(rf'PhysicalSize{k}Unit="([^"]+)"', tif.ome_metadata) for k in "ZYX"}
             if all(sizes.values()):
-                return _positive(sizes[k].group(1) for k in "ZYX")
+                return _positive([sizes[k].group(1) for k in "ZYX"],
+                                 [units[k].group(1) if units[k] else "µm" for k in "ZYX"])
         ij = tif.imagej_metadata or {}
         tags = tif.pages[0].tags
         if "spacing" in ij and "XResolution" in tags and "YResolution" in tags:
@@ -104,9 +116,11 @@ def _ome_zarr_voxel_size(path: Path) -> tuple[float, float, float] | None:
     multiscales = node.attrs.get("multiscales") if not hasattr(node, "shape") else None
     if not multiscales:
         return None
+    axes = multiscales[0].get("axes", [])
+    units = [a.get("unit", "µm") if isinstance(a, dict) else "µm" for a in axes[-3:]] or ["µm"] * 3
     for t in multiscales[0]["datasets"][0].get("coordinateTransformations", []):
         if t.get("type") == "scale" and len(t.get("scale", [])) >= 3:
-            return _positive(t["scale"][-3:])
+            return _positive(t["scale"][-3:], units if len(units) == 3 else ["µm"] * 3)
     return None
 
 
