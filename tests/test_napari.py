@@ -296,6 +296,27 @@ def test_the_everything_widget_takes_the_voxel_size_from_the_layer_scale():
     assert voxel_size(Image(np.zeros((16, 16, 3), np.uint8), rgb=True, scale=(0.1, 0.1))) is None  # 2D RGB
 
 
+def test_shift_t_follows_the_voxel_size_set_on_the_image_layer(make_napari_viewer, qtbot):
+    """Slices 0.73 pixels apart (the layer's scale), a nucleus missing from three of them:
+    one click and Shift-T give the whole nucleus, across the slices where it does not show."""
+    from tests.stacks import gapped_nuclei_stack
+
+    stack, truth = gapped_nuclei_stack()
+    viewer = make_napari_viewer()
+    viewer.add_image(stack, name="stack", scale=(0.73, 1.0, 1.0))
+    w = AnnotatorWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    _wait(qtbot, w)
+    w.points_layer.add([12, 30, 30])
+    _wait(qtbot, w)
+    w.propagate()
+    _wait(qtbot, w)
+    zs = sorted(w.preview_volumes[0])
+    assert zs[0] <= 4 and zs[-1] >= 32 and set(range(17, 20)) <= set(zs)
+    preview = w.preview_layer.data > 0
+    assert _iou(preview, truth == 1) > 0.7
+
+
 def test_annotator_reuses_matching_embedding_store(make_napari_viewer, qtbot, tmp_path):
     from napari_tinysam.embedding_store import EmbeddingStore
 
