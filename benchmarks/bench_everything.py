@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from volumes import GONUCLEAR_VOXEL, Z_RESAMPLINGS, gonuclear, noisy_stack, resampled_in_z
+from volumes import gonuclear, noisy_stack, resampled_gonuclear
 
 from napari_tinysam import SamPredictor, load_model, samples, segment_everything, segment_volume
 from napari_tinysam.bench import cpu_name, median_time, print_table
@@ -140,16 +140,11 @@ def anisotropy_rows(model, data: Path) -> list[dict]:
 
     predictor = SamPredictor(model, cache=EmbeddingCache(8 * 2**30))
     rows = []
-    for name, img, lab in gonuclear(data):
-        if name.endswith("1139"):  # noise only (see below)
-            continue
-        for what, factor in Z_RESAMPLINGS:
-            im, lb = resampled_in_z(img, lab, factor)
-            scale = (GONUCLEAR_VOXEL[0] / factor, *GONUCLEAR_VOXEL[1:])
-            row = {"crop": name, "z sampling": what, "slices": len(im), "z / xy": f"{scale[0] / scale[1]:.2f}"}
-            for key, kw in (("F1 without scale", {}), ("F1 with scale", {"scale": scale})):
-                row[key] = f"{match_instances(segment_volume(predictor, im, **kw), lb)['f1']:.3f}"
-            rows.append(row)
+    for name, what, im, lb, scale in resampled_gonuclear(data):
+        row = {"crop": name, "z sampling": what, "slices": len(im), "z / xy": f"{scale[0] / scale[1]:.2f}"}
+        for key, kw in (("F1 without scale", {}), ("F1 with scale", {"scale": scale})):
+            row[key] = f"{match_instances(segment_volume(predictor, im, **kw), lb)['f1']:.3f}"
+        rows.append(row)
     return rows
 
 

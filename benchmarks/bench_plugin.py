@@ -6,8 +6,9 @@
   while embeddings of new slices are computed in the widget's worker thread;
 - 3D propagation (Shift-T) on a noisy stack built from the sample (``volumes.noisy_stack``):
   one click on a nucleus's largest slice, then the time to the first preview (the
-  clicked slice), to the first propagated slice in the preview, to the whole object, the slices embedded, and the longest GUI-thread
-  gap meanwhile (median over ``--objects`` nuclei, each on a cold embedding cache).
+  clicked slice), to the first propagated slice in the preview, to the whole object, the
+  slices embedded, and the longest GUI-thread gap meanwhile (median over ``--objects``
+  nuclei, each on a cold embedding cache).
 
     xvfb-run -a .venv/bin/python benchmarks/bench_plugin.py [--clicks 20]
 """

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from volumes import GONUCLEAR_VOXEL, Z_RESAMPLINGS, gonuclear, noisy_stack, resampled_in_z
+from volumes import gonuclear, noisy_stack, resampled_gonuclear
 
 from napari_tinysam import SamPredictor, load_model
 from napari_tinysam.bench import cpu_name, print_table
@@ -123,26 +123,21 @@ def anisotropy_rows(model, data: Path, max_objects: int) -> list[dict]:
     resampled in z (every other slice; twice as many slices), without and with the
     stack's voxel size (``scale``)."""
     rows = []
-    for name, img, lab in gonuclear(data):
-        if name.endswith("1139"):  # noise only
-            continue
-        for what, factor in Z_RESAMPLINGS:
-            im, lb = resampled_in_z(img, lab, factor)
-            scale = (GONUCLEAR_VOXEL[0] / factor, *GONUCLEAR_VOXEL[1:])
-            predictor = SamPredictor(model, cache=EmbeddingCache(8 * 2**30))
-            ids = np.unique(lb[lb > 0])
-            ids = np.sort(np.random.default_rng(0).choice(ids, min(max_objects, len(ids)), replace=False))
-            ious: dict[str, list[float]] = {"3D IoU without scale": [], "3D IoU with scale": []}
-            for i in ids:
-                obj = lb == i
-                z = int(np.argmax(obj.reshape(len(obj), -1).sum(1)))
-                x, y = innermost_point(obj[z])
-                for key, sc in zip(ious, (None, scale)):
-                    out = segment_object_in_volume(predictor, im, z, [[x, y]], [1], method="head", scale=sc)
-                    ious[key].append(iou3d(np.asarray(out), obj))
-            rows.append({"crop": name, "z sampling": what, "slices": len(im), "objects": len(ids),
-                         **{k: f"{np.mean(v):.3f}" for k, v in ious.items()}})
-            print(rows[-1], flush=True)
+    for name, what, im, lb, scale in resampled_gonuclear(data):
+        predictor = SamPredictor(model, cache=EmbeddingCache(8 * 2**30))
+        ids = np.unique(lb[lb > 0])
+        ids = np.sort(np.random.default_rng(0).choice(ids, min(max_objects, len(ids)), replace=False))
+        ious: dict[str, list[float]] = {"3D IoU without scale": [], "3D IoU with scale": []}
+        for i in ids:
+            obj = lb == i
+            z = int(np.argmax(obj.reshape(len(obj), -1).sum(1)))
+            x, y = innermost_point(obj[z])
+            for key, sc in zip(ious, (None, scale)):
+                out = segment_object_in_volume(predictor, im, z, [[x, y]], [1], method="head", scale=sc)
+                ious[key].append(iou3d(np.asarray(out), obj))
+        rows.append({"crop": name, "z sampling": what, "slices": len(im), "objects": len(ids),
+                     **{k: f"{np.mean(v):.3f}" for k, v in ious.items()}})
+        print(rows[-1], flush=True)
     return rows
 
 

@@ -40,6 +40,17 @@ def resampled_in_z(image: np.ndarray, labels: np.ndarray, factor: float) -> tupl
             ndimage.zoom(labels, (factor, 1, 1), order=0))
 
 
+def resampled_gonuclear(data: Path):
+    """(crop, z sampling, image, labels, voxel size (z, y, x)) of every GoNuclear crop
+    with an image (1139 holds noise only) in each of :data:`Z_RESAMPLINGS`."""
+    for name, img, lab in gonuclear(data):
+        if name.endswith("1139"):
+            continue
+        for what, factor in Z_RESAMPLINGS:
+            im, lb = resampled_in_z(img, lab, factor)
+            yield name, what, im, lb, (GONUCLEAR_VOXEL[0] / factor, *GONUCLEAR_VOXEL[1:])
+
+
 def noisy_stack(
     image: np.ndarray, labels: np.ndarray, depth: int = 24, size: int = 128, snr: float = 3.0, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
