@@ -39,11 +39,12 @@ from napari_tinysam.metrics import best_match_iou, match_instances, otsu_watersh
 METHODS = {
     "auto": {},
     "auto, head only": {"head_only": True},
+    "auto, no missed-object pass": {"blob_contrast": 0.0},
     "hierarchical + head (skips background)": {"mode": "hierarchical"},
     "hierarchical (paper)": {"mode": "hierarchical", "background_thresh": 0.0},
     "grid 32x32": {"mode": "grid"},
 }
-FAST = ("auto", "auto, head only")
+FAST = ("auto", "auto, head only", "auto, no missed-object pass")
 #: large images: the default (tiles when the head finds the objects too small) against
 #: the whole image shrunk to the model's input
 MOSAIC_METHODS = {

@@ -23,6 +23,7 @@ from napari_tinysam.everything import (
 )
 from napari_tinysam.instances import (
     _window_origin,
+    add_missed_blobs,
     drop_faint,
     labels_from_maps,
     object_prompts,
@@ -184,6 +185,29 @@ def test_faint_background_texture_is_dropped_and_dim_objects_kept():
     out = drop_faint(truth, gray, 0.2)
     assert out.max() == 3 and (out[truth == 4] == 0).all() and (out[truth == 3] > 0).all()
     assert drop_faint(truth, gray, 0.0) is truth
+
+
+def test_small_bright_objects_the_head_misses_are_added_from_the_image():
+    found = _discs()  # what the head found
+    yy, xx = np.mgrid[: found.shape[0], : found.shape[1]]
+    gray = np.full(found.shape, 10.0)
+    gray[found > 0] = 200.0
+
+    def spot(cy, cx, r, value):
+        gray[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = value
+
+    spot(60, 64, 3, 180.0)  # a micronucleus clear of every object: added
+    spot(120, 20, 3, 20.0)  # as large but faint: not an object
+    spot(24, 40, 3, 200.0)  # touching object 1: not a separate small object
+    spot(5, 120, 1, 200.0)  # a speck under the smallest area
+    out = add_missed_blobs(found, gray, 0.5, min_area=12, min_contrast=0.3)
+    assert out.max() == 5
+    assert (out[found > 0] == found[found > 0]).all()  # found objects keep their ids and pixels
+    new = out == 5
+    assert new[60, 64] and 20 <= new.sum() <= 40 and not new[120, 20] and not new[5, 120]
+    assert not (out[(found == 0) & ~new] > 0).any()
+    assert add_missed_blobs(found, gray, 0.0, 12, 0.3) is found
+    assert add_missed_blobs(np.zeros_like(found), gray, 0.5, 12, 0.3).max() == 0  # nothing to compare with
 
 
 def _balls(depth: int = 9, side: int = 64) -> np.ndarray:

@@ -166,6 +166,8 @@ THRESHOLD_OPTIONS = {
     "center_thresh": "head centre-distance seed threshold (auto)",
     "boundary_thresh": "head boundary-distance seed threshold (auto)",
     "min_contrast": "drop objects fainter than this fraction of the median object's contrast (auto, 2D)",
+    "blob_contrast": "add small objects the head misses, this fraction of the median object's contrast above "
+                     "the background (auto, 2D; 0: off)",
 }
 
 

@@ -20,6 +20,7 @@ import torch
 from scipy import ndimage
 
 from .instances import (
+    BLOB_MIN_CELLS,
     HEAD_THRESHOLDS,
     check_head_params,
     check_seed_thresholds,
@@ -356,7 +357,8 @@ def _auto_masks(predictor: SamPredictor, params: dict[str, Any], gray: np.ndarra
         maps, params["foreground_thresh"], params["center_thresh"], params["boundary_thresh"],
         params["min_size"] * grid_cell_area(emb),
     )
-    head = drop_faint(head, gray, params["min_contrast"])
+    head = drop_faint(head, gray, params["min_contrast"], params["blob_contrast"],
+                      BLOB_MIN_CELLS * grid_cell_area(emb))
     ids, points, boxes = object_prompts(head)
     decoded = [None] * len(ids) if params["head_only"] else decode_objects(predictor, points, boxes)
     out = _Masks()
@@ -401,6 +403,7 @@ def segment_everything(
     min_size: float | None = None,
     min_agreement: float | None = None,
     min_contrast: float | None = None,
+    blob_contrast: float | None = None,
     background_thresh: float | None = None,
     return_records: bool = False,
     contrast_limits: tuple[float, float] | None = None,
@@ -439,8 +442,11 @@ def segment_everything(
             (4 x 4 model-input pixels); min_agreement: smallest IoU between a decoded mask
             and its head instance for the mask to replace it; min_contrast: head instances
             whose local contrast (mean inside minus the background ring around them) is
-            below this fraction of the median object's are dropped as background texture
-            (``"auto"`` only).
+            below this fraction of the median object's are dropped as background texture;
+            blob_contrast: objects the head misses (slivers of nuclei at the image
+            border, small nuclei) are added from the image where it is this fraction of
+            the median object's contrast above the background, clear of every object
+            found (0: none; ``"auto"`` only).
         return_records: also return SAM-style records (not with tiling).
         tile_shape, halo: segment tile by tile (pixels; an int or (rows, columns)): each
             tile grown by ``halo`` on every side is segmented on its own at the model's
@@ -477,6 +483,7 @@ def segment_everything(
         min_size=min_size,
         min_agreement=min_agreement,
         min_contrast=min_contrast,
+        blob_contrast=blob_contrast,
         background_thresh=background_thresh,
     )
     params = {**SAM_THRESHOLDS, **(recommended_thresholds(model, mode) if mode in MODES else {})}

@@ -29,6 +29,7 @@ HEAD_THRESHOLDS = {
     "boundary_thresh": 0.5,
     "min_size": 0.5,
     "min_contrast": 0.2,
+    "blob_contrast": 0.5,
 }
 
 
@@ -194,16 +195,18 @@ def check_head_params(params: dict[str, Any]) -> None:
         raise ValueError(f"min_size must be >= 0, got {params['min_size']}")
     if not 0.0 <= params["min_contrast"] <= 1.0:
         raise ValueError(f"min_contrast must be in [0, 1], got {params['min_contrast']}")
+    if params["blob_contrast"] < 0:
+        raise ValueError(f"blob_contrast must be >= 0 (0: look for no missed small objects), got {params['blob_contrast']}")
 
 
-def object_contrast(gray: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def object_contrast(gray: np.ndarray, labels: np.ndarray, occupied: np.ndarray | None = None) -> np.ndarray:
     """Local contrast of every object of a label image (ids 1..N), (N,) float: its mean
     intensity minus the mean of the background ring around it (as wide as the object's
-    equivalent radius, other objects excluded); objects without such a ring are compared
-    with the mean background. 0 for absent ids."""
+    equivalent radius, other objects and the ``occupied`` pixels excluded); objects
+    without such a ring are compared with the mean background. 0 for absent ids."""
     n = int(labels.max())
     out = np.zeros(n, np.float64)
-    fg = labels > 0
+    fg = labels > 0 if occupied is None else (labels > 0) | occupied
     background = float(gray[~fg].mean()) if (~fg).any() else 0.0
     for i, sl in enumerate(ndimage.find_objects(labels), 1):
         if sl is None:
@@ -220,18 +223,80 @@ def object_contrast(gray: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def drop_faint(labels: np.ndarray, gray: np.ndarray, min_contrast: float) -> np.ndarray:
+def _faint(contrast: np.ndarray, min_contrast: float) -> np.ndarray:
+    """Which objects (bool per id) have a contrast below ``min_contrast`` times the median
+    object's; none when the median is not positive."""
+    typical = float(np.median(contrast)) if len(contrast) else 0.0
+    if min_contrast <= 0 or typical <= 0:
+        return np.zeros(len(contrast), bool)
+    return contrast < min_contrast * typical
+
+
+def drop_faint(labels: np.ndarray, gray: np.ndarray, min_contrast: float, blob_contrast: float = 0.0,
+               min_blob_area: float = 0.0) -> np.ndarray:
     """Remove objects whose local contrast (:func:`object_contrast`) is below
     ``min_contrast`` times the median contrast of the image's objects: faint texture in
-    the background that the head takes for objects. Returns labels renumbered 1..N."""
+    the background that the head takes for objects. With ``blob_contrast`` > 0, then add
+    the objects the head missed (:func:`add_missed_blobs`, measured against the median
+    contrast of the objects kept). Returns labels numbered 1..N."""
     n = int(labels.max())
-    if n == 0 or min_contrast <= 0:
+    if n == 0 or (min_contrast <= 0 and blob_contrast <= 0):
         return labels
     contrast = object_contrast(gray, labels)
-    typical = float(np.median(contrast))
+    weak = _faint(contrast, min_contrast)
+    if weak.any():
+        labels = keep_objects(labels, np.concatenate([[False], ~weak]))
+    typical = float(np.median(contrast[~weak]))
+    return add_missed_blobs(labels, gray, blob_contrast, min_blob_area, min_contrast, typical)
+
+
+#: Missed small objects (:func:`add_missed_blobs`) must lie this many pixels clear of
+#: every object found, be at least this many cells of the low-resolution grid in area
+#: (smaller ones were as often debris as objects), and are looked for in the image
+#: smoothed by a Gaussian of this many pixels. Chosen with ``blob_contrast`` on training
+#: images (docs/benchmarks.md).
+BLOB_GAP = 3
+BLOB_MIN_CELLS = 3.0
+BLOB_SIGMA = 1.0
+
+
+def add_missed_blobs(labels: np.ndarray, gray: np.ndarray, blob_contrast: float, min_area: float,
+                     min_contrast: float, typical: float | None = None) -> np.ndarray:
+    """Objects the head misses, found in the image instead: slivers of nuclei cut by the
+    image border (the head does not see their centre) and small nuclei a few cells of its
+    grid wide, whose centre and boundary distances never reach the seed thresholds. They
+    are the connected parts of the image
+    (smoothed by ``BLOB_SIGMA``) brighter than the background by ``blob_contrast`` times
+    the median local contrast of the objects in ``labels`` (:func:`object_contrast`;
+    ``typical`` when it is known),
+    ``BLOB_GAP`` pixels clear of every one of them, of at least ``min_area`` pixels, whose
+    own local contrast reaches ``min_contrast`` times that median. They are appended
+    after the existing ids; ``blob_contrast`` 0, or no object to compare with, adds
+    nothing."""
+    n = int(labels.max())
+    if blob_contrast <= 0 or n == 0:
+        return labels
+    if typical is None:
+        typical = float(np.median(object_contrast(gray, labels)))
     if typical <= 0:
         return labels
-    return keep_objects(labels, np.concatenate([[False], contrast >= min_contrast * typical]))
+    found = labels > 0
+    near = ndimage.binary_dilation(found, iterations=BLOB_GAP)
+    if near.all():
+        return labels
+    smooth = ndimage.gaussian_filter(gray.astype(np.float32), BLOB_SIGMA)
+    background = float(np.median(smooth[~near]))
+    blobs, m = ndimage.label((smooth > background + blob_contrast * typical) & ~near)
+    if m == 0:
+        return labels
+    blobs = keep_objects(blobs, np.bincount(blobs.ravel(), minlength=m + 1) >= min_area)
+    if blobs.max() == 0:
+        return labels
+    faint = object_contrast(gray, blobs, occupied=found) < min_contrast * typical
+    blobs = keep_objects(blobs, np.concatenate([[False], ~faint]))
+    out = labels.copy()
+    out[blobs > 0] = blobs[blobs > 0] + n
+    return out
 
 
 def head_only_labels(model: Sam, embedding: ImageEmbedding, **params) -> np.ndarray:
