@@ -106,6 +106,19 @@ def test_auto_mode_finds_each_object_once(head_only):
     assert fake.prompts_seen == (0 if head_only else 4)
 
 
+def test_auto_mode_adds_a_bright_object_the_head_misses_unless_told_not_to():
+    truth = _discs()
+    fake = FakeSam(truth, head=True)  # its head sees only the four discs
+    yy, xx = np.mgrid[: truth.shape[0], : truth.shape[1]]
+    blob = (yy - 60) ** 2 + (xx - 64) ** 2 <= 36
+    image = ((truth > 0) | blob).astype(np.uint8) * 200 + 10
+    labels = segment_everything(SamPredictor(fake), image)
+    assert labels.max() == 5 and _best_iou(labels, blob) > 0.9
+    assert segment_everything(SamPredictor(fake), image, blob_contrast=0.0).max() == 4
+    with pytest.raises(ValueError, match="blob_contrast"):
+        segment_everything(SamPredictor(fake), image, blob_contrast=-1.0)
+
+
 def test_default_mode_and_thresholds_come_from_the_model(monkeypatch):
     truth = _discs()
     fake = FakeSam(truth, head=True)
