@@ -119,6 +119,18 @@ def test_auto_mode_adds_a_bright_object_the_head_misses_unless_told_not_to():
         segment_everything(SamPredictor(fake), image, blob_contrast=-1.0)
 
 
+def test_slices_segmented_one_by_one_skip_the_missed_object_pass_unless_asked():
+    truth = _discs()
+    yy, xx = np.mgrid[: truth.shape[0], : truth.shape[1]]
+    blob = (yy - 60) ** 2 + (xx - 64) ** 2 <= 36
+    stack = np.stack([((truth > 0) | blob).astype(np.uint8) * 200 + 10] * 3)
+    fake = FakeSam(truth, head=True)
+    labels = segment_volume(SamPredictor(fake), stack, per_slice=True)
+    assert labels.max() == 4 and not labels[:, blob].any()
+    labels = segment_volume(SamPredictor(fake), stack, per_slice=True, blob_contrast=0.5)
+    assert labels.max() == 5 and (labels[:, 60, 64] == 5).all()  # one object through the slices
+
+
 def test_default_mode_and_thresholds_come_from_the_model(monkeypatch):
     truth = _discs()
     fake = FakeSam(truth, head=True)

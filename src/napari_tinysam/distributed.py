@@ -18,7 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .everything import check_volume, link_slice, segment_everything, volume_contrast_limits
+from .everything import (
+    check_volume,
+    link_slice,
+    segment_everything,
+    slice_keywords,
+    volume_contrast_limits,
+)
 
 _models: dict[tuple[str, str], object] = {}
 _lock = threading.Lock()
@@ -101,7 +107,7 @@ def segment_volume_distributed(
         contrast_limits = volume_contrast_limits(stack)
     z, h, w = shape[:3]
     zarr.open_array(str(out_path), mode="w", shape=(z, h, w), chunks=(1, h, w), dtype="int32")
-    params = {"mode": mode, **params}
+    params = slice_keywords({"mode": mode, **params})
     darr = stack if isinstance(stack, da.Array) else da.from_array(stack, chunks=(1, *shape[1:]))
     planes = darr.to_delayed().ravel()
     futures = [

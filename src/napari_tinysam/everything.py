@@ -746,6 +746,15 @@ def link_volume(labels: np.ndarray, stitch_iou: float = 0.5) -> np.ndarray:
     return labels
 
 
+def slice_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Keywords of :func:`segment_everything` for the slices of a stack segmented one by
+    one: without the missed-object pass unless ``blob_contrast`` is given. In noisy
+    stacks it takes specks of noise in single slices for objects: the per-slice 3D F1 on
+    the GoNuclear training crops 1135 / 1136 fell from 0.093 / 0.045 to 0.012 / 0.005
+    with it (docs/benchmarks.md)."""
+    return {**kwargs, "blob_contrast": kwargs.get("blob_contrast") or 0.0}
+
+
 def segment_volume(
     model: Sam | SamPredictor,
     stack: np.ndarray,
@@ -776,7 +785,8 @@ def segment_volume(
     stack's slices and are used as they are.
 
     Other modes, or ``per_slice=True``, segment every slice with
-    :func:`segment_everything` (extra keywords go there) and, with ``stitch=True``, link
+    :func:`segment_everything` (extra keywords go there; ``blob_contrast`` defaults to 0
+    there, :func:`slice_keywords`) and, with ``stitch=True``, link
     objects of neighbouring slices by one-to-one matching (Hungarian, IoU >=
     ``stitch_iou``), so an object spanning several slices has one id; otherwise ids are
     unique per volume but not linked (``scale`` plays no part there).
@@ -801,7 +811,7 @@ def segment_volume(
     for i in range(z):
         if cancel is not None and cancel():
             raise Cancelled(f"cancelled before slice {i} of {z}")
-        lab = segment_everything(predictor, stack[i], mode=mode, contrast_limits=limits, **kwargs)
+        lab = segment_everything(predictor, stack[i], mode=mode, contrast_limits=limits, **slice_keywords(kwargs))
         out[i], next_id = link_slice(
             out[i - 1] if i else None, lab, next_id, stitch, stitch_iou, out[i - 2] if i > 1 else None
         )
