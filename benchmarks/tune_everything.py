@@ -8,8 +8,9 @@ takes its defaults.
 
 Point-grid modes: predicted-IoU and stability thresholds on BBBC039 train fields.
 Auto mode: the head's seed and mask thresholds on head-only labels (maps computed once per
-image), then the decoder's filters and the faint-object filter, scored as the mean over
-sources of the mean F1@0.5: BBBC039 train and DSB2018 train.
+image), then the decoder's filters and the faint-object filter, then the missed-object
+pass (``blob_contrast``), scored as the mean over sources of the mean F1@0.5: BBBC039
+train and DSB2018 train.
 Volume: smoothing and thresholds of the 3D instances from the head's maps
 (``segment_volume``), see :func:`tune_volume`.
 """
@@ -108,9 +109,18 @@ def tune_auto(model, data: Path, n: int) -> dict:
     cols2 = ["pred_iou_thresh", "min_agreement", "min_contrast", *sources, "score"]
     print("\nauto, head thresholds above (train):")
     print_table([{k: (f"{v:.3f}" if k in (*sources, "score") else v) for k, v in r.items()} for r in rows2], cols2)
-    best = rows2[0]
-    return {**head, "pred_iou_thresh": best["pred_iou_thresh"], "min_agreement": best["min_agreement"],
-            "min_contrast": best["min_contrast"], "tuned_on": f"train: {', '.join(f'{len(v)} {k}' for k, v in sources.items())}; mean F1@0.5"}
+    best = {k: rows2[0][k] for k in cols2[:3]}
+    rows3 = []
+    for blob in (0.0, 0.3, 0.5, 0.7):
+        per = {name: [match_instances(segment_everything(p, s.image, blob_contrast=blob, **best, **head),
+                                      s.labels)["f1"] for p, _, _, s in items] for name, items in cached.items()}
+        rows3.append({"blob_contrast": blob, **{k: float(np.mean(v)) for k, v in per.items()}, "score": _score(per)})
+    rows3.sort(key=lambda r: -r["score"])
+    cols3 = ["blob_contrast", *sources, "score"]
+    print("\nauto, the missed-object pass, thresholds above (train):")
+    print_table([{k: (f"{v:.3f}" if k in (*sources, "score") else v) for k, v in r.items()} for r in rows3], cols3)
+    return {**head, **best, "blob_contrast": rows3[0]["blob_contrast"],
+            "tuned_on": f"train: {', '.join(f'{len(v)} {k}' for k, v in sources.items())}; mean F1@0.5"}
 
 
 def tune_volume(model, data: Path, n: int) -> dict:
