@@ -24,7 +24,7 @@ from napari_tinysam.everything import (
 from napari_tinysam.instances import (
     _window_origin,
     add_missed_blobs,
-    drop_faint,
+    adjust_by_contrast,
     labels_from_maps,
     object_prompts,
     split_stacked_objects,
@@ -207,9 +207,9 @@ def test_faint_background_texture_is_dropped_and_dim_objects_kept():
     gray[(truth == 1) | (truth == 2)] = 200.0
     gray[truth == 3] = 60.0  # a dim nucleus: a quarter of the typical contrast
     gray[truth == 4] = 14.0  # faint texture the head may take for an object
-    out = drop_faint(truth, gray, 0.2)
+    out = adjust_by_contrast(truth, gray, 0.2)
     assert out.max() == 3 and (out[truth == 4] == 0).all() and (out[truth == 3] > 0).all()
-    assert drop_faint(truth, gray, 0.0) is truth
+    assert adjust_by_contrast(truth, gray, 0.0) is truth
 
 
 def test_small_bright_objects_the_head_misses_are_added_from_the_image():

@@ -22,10 +22,10 @@ from scipy import ndimage
 from .instances import (
     BLOB_MIN_CELLS,
     HEAD_THRESHOLDS,
+    adjust_by_contrast,
     check_head_params,
     check_seed_thresholds,
     decode_objects,
-    drop_faint,
     grid_cell_area,
     head_maps,
     head_only_labels,
@@ -357,8 +357,8 @@ def _auto_masks(predictor: SamPredictor, params: dict[str, Any], gray: np.ndarra
         maps, params["foreground_thresh"], params["center_thresh"], params["boundary_thresh"],
         params["min_size"] * grid_cell_area(emb),
     )
-    head = drop_faint(head, gray, params["min_contrast"], params["blob_contrast"],
-                      BLOB_MIN_CELLS * grid_cell_area(emb))
+    head = adjust_by_contrast(head, gray, params["min_contrast"], params["blob_contrast"],
+                              BLOB_MIN_CELLS * grid_cell_area(emb))
     ids, points, boxes = object_prompts(head)
     decoded = [None] * len(ids) if params["head_only"] else decode_objects(predictor, points, boxes)
     out = _Masks()

@@ -232,13 +232,13 @@ def _faint(contrast: np.ndarray, min_contrast: float) -> np.ndarray:
     return contrast < min_contrast * typical
 
 
-def drop_faint(labels: np.ndarray, gray: np.ndarray, min_contrast: float, blob_contrast: float = 0.0,
-               min_blob_area: float = 0.0) -> np.ndarray:
-    """Remove objects whose local contrast (:func:`object_contrast`) is below
-    ``min_contrast`` times the median contrast of the image's objects: faint texture in
-    the background that the head takes for objects. With ``blob_contrast`` > 0, then add
-    the objects the head missed (:func:`add_missed_blobs`, measured against the median
-    contrast of the objects kept). Returns labels numbered 1..N."""
+def adjust_by_contrast(labels: np.ndarray, gray: np.ndarray, min_contrast: float, blob_contrast: float = 0.0,
+                       min_blob_area: float = 0.0) -> np.ndarray:
+    """The head's objects judged by their local contrast (:func:`object_contrast`, measured
+    once): those below ``min_contrast`` times the median object's are removed (faint
+    texture in the background that the head takes for objects); with ``blob_contrast`` >
+    0, the objects the head missed are then added (:func:`add_missed_blobs`, against the
+    median contrast of the objects kept). Returns labels numbered 1..N."""
     n = int(labels.max())
     if n == 0 or (min_contrast <= 0 and blob_contrast <= 0):
         return labels
@@ -265,14 +265,12 @@ def add_missed_blobs(labels: np.ndarray, gray: np.ndarray, blob_contrast: float,
     """Objects the head misses, found in the image instead: slivers of nuclei cut by the
     image border (the head does not see their centre) and small nuclei a few cells of its
     grid wide, whose centre and boundary distances never reach the seed thresholds. They
-    are the connected parts of the image
-    (smoothed by ``BLOB_SIGMA``) brighter than the background by ``blob_contrast`` times
-    the median local contrast of the objects in ``labels`` (:func:`object_contrast`;
-    ``typical`` when it is known),
-    ``BLOB_GAP`` pixels clear of every one of them, of at least ``min_area`` pixels, whose
-    own local contrast reaches ``min_contrast`` times that median. They are appended
-    after the existing ids; ``blob_contrast`` 0, or no object to compare with, adds
-    nothing."""
+    are the connected parts of the image (smoothed by ``BLOB_SIGMA``) brighter than the
+    background by ``blob_contrast`` times the median local contrast of the objects in
+    ``labels`` (:func:`object_contrast`; ``typical`` when it is known), ``BLOB_GAP``
+    pixels clear of every one of them, of at least ``min_area`` pixels, whose own local
+    contrast reaches ``min_contrast`` times that median. They are appended after the
+    existing ids; ``blob_contrast`` 0, or no object to compare with, adds nothing."""
     n = int(labels.max())
     if blob_contrast <= 0 or n == 0:
         return labels
