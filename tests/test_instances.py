@@ -493,6 +493,12 @@ def test_head_training_lowers_loss_and_resumes(tmp_path, data_dir, monkeypatch):
     assert len(losses) - n == 10
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["step"] == 50 and json.loads(state["history"])[-1]["step"] == 50
+    # the stored views depend on the encoder only: a model with the trained head (the same
+    # encoder) reuses them, as a second training stage does
+    from napari_tinysam.weights import load_model
+
+    store = instance.build_store(cfg, load_model(str(path)))
+    assert store.done.all() and store.encoder_calls == 0
     # a new run can start from a trained head (here with a zero learning rate: it stays as it was)
     start = sam_from_checkpoint(path).instance_head.state_dict()
     warm = instance.HeadConfig(**{**vars(cfg), "out_dir": str(tmp_path / "warm"), "steps": 2, "lr": 0.0,

@@ -150,6 +150,17 @@ def instance_targets(labels: np.ndarray, factor: int = 4, shape: tuple[int, int]
     return out
 
 
+def encoder_fingerprint(model: Sam) -> str:
+    """Content hash of a model's image encoder weights and input size."""
+    import hashlib
+
+    h = hashlib.blake2b(str(model.img_size).encode(), digest_size=16)
+    for k, v in sorted(model.image_encoder.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 class HeadStore(TeacherStore):
     """Frozen-encoder embeddings of fixed augmented views, with the head's targets.
 
@@ -160,7 +171,9 @@ class HeadStore(TeacherStore):
     """
 
     def _extra_signature(self) -> dict:
-        return {"kind": "instance-head", "max_upscale": self.teacher.max_upscale}
+        # the views depend on the encoder only: a model whose head changed keeps its store
+        return {"kind": "instance-head", "max_upscale": self.teacher.max_upscale,
+                "teacher": encoder_fingerprint(self.teacher)}
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -81,7 +81,7 @@ class TeacherStore:
         if sig_path.exists():
             stored = json.loads(sig_path.read_text())
             if stored != self.signature:
-                diff = sorted(k for k in self.signature if stored.get(k) != self.signature[k])
+                diff = sorted(k for k in {*stored, *self.signature} if stored.get(k) != self.signature.get(k))
                 raise StoreMismatch(
                     f"teacher embedding store {self.folder} was computed with a different "
                     f"{', '.join(diff)}; use another folder or delete this one"
