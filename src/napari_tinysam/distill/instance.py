@@ -25,6 +25,7 @@ from scipy import ndimage
 
 from ..io import read_image
 from ..model import Sam, save_checkpoint
+from ..model.build import encoder_fingerprint
 from ..model.instance_head import DEFAULT_HEAD, build_instance_head
 from ..precision import autocast, resolve_precision
 from .data import IMAGE_SUFFIXES, Augment, Sample, _resize, load_folder, seeded_crop
@@ -148,17 +149,6 @@ def instance_targets(labels: np.ndarray, factor: int = 4, shape: tuple[int, int]
         full[:, : out.shape[1], : out.shape[2]] = out
         out = full
     return out
-
-
-def encoder_fingerprint(model: Sam) -> str:
-    """Content hash of a model's image encoder weights and input size."""
-    import hashlib
-
-    h = hashlib.blake2b(str(model.img_size).encode(), digest_size=16)
-    for k, v in sorted(model.image_encoder.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 class HeadStore(TeacherStore):

@@ -85,11 +85,23 @@ def model_fingerprint(model: Sam) -> str:
 
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(model.config, sort_keys=True).encode())
-    for k, v in sorted(model.state_dict().items()):
+    model._fingerprint = _weights_digest(h, model)
+    return model._fingerprint
+
+
+def encoder_fingerprint(model: Sam) -> str:
+    """Content hash of a model's image encoder weights and input size (what its image
+    embeddings depend on; the instance head, say, does not count)."""
+    import hashlib
+
+    return _weights_digest(hashlib.blake2b(str(model.img_size).encode(), digest_size=16), model.image_encoder)
+
+
+def _weights_digest(h, module: torch.nn.Module) -> str:
+    for k, v in sorted(module.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    model._fingerprint = h.hexdigest()
-    return model._fingerprint
+    return h.hexdigest()
 
 
 def architecture_config(name: str, img_size: int = 1024) -> dict[str, Any]:
