@@ -47,6 +47,11 @@ def pick(items: list, n: int, seed: int = 0) -> list:
     return [items[i] for i in sorted(rng.choice(len(items), min(n, len(items)), replace=False))]
 
 
+def print_scores(rows: list[dict], cols: list[str], sources) -> None:
+    """A table of settings and their scores (per source and overall, 3 decimals)."""
+    print_table([{k: (f"{v:.3f}" if k in (*sources, "score") else v) for k, v in r.items()} for r in rows], cols)
+
+
 def tune_grid_modes(model, data: Path, n: int, ious, stabs) -> dict:
     fields = pick(load_folder(data / "bbbc039" / "train" / "images"), n)
     preds = [SamPredictor(model) for _ in fields]
@@ -108,7 +113,7 @@ def tune_auto(model, data: Path, n: int) -> dict:
     rows2.sort(key=lambda r: -r["score"])
     cols2 = ["pred_iou_thresh", "min_agreement", "min_contrast", *sources, "score"]
     print("\nauto, head thresholds above (train):")
-    print_table([{k: (f"{v:.3f}" if k in (*sources, "score") else v) for k, v in r.items()} for r in rows2], cols2)
+    print_scores(rows2, cols2, sources)
     best = {k: rows2[0][k] for k in cols2[:3]}
     rows3 = []
     for blob in (0.0, 0.3, 0.5, 0.7):
@@ -118,7 +123,7 @@ def tune_auto(model, data: Path, n: int) -> dict:
     rows3.sort(key=lambda r: -r["score"])
     cols3 = ["blob_contrast", *sources, "score"]
     print("\nauto, the missed-object pass, thresholds above (train):")
-    print_table([{k: (f"{v:.3f}" if k in (*sources, "score") else v) for k, v in r.items()} for r in rows3], cols3)
+    print_scores(rows3, cols3, sources)
     return {**head, **best, "blob_contrast": rows3[0]["blob_contrast"],
             "tuned_on": f"train: {', '.join(f'{len(v)} {k}' for k, v in sources.items())}; mean F1@0.5"}
 
@@ -150,7 +155,7 @@ def tune_volume(model, data: Path, n: int) -> dict:
         rows.sort(key=lambda r: -r["score"])
         cols = [*VOLUME_THRESHOLDS, *sources, "score"]
         print(f"\nsegment_volume, auto (train stacks, 3D F1@0.5), {title}:")
-        print_table([{k: (f"{v:.3f}" if k in (*sources, "score") else v) for k, v in r.items()} for r in rows[:8]], cols)
+        print_scores(rows[:8], cols, sources)
         return {k: v for k, v in rows[0].items() if k in VOLUME_THRESHOLDS}
 
     # in-plane denoising and seeds first (one seed per connected seed region, objects grown

@@ -106,12 +106,18 @@ def test_auto_mode_finds_each_object_once(head_only):
     assert fake.prompts_seen == (0 if head_only else 4)
 
 
-def test_auto_mode_adds_a_bright_object_the_head_misses_unless_told_not_to():
+def _discs_and_a_missed_blob():
+    """The four discs (what a fake head finds), a small bright disc clear of them (what it
+    misses), and an image of both."""
     truth = _discs()
-    fake = FakeSam(truth, head=True)  # its head sees only the four discs
     yy, xx = np.mgrid[: truth.shape[0], : truth.shape[1]]
     blob = (yy - 60) ** 2 + (xx - 64) ** 2 <= 36
-    image = ((truth > 0) | blob).astype(np.uint8) * 200 + 10
+    return truth, blob, ((truth > 0) | blob).astype(np.uint8) * 200 + 10
+
+
+def test_auto_mode_adds_a_bright_object_the_head_misses_unless_told_not_to():
+    truth, blob, image = _discs_and_a_missed_blob()
+    fake = FakeSam(truth, head=True)  # its head sees only the four discs
     labels = segment_everything(SamPredictor(fake), image)
     assert labels.max() == 5 and _best_iou(labels, blob) > 0.9
     assert segment_everything(SamPredictor(fake), image, blob_contrast=0.0).max() == 4
@@ -120,10 +126,8 @@ def test_auto_mode_adds_a_bright_object_the_head_misses_unless_told_not_to():
 
 
 def test_slices_segmented_one_by_one_skip_the_missed_object_pass_unless_asked():
-    truth = _discs()
-    yy, xx = np.mgrid[: truth.shape[0], : truth.shape[1]]
-    blob = (yy - 60) ** 2 + (xx - 64) ** 2 <= 36
-    stack = np.stack([((truth > 0) | blob).astype(np.uint8) * 200 + 10] * 3)
+    truth, blob, image = _discs_and_a_missed_blob()
+    stack = np.stack([image] * 3)
     fake = FakeSam(truth, head=True)
     labels = segment_volume(SamPredictor(fake), stack, per_slice=True)
     assert labels.max() == 4 and not labels[:, blob].any()
