@@ -29,7 +29,8 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 @torch.no_grad()
 def prompt_masks(model, sample) -> dict[str, np.ndarray]:
-    """Full-size masks (N, H, W) of every object's click and box prompt on one field."""
+    """Full-size masks (N, H, W) of every object's click and box prompt on one field, each
+    decoded and upscaled as a single click in the annotator is."""
     pred = SamPredictor(model)
     pred.set_image(sample.image)
     ids = [i for i in np.unique(sample.labels) if i]
@@ -41,11 +42,12 @@ def prompt_masks(model, sample) -> dict[str, np.ndarray]:
         rows, cols = np.nonzero(m)
         boxes.append([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
     pts = np.asarray(pts, np.float64)
-    low, iou = predict_batch(pred, pts, np.ones(pts.shape[:2]))
-    best = iou[:, 1:].argmax(1) + 1
-    click = upscale_logits(pred, low[torch.arange(len(ids)), best][:, None])[:, 0] > 0
-    low_b, _ = predict_batch(pred, boxes=np.asarray(boxes, np.float64))
-    box = upscale_logits(pred, low_b[:, :1])[:, 0] > 0
+    with model.interactive_decoding():  # each object decoded and upscaled as a single click
+        low, iou = predict_batch(pred, pts, np.ones(pts.shape[:2]))
+        best = iou[:, 1:].argmax(1) + 1
+        click = upscale_logits(pred, low[torch.arange(len(ids)), best][:, None])[:, 0] > 0
+        low_b, _ = predict_batch(pred, boxes=np.asarray(boxes, np.float64))
+        box = upscale_logits(pred, low_b[:, :1])[:, 0] > 0
     return {"click": click.numpy(), "box": box.numpy()}
 
 

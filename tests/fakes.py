@@ -19,6 +19,7 @@ class FakeSam(torch.nn.Module):
     """
 
     mask_threshold = 0.0
+    click_dtype = None  # clicks upscale in float32
 
     def __init__(self, labels: np.ndarray, head: bool = False) -> None:
         super().__init__()

@@ -213,6 +213,10 @@ def test_mask_upscaling_equals_the_references_two_resizes(tiny_model, input_size
     out = tiny_model.postprocess_masks(low, input_size, original)
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    # a click on a bfloat16 model upscales in bfloat16: the same map at that precision
+    low16 = tiny_model.postprocess_masks(low, input_size, original, torch.bfloat16)
+    assert low16.dtype == torch.bfloat16 and low16.shape == ref.shape
+    torch.testing.assert_close(low16.float(), ref, atol=0.1, rtol=0.02)
 
 
 def test_encoder_activations_in_place_only_without_autograd(tiny_model):

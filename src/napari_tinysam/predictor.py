@@ -356,9 +356,8 @@ class SamPredictor:
         mask_t = None if mask is None else torch.as_tensor(mask, device=dev)
         low, iou = self.model.decode(emb.features, pts_t, box_t, mask_t)
         low, iou = self.model.select_masks(low, iou, multimask_output)
-        masks = self.model.postprocess_masks(low, emb.input_size, emb.original_size)[0]
-        if not return_logits:
-            masks = masks > self.model.mask_threshold
+        masks = self.model.postprocess_masks(low, emb.input_size, emb.original_size, self.model.click_dtype)[0]
+        masks = masks.float() if return_logits else masks > self.model.mask_threshold
         return masks.cpu().numpy(), iou[0].cpu().numpy(), low[0].cpu().numpy()
 
 
@@ -397,6 +396,8 @@ def predict_batch(
 
 
 def upscale_logits(predictor: SamPredictor, low: torch.Tensor) -> torch.Tensor:
-    """Low-resolution logits (B, T, s/4, s/4) -> full-size logits (B, T, H, W)."""
+    """Low-resolution logits (B, T, s/4, s/4) -> full-size float32 logits (B, T, H, W),
+    upscaled as a click's are (``SamPredictor.predict``)."""
     emb = predictor._require_embedding()
-    return predictor.model.postprocess_masks(low, emb.input_size, emb.original_size)
+    model = predictor.model
+    return model.postprocess_masks(low, emb.input_size, emb.original_size, model.click_dtype).float()

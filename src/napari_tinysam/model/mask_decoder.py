@@ -3,12 +3,22 @@ hypernetwork MLPs that turn each mask token into a low-resolution mask."""
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .common import MLP, LayerNorm2d, MatMul, cached_cast, expanded_over_batch
 from .transformer import TwoWayTransformer
+
+
+@lru_cache(maxsize=8)
+def _subpixel_order(h: int, w: int, t: int) -> torch.Tensor:
+    """Where each value of the (t, 4h, 4w) masks sits in the hypernetwork product's
+    output, whose rows are (i, j, di, dj, di2, dj2) and whose columns are the t tokens."""
+    order = torch.arange(h * w * 16 * t).view(h, w, 2, 2, 2, 2, t).permute(6, 0, 2, 4, 1, 3, 5)
+    return order.reshape(-1).contiguous()
 
 
 class MaskDecoder(nn.Module):
@@ -58,8 +68,10 @@ class MaskDecoder(nn.Module):
         """Run the decoder's large products on image tokens at ``dtype`` (bfloat16 on CPUs
         that run it natively) when the decoder itself runs in float32, as it does for a
         single click (``Sam.decode_autocast_batch``); None keeps them float32. The norm
-        between the two upscaling products takes their low-precision values; the image
-        tokens' norms and residuals, softmax and the final mask product stay float32."""
+        between the two upscaling products takes their low-precision values, and so do the
+        final mask product and the masks' reordering (the logits come out as float32
+        holding low-precision values); the image tokens' norms and residuals and softmax
+        stay float32."""
         self.product_dtype = dtype
         for m in self.transformer.modules():
             if hasattr(m, "product_dtype"):
@@ -139,12 +151,13 @@ class MaskDecoder(nn.Module):
         w2 = w2.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
         y = F.gelu(torch.addmm(b2.repeat(4), y, w2))  # (B*h*w*4, 4*c2)
         if lp is not None:
-            y = y.float()
+            hyper_in = hyper_in.to(lp)
         t = hyper_in.shape[1]
         masks = torch.bmm(y.view(b, h * w * 16, c2), hyper_in.transpose(1, 2))  # (B, h*w*16, T)
-        # pixel (4i + 2di + di2, 4j + 2dj + dj2) of token t
-        masks = masks.view(b, h, w, 2, 2, 2, 2, t).permute(0, 7, 1, 3, 5, 2, 4, 6)
-        return masks.reshape(b, t, 4 * h, 4 * w)
+        # pixel (4i + 2di + di2, 4j + 2dj + dj2) of token t, gathered by a precomputed
+        # index: several times faster than the eight-axis permutation it stands for
+        masks = masks.reshape(b, -1).index_select(1, _subpixel_order(h, w, t))
+        return masks.view(b, t, 4 * h, 4 * w).float()
 
     def forward(
         self,

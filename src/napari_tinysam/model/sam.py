@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..precision import autocast, resolve_precision
+from .common import cached_cast
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 
@@ -179,6 +180,12 @@ class Sam(nn.Module):
         return autocast(self.device, self.precision)
 
     @property
+    def click_dtype(self) -> torch.dtype | None:
+        """The dtype of a single click's large products and of its masks' upscaling
+        (``MaskDecoder.set_product_dtype``); None: float32."""
+        return self.mask_decoder.product_dtype
+
+    @property
     def has_instance_head(self) -> bool:
         return self.instance_head is not None
 
@@ -340,6 +347,7 @@ class Sam(nn.Module):
         masks: torch.Tensor,
         input_size: tuple[int, int],
         original_size: tuple[int, int],
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Upscale low-resolution logits (B, T, s/4, s/4) to the original image (B, T, H, W).
 
@@ -351,11 +359,19 @@ class Sam(nn.Module):
         rows each output row draws on (``_upscale_taps``), which is several times faster
         than the two resizes (docs/benchmarks.md). Callers upscale only the masks they
         return; the matrices' rows upscale just a window of a mask (everything mode).
+
+        ``dtype``: the arithmetic and the result's dtype, float32 when None. A click on a
+        bfloat16 model upscales in bfloat16 (``MaskDecoder.product_dtype``): its logits
+        come from bfloat16 products already, and the product and the row blend take half
+        the time.
         """
         s = self.img_size
         rx = _upscale_used(masks.shape[-1], s, input_size[1], original_size[1]).to(masks.device)
         iy, wy = (t.to(masks.device) for t in _upscale_taps(masks.shape[-2], s, input_size[0], original_size[0]))
-        rows = torch.matmul(masks[..., : int(iy.max()) + 1, : rx.shape[1]].float(), rx.T)  # (..., used rows, W)
+        dtype = dtype or torch.float32
+        if dtype != torch.float32:  # mixed-dtype products and blends are slow: all at dtype
+            rx, wy = cached_cast(rx, dtype), cached_cast(wy, dtype)
+        rows = torch.matmul(masks[..., : int(iy.max()) + 1, : rx.shape[1]].to(dtype), rx.T)  # (..., used rows, W)
         out = rows.index_select(-2, iy[:, 0]) * wy[:, 0, None]
         for k in range(1, iy.shape[1]):
             out.addcmul_(rows.index_select(-2, iy[:, k]), wy[:, k, None])
