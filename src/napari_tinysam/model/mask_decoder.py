@@ -14,10 +14,10 @@ from .transformer import TwoWayTransformer
 
 
 @lru_cache(maxsize=8)
-def _subpixel_order(h: int, w: int, t: int) -> torch.Tensor:
+def _subpixel_order(h: int, w: int, t: int, device: torch.device) -> torch.Tensor:
     """Where each value of the (t, 4h, 4w) masks sits in the hypernetwork product's
     output, whose rows are (i, j, di, dj, di2, dj2) and whose columns are the t tokens."""
-    order = torch.arange(h * w * 16 * t).view(h, w, 2, 2, 2, 2, t).permute(6, 0, 2, 4, 1, 3, 5)
+    order = torch.arange(h * w * 16 * t, device=device).view(h, w, 2, 2, 2, 2, t).permute(6, 0, 2, 4, 1, 3, 5)
     return order.reshape(-1).contiguous()
 
 
@@ -156,7 +156,7 @@ class MaskDecoder(nn.Module):
         masks = torch.bmm(y.view(b, h * w * 16, c2), hyper_in.transpose(1, 2))  # (B, h*w*16, T)
         # pixel (4i + 2di + di2, 4j + 2dj + dj2) of token t, gathered by a precomputed
         # index: several times faster than the eight-axis permutation it stands for
-        masks = masks.reshape(b, -1).index_select(1, _subpixel_order(h, w, t))
+        masks = masks.reshape(b, -1).index_select(1, _subpixel_order(h, w, t, masks.device))
         return masks.view(b, t, 4 * h, 4 * w).float()
 
     def forward(
