@@ -402,6 +402,15 @@ def test_windowed_decoding_on_the_whole_grid_equals_full_decoding():
         part = model.decode_windows(emb, pts, boxes, torch.tensor([[2, 4], [8, 0]]), 8)
     torch.testing.assert_close(whole, full, rtol=1e-4, atol=1e-4)
     assert part[0].shape == (2, 4, 32, 32) and part[1].shape == (2, 4)
+    # each prompt sees its own window of image tokens and of their positional encodings
+    pe = model.prompt_encoder.get_dense_pe()
+    with torch.no_grad():
+        for i, (y, x) in enumerate([(2, 4), (8, 0)]):
+            sparse, dense = model.prompt_encoder(points=(pts[0][i : i + 1], pts[1][i : i + 1]),
+                                                 boxes=boxes[i : i + 1], masks=None, dense_size=(8, 8))
+            own = model.mask_decoder(emb[..., y : y + 8, x : x + 8], pe[..., y : y + 8, x : x + 8], sparse, dense)
+            torch.testing.assert_close(part[0][i : i + 1], own[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(part[1][i : i + 1], own[1], rtol=1e-4, atol=1e-4)
 
 
 def _small_model(head: bool):

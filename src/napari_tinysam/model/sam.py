@@ -299,11 +299,13 @@ class Sam(nn.Module):
         Returns low-resolution logits (B, 4, 4 size, 4 size) of the windows and IoU
         predictions (B, 4).
         """
-        r = origins[:, :1] + torch.arange(size, device=origins.device)  # (B, size)
-        c = origins[:, 1:] + torch.arange(size, device=origins.device)
+        corners = origins.tolist()
 
         def windows(grid: torch.Tensor) -> torch.Tensor:  # (1, C, h, w) -> (B, C, size, size)
-            return grid[0][:, r[:, :, None], c[:, None, :]].permute(1, 0, 2, 3)
+            # copied channels last: the transformer reads the window's tokens as
+            # contiguous rows of C (a gather along the grid's axes was several times slower)
+            cl = grid[0].permute(1, 2, 0)
+            return torch.stack([cl[y : y + size, x : x + size] for y, x in corners]).permute(0, 3, 1, 2)
 
         with self.autocast(len(origins)):
             sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None, dense_size=(size, size))
