@@ -536,3 +536,24 @@ def test_linking_survives_one_missed_slice():
     stack2 = np.stack([disc, np.zeros_like(disc), np.zeros_like(disc), disc])
     linked2 = link_volume(stack2.copy())
     assert linked2[0][40, 40] != linked2[3][40, 40]
+
+
+@pytest.mark.parametrize("shape", [(96, 128), (12, 40, 48)])
+def test_seed_minima_found_part_by_part_equal_those_of_the_whole_map(shape):
+    """The centre-distance minima that seed objects are found on each part of the seed
+    region apart (a box around it): exactly the minima of the whole map, for parts that
+    touch only at a corner or lie on the image's border too."""
+    from skimage.morphology import h_minima
+
+    from napari_tinysam.instances import _deep_minima
+
+    rng = np.random.default_rng(0)
+    for trial in range(6):
+        smooth = ndimage.gaussian_filter(rng.random(shape), 2.0 + trial % 3)
+        smooth = (smooth - smooth.min()) / (smooth.max() - smooth.min())
+        region = smooth < np.quantile(smooth, 0.3 + 0.05 * trial)
+        for hi in (0.6, 0.95):  # 0.95: region values within the depth of the walls (1.0)
+            centre = np.where(region, smooth * hi, 1.0).astype(np.float32)
+            for depth in (0.02, 0.1):
+                expected = h_minima(centre, depth).astype(bool) & region
+                assert np.array_equal(_deep_minima(centre, region, depth), expected)

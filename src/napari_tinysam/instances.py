@@ -66,6 +66,30 @@ def keep_objects(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
 SEED_DEPTH = 0.1
 
 
+def _deep_minima(centre: np.ndarray, region: np.ndarray, depth: float) -> np.ndarray:
+    """``h_minima(centre, depth) & region`` for a centre map that is 1.0 outside
+    ``region``, computed part by part: each part of the region (connected through faces,
+    edges or corners, as the morphological reconstruction is) within its bounding box and
+    a margin of one pixel, the rest of the box set to 1.0. Where the region's values stay
+    at least ``depth`` below 1.0, the walls of 1.0 between parts keep the reconstruction
+    of each part to itself, so the result is the same as on the whole image, and the
+    reconstruction sorts a few small boxes instead of every pixel (0.16 s of the 0.79 s of
+    an auto-mode field went to it). Otherwise the whole image is reconstructed."""
+    from skimage.morphology import h_minima
+
+    if not region.any():
+        return np.zeros(region.shape, bool)
+    if float(centre[region].max()) + depth > 1.0:
+        return h_minima(centre, depth).astype(bool) & region
+    parts, _ = ndimage.label(region, structure=np.ones((3,) * region.ndim, bool))
+    out = np.zeros(region.shape, bool)
+    for i, sl in enumerate(ndimage.find_objects(parts), 1):
+        box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+        own = parts[box] == i
+        out[box] |= h_minima(np.where(own, centre[box], np.float32(1.0)), depth).astype(bool) & own
+    return out
+
+
 def labels_from_maps(
     maps: np.ndarray,
     foreground_thresh: float,
@@ -83,14 +107,13 @@ def labels_from_maps(
     distance of that last step, so that seeds can come from smoother maps than the
     objects' outlines. Objects under ``min_area`` pixels are dropped. Works on 2D maps
     (3, H, W) and on 3D maps (3, Z, H, W). Returns int32 labels 1..N."""
-    from skimage.morphology import h_minima
     from skimage.segmentation import watershed
 
     fg = maps[0] > foreground_thresh
     region = (maps[1] < center_thresh) & (maps[2] < boundary_thresh) & fg
     if seed_depth > 0:
         centre = np.where(region, maps[1], 1.0).astype(np.float32)
-        seeds, n = ndimage.label(h_minima(centre, seed_depth) & region)
+        seeds, n = ndimage.label(_deep_minima(centre, region, seed_depth))
         if n:
             seeds = watershed(centre, seeds, mask=region)
     else:
