@@ -541,8 +541,8 @@ def test_linking_survives_one_missed_slice():
 @pytest.mark.parametrize("shape", [(96, 128), (12, 40, 48)])
 def test_seed_minima_found_part_by_part_equal_those_of_the_whole_map(shape):
     """The centre-distance minima that seed objects are found on each part of the seed
-    region apart (a box around it): exactly the minima of the whole map, for parts that
-    touch only at a corner or lie on the image's border too."""
+    region apart (a box around it): exactly the minima of the whole map, on random maps
+    in 2D and 3D whose seed regions have many parts, some on the image's border."""
     from skimage.morphology import h_minima
 
     from napari_tinysam.instances import _deep_minima
