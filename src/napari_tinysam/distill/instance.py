@@ -160,10 +160,12 @@ class HeadStore(TeacherStore):
     rows and columns of each view).
     """
 
-    def _extra_signature(self) -> dict:
+    def _teacher_fingerprint(self) -> str:
         # the views depend on the encoder only: a model whose head changed keeps its store
-        return {"kind": "instance-head", "max_upscale": self.teacher.max_upscale,
-                "teacher": encoder_fingerprint(self.teacher)}
+        return encoder_fingerprint(self.teacher)
+
+    def _extra_signature(self) -> dict:
+        return {"kind": "instance-head", "max_upscale": self.teacher.max_upscale}
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

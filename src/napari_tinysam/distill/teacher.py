@@ -64,7 +64,7 @@ class TeacherStore:
         self.grid = crop // 16
         self.signature = {
             "version": STORE_VERSION,
-            "teacher": model_fingerprint(teacher),
+            "teacher": self._teacher_fingerprint(),
             "data": data_fingerprint(samples),
             "n_views": self.n_views,
             "crop": self.crop,
@@ -95,6 +95,10 @@ class TeacherStore:
         done_path = self.folder / "done.npy"
         self.done = np.load(done_path) if done_path.exists() else np.zeros(self.n_views, bool)
         self.encoder_calls = 0
+
+    def _teacher_fingerprint(self) -> str:
+        """What of the teacher the stored views depend on (the whole model here)."""
+        return model_fingerprint(self.teacher)
 
     def _extra_signature(self) -> dict:
         """What a subclass stores beyond the embeddings (part of the signature)."""
