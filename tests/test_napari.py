@@ -386,6 +386,12 @@ def test_annotator_propagates_commits_and_undoes_a_3d_object(make_napari_viewer,
     assert sorted(w.preview_volumes[0]) == list(range(2, 9))  # the instance head's object
     assert (w.preview_layer.data > 0).reshape(len(stack), -1).any(1).tolist() == [2 <= z <= 8 for z in range(len(stack))]
     assert "slices 2-8" in w.status.value and "least confident" in w.status.value
+    for z in (None, 2, 5, 8):  # what the viewer shows is the preview: the slice in view, then others
+        if z is None:
+            z = viewer.dims.current_step[0]
+        else:
+            viewer.dims.set_point(0, z)
+        assert np.array_equal(np.asarray(w.preview_layer._slice.image.raw) > 0, w.preview_layer.data[z] > 0)
     w.commit()
     written = target.data != before
     assert set(np.unique(target.data[written])) == {4}  # one new id

@@ -738,14 +738,24 @@ class AnnotatorWidget(Container):
             if res.z in volume:
                 plane[volume[res.z] & (plane == 0)] = j % 255 + 1
         self.preview_layer.data[res.z] = plane
-        self.preview_layer.refresh()
+        if self._on_screen(res.z):  # other slices are read afresh when the user goes to them
+            self.preview_layer.refresh(thumbnail=False)
         zs = sorted(self.preview_volumes[i])
         what = f"object {i + 1} of {len(self.preview_volumes)}: " if len(self.preview_volumes) > 1 else ""
         if zs:
             self.status.value = f"propagating {what}slices {zs[0]}-{zs[-1]}…"
 
+    def _on_screen(self, z: int) -> bool:
+        """Whether slice ``z`` of the image may be displayed: it is the YX slice in view,
+        or the view is 3D or another plane (XZ, YZ) that crosses every slice."""
+        dims = self.viewer.dims
+        if self.image_combo.value is None or tuple(dims.displayed) != (dims.ndim - 2, dims.ndim - 1):
+            return True
+        return self.current_slice() == (z,)
+
     def _propagation_finished(self) -> None:
         self._propagation = None
+        self.preview_layer.refresh()  # the thumbnail too
         self.preview_volumes = [v for v in self.preview_volumes if v]
         self.volume_scores = [s for s in self.volume_scores if s]
         if not self.preview_volumes:
