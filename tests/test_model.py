@@ -77,6 +77,38 @@ def test_encoder_accepts_any_multiple_of_16(tiny_model):
         tiny_model.image_encoder(torch.randn(1, 3, 100, 128))
 
 
+def test_a_model_at_another_input_size_shares_its_weights_and_equals_one_built_at_that_size(tiny_model):
+    import numpy as np
+
+    from napari_tinysam import SamPredictor
+
+    sized = tiny_model.at_input_size(320)
+    assert sized is tiny_model.at_input_size(320) and tiny_model.at_input_size(256) is tiny_model
+    assert (tiny_model.img_size, sized.img_size) == (256, 320)
+    assert tiny_model.prompt_encoder.image_embedding_size == (16, 16)  # the model itself is unchanged
+    built = build_sam({**tiny_model.config, "img_size": 320}).eval()
+    built.load_state_dict(tiny_model.state_dict())
+    for a, b in zip(tiny_model.parameters(), sized.parameters()):
+        assert a.data_ptr() == b.data_ptr()  # no copy of any weight
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    got, want = SamPredictor(sized), SamPredictor(built)
+    got.set_image(image)
+    want.set_image(image)
+    assert got._embedding.features.shape == (1, 256, 20, 20)
+    assert torch.equal(got._embedding.features, want._embedding.features)
+    point, label = np.array([[120.0, 80.0]]), np.array([1])
+    masks, scores, low = got.predict(point, label)
+    masks2, scores2, low2 = want.predict(point, label)
+    assert np.array_equal(masks, masks2) and np.allclose(scores, scores2) and np.allclose(low, low2)
+    # embeddings of the two sizes never mix in a shared cache
+    from napari_tinysam.predictor import image_key
+
+    assert image_key(sized, image) != image_key(tiny_model, image)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        tiny_model.at_input_size(300)
+
+
 def test_project_checkpoint_roundtrip(tmp_path, tiny_model):
     path = tmp_path / "m.pt"
     save_checkpoint(tiny_model, path, meta={"steps": 3}, half=True)

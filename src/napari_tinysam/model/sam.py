@@ -4,6 +4,7 @@ normalisation, padding and mask upscaling."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import sys
 import warnings
@@ -233,6 +234,49 @@ class Sam(nn.Module):
     def compiled(self) -> bool:
         """Whether the image encoder runs compiled (see :meth:`set_compiled`)."""
         return self in _COMPILED
+
+    def at_input_size(self, size: int) -> Sam:
+        """This model run at another square input size (a multiple of 16), sharing every
+        weight. TinyViT and the mask decoder work at any size; only the prompt encoder's
+        grid and pixel frame change with it, as in a model built at that size. Everything
+        mode embeds images that fill the input at the size tuned for it
+        (``meta["auto"]["input_size"]``). The model of each size is made once; it follows
+        this model's precision and compilation."""
+        size = int(size)
+        if size == self.img_size:
+            return self
+        if size % 16 or size < 64:
+            raise ValueError(f"the input size must be a multiple of 16 and at least 64, got {size}")
+        from .tiny_vit import TinyViT
+
+        if not isinstance(self.image_encoder, TinyViT):
+            raise ValueError(
+                f"only TinyViT encoders run at another input size ({type(self.image_encoder).__name__} "
+                "has position embeddings of its own size)"
+            )
+        sized = self.__dict__.setdefault("_sized", {})
+        model = sized.get(size)
+        if model is None:
+            model = copy.copy(self)
+            for key in ("_sized", "_cache_token"):  # its own embeddings in any cache
+                model.__dict__.pop(key, None)
+            model._modules = dict(self._modules)
+            encoder = copy.copy(self.image_encoder)
+            encoder.img_size = size
+            prompt = copy.copy(self.prompt_encoder)
+            prompt.__dict__.pop("_dense_pe", None)
+            grid = size // 16
+            prompt.image_embedding_size, prompt.input_image_size = (grid, grid), (size, size)
+            prompt.mask_input_size = (4 * grid, 4 * grid)
+            model._modules.update(image_encoder=encoder, prompt_encoder=prompt)
+            model.config = {**self.config, "img_size": size}
+            sized[size] = model
+        if model.precision != self.precision:
+            model.precision = self.precision
+            model.__dict__.pop("_cache_token", None)
+        if self.compiled != model.compiled:
+            model.set_compiled(self.compiled)
+        return model
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Image embedding of a resized RGB image (B, 3, h, w) in [0, 255]:
