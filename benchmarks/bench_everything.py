@@ -31,7 +31,7 @@ from volumes import gonuclear, noisy_stack, resampled_gonuclear
 from napari_tinysam import SamPredictor, load_model, samples, segment_everything, segment_volume
 from napari_tinysam.bench import cpu_name, median_time, print_table
 from napari_tinysam.distill.data import load_folder
-from napari_tinysam.everything import link_volume
+from napari_tinysam.everything import auto_input_size, link_volume
 from napari_tinysam.metrics import best_match_iou, match_instances, otsu_watershed
 
 #: name -> keyword arguments of segment_everything; "paper" is TinySAM's round 2 exactly
@@ -44,7 +44,7 @@ METHODS = {
     "hierarchical (paper)": {"mode": "hierarchical", "background_thresh": 0.0},
     "grid 32x32": {"mode": "grid"},
 }
-FAST = ("auto", "auto, head only", "auto, no missed-object pass")
+FAST = ["auto", "auto, head only", "auto, no missed-object pass"]
 #: large images: the default (tiles when the head finds the objects too small) against
 #: the whole image shrunk to the model's input
 MOSAIC_METHODS = {
@@ -176,8 +176,14 @@ def main() -> None:
         print_table(rows, list(rows[0]))
         return
     if not model.has_instance_head:
-        for name in FAST + ("hierarchical + head (skips background)",):
+        for name in [*FAST, "hierarchical + head (skips background)"]:
             METHODS.pop(name)
+    elif auto_input_size(model) != model.img_size:  # auto embeds fields at its own input size
+        own = f"auto at the prompts' input size ({model.img_size})"
+        items = list(METHODS.items())
+        METHODS.clear()
+        METHODS.update([items[0], (own, {"input_size": model.img_size}), *items[1:]])
+        FAST.append(own)
     if args.repeats > 0:
         print("\nSpeed on one 520x696 BBBC039 field (the bundled sample), embedding included, API defaults:")
         print_table(speed_rows(model, samples.nuclei_2d(), args.repeats),

@@ -9,8 +9,9 @@ takes its defaults.
 Point-grid modes: predicted-IoU and stability thresholds on BBBC039 train fields.
 Auto mode: the head's seed and mask thresholds on head-only labels (maps computed once per
 image), then the decoder's filters and the faint-object filter, then the missed-object
-pass (``blob_contrast``), scored as the mean over sources of the mean F1@0.5: BBBC039
-train and DSB2018 train.
+pass (``blob_contrast``), all at the model's own input size; last the input size at which
+images that fill the input are embedded (``input_size``) with those settings; each stage
+scored as the mean over sources of the mean F1@0.5: BBBC039 train and DSB2018 train.
 Volume: smoothing and thresholds of the 3D instances from the head's maps
 (``segment_volume``), see :func:`tune_volume`.
 """
@@ -80,8 +81,13 @@ def _score(per_source: dict[str, list[float]]) -> float:
     return float(np.mean([np.mean(v) for v in per_source.values()]))
 
 
+#: Input sizes tried for auto mode (the model's own is always among them).
+INPUT_SIZES = (768, 832, 896, 960, 1024)
+
+
 def tune_auto(model, data: Path, n: int) -> dict:
     sources = auto_sources(data, n)
+    size = model.img_size  # the thresholds are tuned at the model's own input size
     cached = {}
     for name, items in sources.items():
         cached[name] = []
@@ -106,7 +112,8 @@ def tune_auto(model, data: Path, n: int) -> dict:
     rows2 = []
     for iou, agree, contrast in itertools.product((0.0, 0.6), (0.0, 0.3), (0.0, 0.1, 0.2, 0.3)):
         per = {name: [match_instances(segment_everything(p, s.image, pred_iou_thresh=iou, min_agreement=agree,
-                                                         min_contrast=contrast, **head), s.labels)["f1"]
+                                                         min_contrast=contrast, input_size=size, **head),
+                                      s.labels)["f1"]
                       for p, _, _, s in items] for name, items in cached.items()}
         rows2.append({"pred_iou_thresh": iou, "min_agreement": agree, "min_contrast": contrast,
                       **{k: float(np.mean(v)) for k, v in per.items()}, "score": _score(per)})
@@ -117,14 +124,25 @@ def tune_auto(model, data: Path, n: int) -> dict:
     best = {k: rows2[0][k] for k in cols2[:3]}
     rows3 = []
     for blob in (0.0, 0.3, 0.5, 0.7):
-        per = {name: [match_instances(segment_everything(p, s.image, blob_contrast=blob, **best, **head),
-                                      s.labels)["f1"] for p, _, _, s in items] for name, items in cached.items()}
+        per = {name: [match_instances(segment_everything(p, s.image, blob_contrast=blob, input_size=size, **best,
+                                                         **head), s.labels)["f1"]
+                      for p, _, _, s in items] for name, items in cached.items()}
         rows3.append({"blob_contrast": blob, **{k: float(np.mean(v)) for k, v in per.items()}, "score": _score(per)})
     rows3.sort(key=lambda r: -r["score"])
     cols3 = ["blob_contrast", *sources, "score"]
     print("\nauto, the missed-object pass, thresholds above (train):")
     print_scores(rows3, cols3, sources)
-    return {**head, **best, "blob_contrast": rows3[0]["blob_contrast"],
+    best["blob_contrast"] = rows3[0]["blob_contrast"]
+    rows4 = []
+    for side in sorted({size, *INPUT_SIZES}):
+        per = {name: [match_instances(segment_everything(p, s.image, input_size=side, **best, **head),
+                                      s.labels)["f1"] for p, _, _, s in items] for name, items in cached.items()}
+        rows4.append({"input_size": side, **{k: float(np.mean(v)) for k, v in per.items()}, "score": _score(per)})
+    rows4.sort(key=lambda r: -r["score"])
+    cols4 = ["input_size", *sources, "score"]
+    print("\nauto, input size of images that fill the model's input, settings above (train):")
+    print_scores(rows4, cols4, sources)
+    return {**head, **best, "input_size": rows4[0]["input_size"],
             "tuned_on": f"train: {', '.join(f'{len(v)} {k}' for k, v in sources.items())}; mean F1@0.5"}
 
 

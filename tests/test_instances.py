@@ -15,6 +15,7 @@ from napari_tinysam.distill.data import Augment, Sample, augment_crop
 from napari_tinysam.distill.instance import instance_targets, mixture, parse_source, stack_slices
 from napari_tinysam.everything import (
     VOLUME_THRESHOLDS,
+    auto_input_size,
     default_mode,
     denoise_slice,
     recommended_thresholds,
@@ -159,6 +160,39 @@ def test_default_mode_and_thresholds_come_from_the_model(monkeypatch):
     # grid modes: no tuned values -> SAM's
     fake.meta = {}
     assert recommended_thresholds(FakeSam(truth), "grid")["pred_iou_thresh"] == 0.88
+
+
+def test_auto_mode_embeds_images_that_fill_the_input_at_the_models_auto_input_size(monkeypatch):
+    """The bundled model prompts at 768 and segments everything at 896: a field that fills
+    the input is embedded at 896 (once, in the predictor's cache), a small slice keeps
+    its scale, and a size given wins."""
+    import napari_tinysam.everything as ev
+    from napari_tinysam import load_model, samples
+    from napari_tinysam.metrics import match_instances
+
+    model = load_model("default")
+    assert (model.img_size, auto_input_size(model)) == (768, 896)
+    sizes = []
+    real = ev._segment_masks
+
+    def spy(predictor, rgb, mode, params):
+        sizes.append(predictor.model.img_size)
+        return real(predictor, rgb, mode, params)
+
+    monkeypatch.setattr(ev, "_segment_masks", spy)
+    field, truth = samples.nuclei_2d(), samples.nuclei_2d_labels()  # 520 x 696
+    predictor = SamPredictor(model)
+    labels = segment_everything(predictor, field)
+    assert sizes == [896] and len(predictor.cache) == 1
+    assert match_instances(labels, truth)["f1"] > 0.9
+    assert np.array_equal(segment_everything(predictor, field, head_only=True), segment_everything(
+        model.at_input_size(896), field, head_only=True, input_size=896))
+    assert len(predictor.cache) == 1  # the 896 embedding was reused
+    segment_everything(predictor, field, input_size=768, head_only=True)
+    segment_everything(predictor, field[:150, :180], head_only=True)  # 4x the slice is 720 < 768
+    assert sizes[-2:] == [768, 768]
+    with pytest.raises(ValueError, match="multiple of 16"):
+        segment_everything(predictor, field, input_size=900)
 
 
 def test_model_without_head_refuses_auto_and_keeps_hierarchical():

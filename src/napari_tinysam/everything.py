@@ -409,6 +409,7 @@ def segment_everything(
     contrast_limits: tuple[float, float] | None = None,
     tile_shape: int | tuple[int, int] | None = None,
     halo: int | tuple[int, int] | None = None,
+    input_size: int | None = None,
     progress: Progress | None = None,
 ):
     """Segment every object of a 2D image.
@@ -455,6 +456,12 @@ def segment_everything(
             is tiled when the instance head finds its objects too small at the
             whole-image scale (narrower than ``MIN_OBJECT_INPUT_PX`` model-input
             pixels), with tiles sized from the objects' median width.
+        input_size: the square model input (pixels, a multiple of 16) at which an image
+            that is not tiled is embedded when it fills the model's input (its longest
+            side brought to ``img_size`` rather than enlarged by at most ``max_upscale``);
+            smaller images keep their scale. ``None``: in ``"auto"`` mode the model's
+            tuned value (``meta["auto"]["input_size"]``; the bundled model embeds at 896
+            what it prompts at 768), else the model's own ``img_size``. TinyViT models only.
         progress: ``progress(done, total)`` after each tile (1 of 1 without tiling).
 
     Every threshold left at ``None`` takes the model's tuned value for the mode (see
@@ -506,7 +513,7 @@ def segment_everything(
         tiles = _tiles_for_small_objects(predictor, rgb, params)
     if tiles is not None:
         return _segment_tiled(predictor, rgb, mode, params, *tiles, progress)
-    masks = _segment_masks(predictor, rgb, mode, params)
+    masks = _segment_masks(_sized_predictor(predictor, (h, w), mode, input_size), rgb, mode, params)
     if progress is not None:
         progress(1, 1)
     labels, ids = paint_labels(masks.crops, masks.places, np.array(masks.iou), (h, w))
@@ -531,6 +538,33 @@ def segment_everything(
             }
         )
     return labels, records
+
+
+def auto_input_size(model: Sam) -> int:
+    """The square input at which auto mode embeds images that fill the model's input: the
+    value tuned for the model (``meta["auto"]["input_size"]``), else its own input size."""
+    meta = getattr(model, "meta", None) or {}
+    return int(meta.get("auto", {}).get("input_size", model.img_size))
+
+
+def _sized_predictor(predictor: SamPredictor, shape: tuple[int, int], mode: str,
+                     input_size: int | None) -> SamPredictor:
+    """The predictor that auto mode segments an untiled image with: at ``input_size``
+    (None: :func:`auto_input_size`) when the image fills the model's input (its longest
+    side brought to ``img_size``, not held back by ``max_upscale``), sharing the
+    predictor's embedding cache; otherwise ``predictor`` itself. Smaller images (slices
+    of stacks) are embedded at the scale they have either way."""
+    model = predictor.model
+    if input_size is None:
+        if mode != "auto":
+            return predictor
+        input_size = auto_input_size(model)
+    if input_size == model.img_size:
+        return predictor
+    limit = model.max_upscale
+    if limit is not None and max(shape) * limit <= model.img_size:
+        return predictor
+    return SamPredictor(model.at_input_size(input_size), cache=predictor.cache)
 
 
 @torch.no_grad()
