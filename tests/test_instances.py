@@ -163,9 +163,9 @@ def test_default_mode_and_thresholds_come_from_the_model(monkeypatch):
 
 
 def test_auto_mode_embeds_images_that_fill_the_input_at_the_models_auto_input_size(monkeypatch):
-    """The bundled model prompts at 768 and segments everything at 896: a field that fills
-    the input is embedded at 896 (once, in the predictor's cache), a small slice keeps
-    its scale, and a size given wins."""
+    """The bundled model prompts at 768 and segments everything at 896: a field or a tile
+    that fills the input is embedded at 896 (once, in the predictor's cache), a small
+    slice keeps its scale, and a size given wins."""
     import napari_tinysam.everything as ev
     from napari_tinysam import load_model, samples
     from napari_tinysam.metrics import match_instances
@@ -173,13 +173,14 @@ def test_auto_mode_embeds_images_that_fill_the_input_at_the_models_auto_input_si
     model = load_model("default")
     assert (model.img_size, auto_input_size(model)) == (768, 896)
     sizes = []
-    real = ev._segment_masks
+    real = ev._sized_predictor
 
-    def spy(predictor, rgb, mode, params):
+    def spy(*args):
+        predictor = real(*args)
         sizes.append(predictor.model.img_size)
-        return real(predictor, rgb, mode, params)
+        return predictor
 
-    monkeypatch.setattr(ev, "_segment_masks", spy)
+    monkeypatch.setattr(ev, "_sized_predictor", spy)
     field, truth = samples.nuclei_2d(), samples.nuclei_2d_labels()  # 520 x 696
     predictor = SamPredictor(model)
     labels = segment_everything(predictor, field)
@@ -193,6 +194,9 @@ def test_auto_mode_embeds_images_that_fill_the_input_at_the_models_auto_input_si
     assert sizes[-2:] == [768, 768]
     with pytest.raises(ValueError, match="multiple of 16"):
         segment_everything(predictor, field, input_size=900)
+    # tiles that fill the input are embedded at the same size (tiles sized at 768)
+    segment_everything(predictor, field, head_only=True, tile_shape=(260, 348), halo=(40, 40))
+    assert sizes[-4:] == [896] * 4
 
 
 def test_model_without_head_refuses_auto_and_keeps_hierarchical():

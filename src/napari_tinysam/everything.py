@@ -456,10 +456,10 @@ def segment_everything(
             is tiled when the instance head finds its objects too small at the
             whole-image scale (narrower than ``MIN_OBJECT_INPUT_PX`` model-input
             pixels), with tiles sized from the objects' median width.
-        input_size: the square model input (pixels, a multiple of 16) at which an image
-            that is not tiled is embedded when it fills the model's input (its longest
-            side brought to ``img_size`` rather than enlarged by at most ``max_upscale``);
-            smaller images keep their scale. ``None``: in ``"auto"`` mode the model's
+        input_size: the square model input (pixels, a multiple of 16) at which an image,
+            or each tile, is embedded when it fills the model's input (its longest side
+            brought to ``img_size`` rather than enlarged by at most ``max_upscale``);
+            smaller images keep their scale. Tiles are sized at ``img_size``. ``None``: in ``"auto"`` mode the model's
             tuned value (``meta["auto"]["input_size"]``; the bundled model embeds at 896
             what it prompts at 768), else the model's own ``img_size``. TinyViT models only.
         progress: ``progress(done, total)`` after each tile (1 of 1 without tiling).
@@ -501,6 +501,7 @@ def segment_everything(
         high_score_thresh=high_score_thresh,
         min_mask_region_area=min_mask_region_area,
         head_only=head_only,
+        input_size=input_size,
     )
     _check_params(mode, params, model)
     tiles = _check_tiling(tile_shape, halo, return_records)
@@ -513,7 +514,7 @@ def segment_everything(
         tiles = _tiles_for_small_objects(predictor, rgb, params)
     if tiles is not None:
         return _segment_tiled(predictor, rgb, mode, params, *tiles, progress)
-    masks = _segment_masks(_sized_predictor(predictor, (h, w), mode, input_size), rgb, mode, params)
+    masks = _segment_masks(predictor, rgb, mode, params)
     if progress is not None:
         progress(1, 1)
     labels, ids = paint_labels(masks.crops, masks.places, np.array(masks.iou), (h, w))
@@ -549,9 +550,9 @@ def auto_input_size(model: Sam) -> int:
 
 def _sized_predictor(predictor: SamPredictor, shape: tuple[int, int], mode: str,
                      input_size: int | None) -> SamPredictor:
-    """The predictor that auto mode segments an untiled image with: at ``input_size``
-    (None: :func:`auto_input_size`) when the image fills the model's input (its longest
-    side brought to ``img_size``, not held back by ``max_upscale``), sharing the
+    """The predictor that segments an image or a tile of ``shape``: at ``input_size`` (None:
+    :func:`auto_input_size` in auto mode) when the image fills the model's input (its
+    longest side brought to ``img_size``, not held back by ``max_upscale``), sharing the
     predictor's embedding cache; otherwise ``predictor`` itself. Smaller images (slices
     of stacks) are embedded at the scale they have either way."""
     model = predictor.model
@@ -569,9 +570,10 @@ def _sized_predictor(predictor: SamPredictor, shape: tuple[int, int], mode: str,
 
 @torch.no_grad()
 def _segment_masks(predictor: SamPredictor, rgb: np.ndarray, mode: str, params: dict[str, Any]) -> _Masks:
-    """Candidate masks of one uint8 RGB image (no tiling), filtered and NMS'd."""
-    model = predictor.model
+    """Candidate masks of one uint8 RGB image (no tiling) or tile, filtered and NMS'd."""
     h, w = rgb.shape[:2]
+    predictor = _sized_predictor(predictor, (h, w), mode, params["input_size"])
+    model = predictor.model
     predictor.set_image(rgb)
     scale = np.array([w, h], dtype=np.float64)
     dense = build_point_grid(params["points_per_side"]) * scale
