@@ -459,9 +459,10 @@ def segment_everything(
         input_size: the square model input (pixels, a multiple of 16) at which an image,
             or each tile, is embedded when it fills the model's input (its longest side
             brought to ``img_size`` rather than enlarged by at most ``max_upscale``);
-            smaller images keep their scale. Tiles are sized at ``img_size``. ``None``: in ``"auto"`` mode the model's
-            tuned value (``meta["auto"]["input_size"]``; the bundled model embeds at 896
-            what it prompts at 768), else the model's own ``img_size``. TinyViT models only.
+            smaller images keep their scale, and tiles are sized at ``img_size``.
+            ``None``: in ``"auto"`` mode the model's tuned value
+            (``meta["auto"]["input_size"]``; the bundled model embeds at 896 what it
+            prompts at 768), else the model's own ``img_size``. TinyViT models only.
         progress: ``progress(done, total)`` after each tile (1 of 1 without tiling).
 
     Every threshold left at ``None`` takes the model's tuned value for the mode (see
