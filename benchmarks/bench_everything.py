@@ -15,6 +15,8 @@ Every call uses the API defaults (thresholds None = the model's tuned values).
 --slow adds the point-grid modes (hierarchical, grid) to the DSB2018 and 3D tables.
 --anisotropy prints only the GoNuclear crops resampled in z (every other slice, twice as
 many), segmented without and with their voxel size (``segment_volume(..., scale=...)``).
+--noise prints only stand-ins noisier or more blurred than the default one (SNR 3, blur 1),
+segmented with the model's ``denoise_sigma`` and with other values.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from volumes import gonuclear, noisy_stack, resampled_gonuclear
 from napari_tinysam import SamPredictor, load_model, samples, segment_everything, segment_volume
 from napari_tinysam.bench import cpu_name, median_time, print_table
 from napari_tinysam.distill.data import load_folder
-from napari_tinysam.everything import auto_input_size, link_volume
+from napari_tinysam.everything import auto_input_size, link_volume, volume_thresholds
 from napari_tinysam.metrics import best_match_iou, match_instances, otsu_watershed
 
 #: name -> keyword arguments of segment_everything; "paper" is TinySAM's round 2 exactly
@@ -133,6 +135,29 @@ def mosaics(fields, side: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+#: (SNR, blur in pixels) of the stand-ins of the --noise table; the first is the default stand-in
+NOISE_CONDITIONS = ((3.0, 1.0), (2.0, 1.0), (1.5, 1.0), (3.0, 2.0), (2.0, 2.0))
+#: denoise_sigma values compared with the model's own in the --noise table
+DENOISE_SIGMAS = (0.0, 1.0, 2.0)
+
+
+def noise_rows(model, data: Path, stacks: int) -> list[dict]:
+    """3D F1@0.5 of ``segment_volume`` (mean over stand-ins from BBBC039 val) at each
+    of :data:`NOISE_CONDITIONS`, with each of :data:`DENOISE_SIGMAS` and the model's
+    ``denoise_sigma``."""
+    fields = load_folder(data / "bbbc039" / "val" / "images")[:stacks]
+    own = volume_thresholds(model)["denoise_sigma"]
+    rows = []
+    for snr, blur in NOISE_CONDITIONS:
+        items = [noisy_stack(s.image, s.labels, seed=i, snr=snr, blur=blur) for i, s in enumerate(fields)]
+        row = {"SNR": snr, "blur px": blur}
+        for sigma in sorted({*DENOISE_SIGMAS, own}):
+            f1 = [match_instances(segment_volume(model, img, denoise_sigma=sigma), lab)["f1"] for img, lab in items]
+            row[f"denoise {sigma:g}" + (" (model's)" if sigma == own else "")] = f"{np.mean(f1):.3f}"
+        rows.append(row)
+    return rows
+
+
 def anisotropy_rows(model, data: Path) -> list[dict]:
     """3D F1 of ``segment_volume`` on the GoNuclear crops resampled in z (every other
     slice; twice as many slices, linearly interpolated), without and with the stack's
@@ -162,6 +187,8 @@ def main() -> None:
     ap.add_argument("--slow", action="store_true", help="point-grid modes on DSB2018 and 3D too")
     ap.add_argument("--anisotropy", action="store_true",
                     help="only the table of GoNuclear crops resampled in z, without and with their voxel size")
+    ap.add_argument("--noise", action="store_true",
+                    help="only the table of noisier or more blurred stand-ins (--stacks of them), denoise_sigma compared")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -173,6 +200,12 @@ def main() -> None:
     if args.anisotropy:
         print("\nGoNuclear crops resampled in z, segment_volume without and with scale (3D F1@0.5):")
         rows = anisotropy_rows(model, data)
+        print_table(rows, list(rows[0]))
+        return
+    if args.noise:
+        print(f"\nNoisy 3D stand-ins ({args.stacks} stacks of 24x128x128 from BBBC039 val per row), "
+              "segment_volume, 3D F1@0.5, mean over stacks:")
+        rows = noise_rows(model, data, args.stacks)
         print_table(rows, list(rows[0]))
         return
     if not model.has_instance_head:

@@ -52,13 +52,15 @@ def resampled_gonuclear(data: Path):
 
 
 def noisy_stack(
-    image: np.ndarray, labels: np.ndarray, depth: int = 24, size: int = 128, snr: float = 3.0, seed: int = 0
+    image: np.ndarray, labels: np.ndarray, depth: int = 24, size: int = 128, snr: float = 3.0, seed: int = 0,
+    blur: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A (depth, size, size) noisy stack and its instance labels from a 2D field: every
     nucleus of a random crop gets a z centre and half-extent (3-7 slices) and, in each
     slice, keeps the part of its mask deeper than its ellipsoidal profile (it grows, then
     shrinks); a third of the nuclei are dimmed to 30-60%; slices drift by up to 2 px;
-    Gaussian blur (sigma 1) and Poisson noise at ``snr`` for a typical nucleus."""
+    Gaussian blur (``blur`` pixels in the plane, 0.7 of it across slices) and Poisson noise
+    at ``snr`` for a typical nucleus."""
     rng = np.random.default_rng(seed)
     h, w = labels.shape
     y0, x0 = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
@@ -89,7 +91,7 @@ def noisy_stack(
         dy, dx = drift[z]
         truth[z] = np.roll(sl_lab, (dy, dx), (0, 1))
         stack[z] = np.roll(sl_img, (dy, dx), (0, 1))
-    stack = ndimage.gaussian_filter(stack, (0.7, 1.0, 1.0))
+    stack = ndimage.gaussian_filter(stack, (0.7 * blur, blur, blur))
     level = float(np.median(signal[lab > 0])) if (lab > 0).any() else 1.0
     photons = snr**2 / max(level, 1e-3)
     noisy = rng.poisson(np.clip(stack - bg, 0, None) * photons) / photons + bg
