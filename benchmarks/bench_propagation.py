@@ -11,10 +11,12 @@ slice-by-slice upper bound (one click on every slice the object spans):
 
 Volumes: the GoNuclear confocal crops, the small synthetic stack, and noisy stand-ins
 built from BBBC039 fields (``volumes.noisy_stack``: drifting, growing and shrinking
-nuclei, blur, dim nuclei, Poisson noise at SNR 3).
+nuclei, blur, dim nuclei, Poisson noise at SNR 3; ``--snr`` and ``--blur`` make them
+noisier or blurrier).
 
     .venv/bin/python benchmarks/bench_propagation.py [--model default] [--data ../shared/data]
-        [--split val] [--noisy 2] [--max-objects 40] [--cold 3] [--methods head,decoder]
+        [--split val] [--noisy 2] [--snr 3] [--blur 1] [--max-objects 40] [--cold 3]
+        [--methods head,decoder]
 
 ``--anisotropy``: only the GoNuclear crops resampled in z (every other slice, twice as many
 slices), one click per object by the head without and with the voxel size (``scale``).
@@ -45,7 +47,7 @@ def iou3d(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def volumes(data: Path, split: str, noisy: int):
+def volumes(data: Path, split: str, noisy: int, snr: float = 3.0, blur: float = 1.0):
     out = [(f"gonuclear {name}", img, lab) for name, img, lab in gonuclear(data)]
     syn = data / "nuclei3d_synthetic"
     if syn.exists():
@@ -54,7 +56,7 @@ def volumes(data: Path, split: str, noisy: int):
         out.append(("synthetic", tifffile.imread(syn / "img3d.tif"), tifffile.imread(syn / "mask3d.tif").astype(np.int32)))
     fields = load_folder(data / "bbbc039" / split / "images", limit=noisy) if noisy else []
     for i, s in enumerate(fields):
-        img, lab = noisy_stack(s.image, s.labels, seed=i)
+        img, lab = noisy_stack(s.image, s.labels, seed=i, snr=snr, blur=blur)
         out.append((f"noisy BBBC039 {split} {i}", img, lab))
     return out
 
@@ -147,6 +149,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("TINYSAM_DATA_DIR", "../shared/data")))
     ap.add_argument("--split", default="val", help="BBBC039 split the noisy stand-ins are built from")
     ap.add_argument("--noisy", type=int, default=2, help="noisy stand-in stacks")
+    ap.add_argument("--snr", type=float, default=3.0, help="signal-to-noise ratio of the noisy stand-ins")
+    ap.add_argument("--blur", type=float, default=1.0, help="blur of the noisy stand-ins (pixels in the plane)")
     ap.add_argument("--max-objects", type=int, default=40, help="objects per volume (random, seeded)")
     ap.add_argument("--cold", type=int, default=3, help="objects per volume timed on a cold cache")
     ap.add_argument("--only", default="", help="only volumes whose name contains this")
@@ -166,7 +170,7 @@ def main() -> None:
         return
     rng = np.random.default_rng(0)
     rows, every = [], {}
-    for name, stack, labels in volumes(args.data, args.split, args.noisy):
+    for name, stack, labels in volumes(args.data, args.split, args.noisy, args.snr, args.blur):
         if args.only and args.only not in name:
             continue
         row = run_volume(model, name, stack, labels, args.max_objects, args.cold, rng, methods,
