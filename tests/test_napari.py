@@ -86,6 +86,20 @@ def test_annotator_2d_commit_second_object_and_undo(annotator, qtbot, nuclei):
     assert target.data.max() == 0
 
 
+def test_a_click_on_the_outer_half_of_an_edge_pixel_segments_the_nucleus_there(annotator, qtbot, nuclei):
+    """napari puts pixel centres at integers, so a click on the left half of the first
+    column gives x between -0.5 and 0: it is on the image and segments the nucleus cut by
+    the border there."""
+    viewer, w = annotator
+    truth = nuclei[1]
+    nucleus = truth == 60  # 925 px, cut by the left border on rows 248-270
+    w.points_layer.add([259.0, -0.4])
+    _wait(qtbot, w)
+    assert _iou(w.preview_layer.data > 0, nucleus) > 0.5
+    w.commit()
+    assert _iou(viewer.layers["TinySAM labels"].data == 1, nucleus) > 0.5
+
+
 def test_annotator_each_point_is_an_object_committed_in_one_step(annotator, qtbot, nuclei):
     viewer, w = annotator
     truth = nuclei[1]

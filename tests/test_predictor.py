@@ -66,6 +66,8 @@ def test_bad_prompts(tiny_model, blobs_image):
         p.predict(np.array([[3, 3]]), np.array([2]))
     with pytest.raises(ValueError, match="outside"):
         p.predict(np.array([[500, 3]]), np.array([1]))
+    with pytest.raises(ValueError, match="outside"):
+        p.predict(np.array([[-0.6, 3]]), np.array([1]))
     with pytest.raises(ValueError, match="x0 <= x1"):
         p.predict(box=np.array([50, 10, 20, 40]))
     with pytest.raises(ValueError, match="lies outside"):

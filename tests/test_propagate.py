@@ -174,6 +174,18 @@ def test_bad_prompts_are_explained(predictor, args, kwargs, message):
         segment_object_in_volume(predictor, stack, *args, **kwargs)
 
 
+@pytest.mark.parametrize("method", ["head", "decoder"])
+def test_a_click_on_the_outer_half_of_an_edge_pixel_is_on_the_slice(predictor, method):
+    """Pixel centres are at integers (napari's data coordinates), so the last column
+    reaches x = w - 0.5: a click there, on a nucleus cut by the border, segments it."""
+    stack, truth = disc_stack()
+    stack, truth = stack[:, :, :56], truth[:, :, :56]  # the disc (x 38-62) cut at x = 56
+    res = segment_object_in_volume(predictor, stack, 5, [[55.5, 48]], [1], method=method)
+    assert _iou(res[5], truth[5]) > 0.6
+    with pytest.raises(ValueError, match="outside the slice"):
+        segment_object_in_volume(predictor, stack, 5, [[56.1, 48]], [1], method=method)
+
+
 def test_a_2d_image_is_refused(predictor):
     stack, _ = disc_stack()
     with pytest.raises(ValueError, match="needs a \\(Z, H, W\\) stack"):

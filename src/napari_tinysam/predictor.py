@@ -190,11 +190,22 @@ def compute_embedding(model: Sam, rgb: np.ndarray) -> ImageEmbedding:
     return ImageEmbedding(features, tuple(rgb.shape[:2]), tuple(x.shape[-2:]))
 
 
+def points_outside(coords: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Which (x, y) points of ``coords`` (N, 2) lie off an image of ``h`` x ``w`` pixels.
+    Pixel centres are at integer coordinates (segment-anything's convention and napari's),
+    so the image reaches half a pixel before 0: a click on the left or top half of an
+    edge pixel (napari gives -0.5 .. 0 there) is on the image. Up to ``w`` / ``h`` is
+    accepted on the other side."""
+    x, y = coords[:, 0], coords[:, 1]
+    return (x < -0.5) | (x > w) | (y < -0.5) | (y > h)
+
+
 class SamPredictor:
     """segment-anything's predictor interface over a ``Sam`` model.
 
     Coordinates are (x, y) in pixels of the image given to :meth:`set_image`
-    (x = column, y = row). Points outside the image raise ``ValueError``; boxes that
+    (x = column, y = row; pixel centres at integers, as in napari's data coordinates).
+    Points outside the image raise ``ValueError`` (:func:`points_outside`); boxes that
     stick out are clipped to the image with a warning.
     """
 
@@ -284,7 +295,7 @@ class SamPredictor:
                 )
             if not np.isfinite(coords).all():
                 raise ValueError("point_coords contain NaN or infinite values")
-            outside = (coords[:, 0] < 0) | (coords[:, 0] > w) | (coords[:, 1] < 0) | (coords[:, 1] > h)
+            outside = points_outside(coords, h, w)
             if outside.any():
                 raise ValueError(
                     f"points outside the {w}x{h} (width x height) image: "

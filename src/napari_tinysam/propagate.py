@@ -27,7 +27,7 @@ from .everything import (
     volume_thresholds,
 )
 from .head_object import HeadSlices, iter_head_object
-from .predictor import SamPredictor, preprocess_shape, to_uint8_rgb
+from .predictor import SamPredictor, points_outside, preprocess_shape, to_uint8_rgb
 
 
 class VolumeMask(np.ndarray):
@@ -400,7 +400,7 @@ def _as_prompt_sets(z, point_coords, point_labels, box, mask, shape):
         labels = np.zeros(0, np.int64) if lab is None else np.asarray(lab, np.int64).reshape(-1)
         if len(points) != len(labels):
             raise ValueError(f"{len(points)} points but {len(labels)} point labels on slice z={zi}")
-        outside = (points[:, 0] < 0) | (points[:, 0] > w - 1) | (points[:, 1] < 0) | (points[:, 1] > h - 1)
+        outside = points_outside(points, h, w)
         if outside.any():
             raise ValueError(
                 f"point {points[outside][0].tolist()} (x, y) lies outside the slice ({w} x {h} pixels)"
