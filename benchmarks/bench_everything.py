@@ -15,8 +15,8 @@ Every call uses the API defaults (thresholds None = the model's tuned values).
 --slow adds the point-grid modes (hierarchical, grid) to the DSB2018 and 3D tables.
 --anisotropy prints only the GoNuclear crops resampled in z (every other slice, twice as
 many), segmented without and with their voxel size (``segment_volume(..., scale=...)``).
---noise prints only stand-ins noisier or more blurred than the default one (SNR 3, blur 1),
-segmented with the model's ``denoise_sigma`` and with other values.
+--noise prints only the stand-ins at a lower SNR or with a wider blur, after the default one
+(SNR 3, blur 1), each segmented with the model's ``denoise_sigma`` and with other values.
 """
 
 from __future__ import annotations

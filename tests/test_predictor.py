@@ -68,6 +68,8 @@ def test_bad_prompts(tiny_model, blobs_image):
         p.predict(np.array([[500, 3]]), np.array([1]))
     with pytest.raises(ValueError, match="outside"):
         p.predict(np.array([[-0.6, 3]]), np.array([1]))
+    masks, _, _ = p.predict(np.array([[-0.4, -0.4]]), np.array([1]))  # the corner pixel's outer half
+    assert masks.shape == (3, 96, 128)
     with pytest.raises(ValueError, match="x0 <= x1"):
         p.predict(box=np.array([50, 10, 20, 40]))
     with pytest.raises(ValueError, match="lies outside"):
