@@ -196,6 +196,24 @@ def test_zoom_without_encoding_asks_for_the_window(field):
     assert later.window is not None and later.pending_window is None and fresh.encoder_calls == 2
 
 
+def test_a_click_on_the_outer_half_of_an_edge_pixel_gets_the_magnified_look_too():
+    """A small nucleus cut by the left border, clicked on the outer half of its edge pixel
+    (napari gives -0.5 .. 0 there), is magnified as a click inside that pixel is."""
+    from napari_tinysam import samples
+
+    labels = samples.nuclei_2d_labels()
+    rgb = slice_rgb(samples.nuclei_2d(), None)
+    predictor = SamPredictor(load_model("default"))
+    nucleus = labels == 88  # 66 px on rows 351-363 of the first column
+    windows, ious = [], []
+    for x in (0.4, -0.4):
+        res = segment_prompts(predictor, rgb, Prompts(np.array([[x, 357.0]]), np.array([1])), zoom=Zoom())
+        windows.append(res.window)
+        ious.append(_iou(res.masks[int(np.argmax(res.scores))], nucleus))
+    assert windows[0] is not None and windows[1] == windows[0]
+    assert min(ious) > 0.85
+
+
 def test_zoom_window_geometry():
     zoom = Zoom(target_area=900, max_zoom=2.0, min_zoom=1.25)
     # a 10x10 object in the corner of a 520x696 field seen at scale 1.1: magnified twice,

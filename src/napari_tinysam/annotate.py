@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .predictor import SamPredictor, image_key, to_uint8_rgb
+from .predictor import SamPredictor, image_key, points_outside, to_uint8_rgb
 
 
 @dataclass
@@ -165,7 +165,7 @@ def _holds(window: tuple[int, int, int, int], prompts: Prompts) -> bool:
     xy = np.asarray(prompts.points, np.float64).reshape(-1, 2)
     if prompts.box is not None:
         xy = np.concatenate([xy, np.asarray(prompts.box, np.float64).reshape(2, 2)])
-    return bool(((xy[:, 0] >= x0) & (xy[:, 0] <= x0 + w) & (xy[:, 1] >= y0) & (xy[:, 1] <= y0 + h)).all())
+    return not points_outside(xy - [x0, y0], h, w).any()
 
 
 def zoom_window(
