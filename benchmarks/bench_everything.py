@@ -84,8 +84,11 @@ def speed_rows(model, image: np.ndarray, repeats: int) -> list[dict]:
 def quality_table(title: str, model, items, methods: dict, volume: bool = False) -> None:
     scores: dict[str, list] = {name: [] for name in methods} | {"otsu+watershed (classical)": []}
     seconds: dict[str, list] = {name: [] for name in scores}
+    grid = "grid 32x32" if "grid 32x32" in methods and not volume else None
+    agreement: dict[str, list] = {name: [] for name in methods}
     for image, truth in items:
         pred = None if volume else SamPredictor(model)
+        found = {}
         for name, kw in methods.items():
             t = time.perf_counter()
             if volume:
@@ -95,6 +98,10 @@ def quality_table(title: str, model, items, methods: dict, volume: bool = False)
                 pred.cache.clear()  # every method pays its embedding
             seconds[name].append(time.perf_counter() - t)
             scores[name].append(match_instances(labels, truth))
+            found[name] = labels
+        if grid:
+            for name in methods:
+                agreement[name].append(best_match_iou(found[grid], found[name]))
         t = time.perf_counter()
         if volume:
             classical = link_volume(np.stack([otsu_watershed(s) for s in image]))
@@ -111,9 +118,11 @@ def quality_table(title: str, model, items, methods: dict, volume: bool = False)
             "recall": f"{np.mean([p['recall'] for p in per]):.3f}",
             "matched_IoU": f"{np.mean([p['mean_matched_iou'] for p in per]):.3f}",
             "s/item": f"{np.median(seconds[method]):.2f}",
+            "agreement_with_grid": f"{np.mean(agreement[method]):.3f}" if agreement.get(method) else "",
         })
     print(f"\n{title}")
-    print_table(rows, ["method", "F1@0.5", "precision", "recall", "matched_IoU", "s/item"])
+    print_table(rows, ["method", "F1@0.5", "precision", "recall", "matched_IoU", "s/item"]
+                + (["agreement_with_grid"] if grid else []))
 
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import napari_tinysam.everything as ev
 from napari_tinysam import SamPredictor
@@ -46,6 +47,47 @@ def test_paint_labels_higher_score_wins_and_ids_by_score():
     # a mask entirely hidden by a better one gets no id
     labels, ids = paint_labels([b, a], [(1, 1, 3, 3), (0, 0, 4, 4)], np.array([0.5, 0.9]), (5, 5))
     assert ids == [0, 1] and labels.max() == 1
+
+
+def test_paint_labels_drops_slivers_and_frees_their_pixels_for_the_masks_after_them():
+    better = np.ones((3, 4), bool)  # rows 0-2, score 0.9
+    mostly_hidden = np.ones((4, 4), bool)  # rows 0-3, score 0.8: would keep row 3 only (4 of 16)
+    below = np.ones((2, 4), bool)  # rows 3-4, score 0.5
+    masks, boxes = [mostly_hidden, better, below], [(0, 0, 4, 4), (0, 0, 3, 4), (3, 0, 5, 4)]
+    scores = np.array([0.8, 0.9, 0.5])
+    labels, ids = paint_labels(masks, boxes, scores, (6, 4), min_kept=0.3)
+    assert ids == [0, 1, 2]
+    assert (labels[:3] == 1).all() and (labels[3:5] == 2).all() and (labels[5] == 0).all()
+    # without the rule, or with a share it meets, the sliver stays an object of its own
+    for min_kept in (0.0, 0.25):
+        labels, ids = paint_labels(masks, boxes, scores, (6, 4), min_kept=min_kept)
+        assert ids == [2, 1, 3] and (labels[3] == 2).all() and (labels[4] == 3).all()
+
+
+def test_everything_mode_leaves_no_sliver_of_a_mask_as_an_object(monkeypatch):
+    """Each object also comes as a worse mask that reaches one cell further right: painted
+    under the better one, only a crescent of it would show, and that is not an object."""
+    truth = _scene()
+    fake = FakeSam(truth)
+    decode = fake.decode
+
+    def with_a_wider_duplicate(features, points=None, boxes=None, mask_input=None):
+        low, iou = decode(features, points, boxes, mask_input)
+        obj = low[:, 3] > 0  # token 3: a duplicate of the object (IoU 0.9)
+        wider = obj.clone()
+        wider[:, :, 1:] |= obj[:, :, :-1]
+        low[:, 3] = torch.where(wider, 20.0, -20.0)
+        return low, iou
+
+    monkeypatch.setattr(fake, "decode", with_a_wider_duplicate)
+    image = (truth > 0).astype(np.uint8) * 200 + 10
+    labels, records = segment_everything(SamPredictor(fake), image, mode="grid", points_per_side=16,
+                                         box_nms_thresh=0.99, return_records=True)
+    assert labels.max() == 4 and len(records) == 4
+    for rec in records:
+        assert (labels == rec["label"]).sum() >= ev.MIN_KEPT * rec["area"]
+    for k in range(1, 5):  # each object whole (the fake's masks are 4x coarser than the image)
+        assert max(_iou(labels == j, truth == k) for j in range(1, 5)) > 0.75
 
 
 @pytest.mark.parametrize("mode", ["grid", "hierarchical"])

@@ -220,6 +220,14 @@ AUTO_THRESHOLDS = {
 #: probability is below this (confident background), when the model has a head.
 BACKGROUND_THRESH = 0.1
 
+#: Overlapping masks become labels best first; a mask that keeps less than this share of
+#: its own pixels beside better-scored ones is dropped (``paint_labels``'s ``min_kept``):
+#: what would show of it is a sliver, a false object that a user would delete by hand.
+#: Grid and hierarchical modes leave many (on BBBC039 training fields 18 of 106 objects
+#: per field); auto mode's objects seldom overlap. Chosen on training fields
+#: (docs/benchmarks.md).
+MIN_KEPT = 0.3
+
 MODES = ("auto", "hierarchical", "grid")
 
 #: ``segment_volume`` in ``"auto"`` mode: the head's maps of every slice, smoothed across
@@ -471,7 +479,8 @@ def segment_everything(
     Returns:
         An (H, W) int32 label image, 0 = background, ids 1..N in order of decreasing
         predicted IoU. Where masks overlap, the mask with the higher predicted IoU wins
-        the pixel. With ``return_records``: (labels, records), one record per id, each
+        the pixel; a mask left with less than :data:`MIN_KEPT` of its pixels is dropped,
+        not shown as a sliver. With ``return_records``: (labels, records), one record per id, each
         with segmentation (H, W) bool (the mask before overlaps were resolved), area,
         bbox (XYWH), predicted_iou, stability_score, point_coords and label.
     """
@@ -518,7 +527,7 @@ def segment_everything(
     masks = _segment_masks(predictor, rgb, mode, params)
     if progress is not None:
         progress(1, 1)
-    labels, ids = paint_labels(masks.crops, masks.places, np.array(masks.iou), (h, w))
+    labels, ids = paint_labels(masks.crops, masks.places, np.array(masks.iou), (h, w), MIN_KEPT)
     if not return_records:
         return labels
     records = []
@@ -684,7 +693,7 @@ def _segment_tiled(predictor, rgb, mode, params, tile, halo, progress) -> np.nda
         crop = rgb[y0:y1, x0:x1]
         if crop.min() != crop.max():
             masks = _segment_masks(predictor, np.ascontiguousarray(crop), mode, params)
-            labels, _ = paint_labels(masks.crops, masks.places, np.array(masks.iou), crop.shape[:2])
+            labels, _ = paint_labels(masks.crops, masks.places, np.array(masks.iou), crop.shape[:2], MIN_KEPT)
             n = int(labels.max())
             if n:
                 centres = np.array(ndimage.center_of_mass(labels > 0, labels, np.arange(1, n + 1)))

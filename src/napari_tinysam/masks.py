@@ -74,32 +74,32 @@ def remove_small_regions(mask: np.ndarray, area_thresh: int, mode: str) -> tuple
 
 
 def paint_labels(masks: list[np.ndarray], boxes: list[tuple[int, int, int, int]], scores: np.ndarray,
-                 shape: tuple[int, int]) -> tuple[np.ndarray, list[int]]:
+                 shape: tuple[int, int], min_kept: float = 0.0) -> tuple[np.ndarray, list[int]]:
     """Paint cropped masks into an int32 label image (0 = background).
 
     ``masks[i]`` is a bool crop placed at ``boxes[i] = (y0, x0, y1, x1)`` (exclusive
-    ends). Where masks overlap the one with the higher score wins. Ids are 1..N in order
-    of decreasing score among the masks that keep at least one pixel; returns the label
-    image and, for each input mask, its id (0 when it lost every pixel).
+    ends). Masks are placed best score first, each on the pixels that no better mask
+    holds, so where masks overlap the one with the higher score wins. A mask left with
+    no pixel, or with fewer than ``min_kept`` times its own area, is dropped: what would
+    show of it is a sliver beside better objects, and its pixels stay free for the masks
+    after it. Ids are 1..N in order of decreasing score among the masks kept; returns the
+    label image and, for each input mask, its id (0 when dropped).
     """
     labels = np.zeros(shape, np.int32)
-    order = np.argsort(scores, kind="stable")  # lowest first, best painted last
-    for rank, i in enumerate(order, 1):
+    ids = [0] * len(masks)
+    next_id = 1
+    # best first; of equal scores the later mask first (as if painted last)
+    for i in np.argsort(scores, kind="stable")[::-1]:
         y0, x0, y1, x1 = boxes[i]
         view = labels[y0:y1, x0:x1]
-        view[masks[i]] = rank
-    # relabel: best score -> 1, dropping masks that lost all their pixels
-    present = np.zeros(len(order) + 1, bool)
-    present[np.unique(labels)] = True
-    lut = np.zeros(len(order) + 1, np.int32)
-    ids = [0] * len(order)
-    next_id = 1
-    for rank in range(len(order), 0, -1):
-        if present[rank]:
-            lut[rank] = next_id
-            ids[order[rank - 1]] = next_id
-            next_id += 1
-    return lut[labels], ids
+        free = masks[i] & (view == 0)
+        kept = int(np.count_nonzero(free))
+        if kept == 0 or kept < min_kept * np.count_nonzero(masks[i]):
+            continue
+        view[free] = next_id
+        ids[i] = next_id
+        next_id += 1
+    return labels, ids
 
 
 def overlap_iou(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
