@@ -265,6 +265,30 @@ def test_tiles_give_every_object_once_and_whole(monkeypatch):
     assert any(len(np.unique(cut[truth == i])) > 1 for i in range(1, k + 1))
 
 
+def test_a_tiles_object_mostly_under_an_earlier_tiles_object_is_no_sliver(monkeypatch):
+    """Both tiles see the whole image (the halo is a tile wide). The first tile's object
+    has its centre in the first tile; the second tile answers with an object that lies
+    mostly under it (centre in the second tile): only a strip of 120 of its 1480 pixels
+    is free, and that strip is no object."""
+    first = np.zeros((64, 128), bool)
+    first[10:50, 20:100] = True  # centre x 59.5
+    second = np.zeros((64, 128), bool)
+    second[10:50, 66:100] = True
+    second[20:30, 100:112] = True  # centre x 84.4
+    answers = [first, second]
+
+    def one_object_per_tile(predictor, rgb, mode, params):
+        mask = answers.pop(0)
+        return _ids_as_masks(predictor, np.repeat(mask[..., None].astype(np.uint8), 3, -1), mode, params)
+
+    monkeypatch.setattr(ev, "_segment_masks", one_object_per_tile)
+    rgb = np.full((64, 128, 3), 100, np.uint8)
+    rgb[0, 0] = 0
+    out = ev._segment_tiled(None, rgb, "auto", {}, (64, 64), (0, 64), None)
+    assert not answers  # both tiles were segmented
+    assert out.max() == 1 and ((out == 1) == first).all()
+
+
 def test_tiling_settings_are_checked():
     fake = FakeSam(np.zeros((128, 128), np.int32))
     image = np.random.default_rng(0).integers(0, 50, (128, 128)).astype(np.uint16)

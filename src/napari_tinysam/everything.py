@@ -682,7 +682,8 @@ def _segment_tiled(predictor, rgb, mode, params, tile, halo, progress) -> np.nda
     """Everything mode tile by tile: each tile with its halo is segmented on its own; an
     object belongs to the tile whose inner part holds its centroid, so objects cut by one
     tile's edge come whole from the neighbour whose halo holds them, and none twice.
-    Objects are painted in tile order without overwriting earlier ones."""
+    Objects are painted in tile order without overwriting earlier ones; one left with less
+    than :data:`MIN_KEPT` of its pixels is dropped."""
     h, w = rgb.shape[:2]
     (th, tw), (hy, hx) = tile, halo
     starts = [(y, x) for y in range(0, h, th) for x in range(0, w, tw)]
@@ -705,6 +706,10 @@ def _segment_tiled(predictor, rgb, mode, params, tile, halo, progress) -> np.nda
                 region = out[y0:y1, x0:x1]
                 new = lut[labels]
                 free = (new > 0) & (region == 0)
+                # an object mostly under an earlier tile's objects would show as a sliver
+                whole = np.bincount(new.ravel(), minlength=next_id)
+                kept = np.bincount(new[free], minlength=next_id)
+                free &= kept[new] >= MIN_KEPT * whole[new]
                 region[free] = new[free]
         if progress is not None:
             progress(k + 1, len(starts))
