@@ -34,7 +34,14 @@ from .instances import (
     object_prompts,
     split_stacked_objects,
 )
-from .masks import box_nms, build_point_grid, paint_labels, remove_small_regions, stitch_pair
+from .masks import (
+    box_nms,
+    build_point_grid,
+    paint_labels,
+    remove_small_regions,
+    shows_enough,
+    stitch_pair,
+)
 from .model import Sam
 from .model.sam import _upscale_matrix
 from .predictor import SamPredictor, to_uint8_rgb
@@ -706,10 +713,10 @@ def _segment_tiled(predictor, rgb, mode, params, tile, halo, progress) -> np.nda
                 region = out[y0:y1, x0:x1]
                 new = lut[labels]
                 free = (new > 0) & (region == 0)
-                # an object mostly under an earlier tile's objects would show as a sliver
+                # as within a tile: an object mostly under earlier tiles' objects is dropped
                 whole = np.bincount(new.ravel(), minlength=next_id)
                 kept = np.bincount(new[free], minlength=next_id)
-                free &= kept[new] >= MIN_KEPT * whole[new]
+                free &= shows_enough(kept, whole, MIN_KEPT)[new]
                 region[free] = new[free]
         if progress is not None:
             progress(k + 1, len(starts))

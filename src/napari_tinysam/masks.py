@@ -73,6 +73,13 @@ def remove_small_regions(mask: np.ndarray, area_thresh: int, mode: str) -> tuple
     return np.logical_or(mask, np.isin(lab, small)), True
 
 
+def shows_enough(kept, area, min_kept: float):
+    """Whether an object that keeps ``kept`` of its ``area`` pixels once better (or
+    earlier) objects hold theirs is still an object: it keeps a pixel and at least
+    ``min_kept`` of its area, else what would show of it is a sliver. Numbers or arrays."""
+    return (kept > 0) & (kept >= min_kept * area)
+
+
 def paint_labels(masks: list[np.ndarray], boxes: list[tuple[int, int, int, int]], scores: np.ndarray,
                  shape: tuple[int, int], min_kept: float = 0.0) -> tuple[np.ndarray, list[int]]:
     """Paint cropped masks into an int32 label image (0 = background).
@@ -80,10 +87,10 @@ def paint_labels(masks: list[np.ndarray], boxes: list[tuple[int, int, int, int]]
     ``masks[i]`` is a bool crop placed at ``boxes[i] = (y0, x0, y1, x1)`` (exclusive
     ends). Masks are placed best score first, each on the pixels that no better mask
     holds, so where masks overlap the one with the higher score wins. A mask left with
-    no pixel, or with fewer than ``min_kept`` times its own area, is dropped: what would
-    show of it is a sliver beside better objects, and its pixels stay free for the masks
-    after it. Ids are 1..N in order of decreasing score among the masks kept; returns the
-    label image and, for each input mask, its id (0 when dropped).
+    no pixel, or with fewer than ``min_kept`` times its own area, is dropped
+    (:func:`shows_enough`), and its pixels stay free for the masks after it. Ids are 1..N
+    in order of decreasing score among the masks kept; returns the label image and, for
+    each input mask, its id (0 when dropped).
     """
     labels = np.zeros(shape, np.int32)
     ids = [0] * len(masks)
@@ -94,7 +101,7 @@ def paint_labels(masks: list[np.ndarray], boxes: list[tuple[int, int, int, int]]
         view = labels[y0:y1, x0:x1]
         free = masks[i] & (view == 0)
         kept = int(np.count_nonzero(free))
-        if kept == 0 or kept < min_kept * np.count_nonzero(masks[i]):
+        if not shows_enough(kept, np.count_nonzero(masks[i]), min_kept):
             continue
         view[free] = next_id
         ids[i] = next_id
