@@ -12,7 +12,7 @@ slice-by-slice upper bound (one click on every slice the object spans):
 Volumes: the GoNuclear confocal crops, the small synthetic stack, and noisy stand-ins
 built from BBBC039 fields (``volumes.noisy_stack``: drifting, growing and shrinking
 nuclei, blur, dim nuclei, Poisson noise at SNR 3; ``--snr`` and ``--blur`` make them
-noisier or blurrier).
+noisier or blurrier, ``--shrink 0.5`` makes the nuclei half as wide).
 
     .venv/bin/python benchmarks/bench_propagation.py [--model default] [--data ../shared/data]
         [--split val] [--noisy 2] [--snr 3] [--blur 1] [--max-objects 40] [--cold 3]
@@ -47,7 +47,7 @@ def iou3d(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def volumes(data: Path, split: str, noisy: int, snr: float = 3.0, blur: float = 1.0):
+def volumes(data: Path, split: str, noisy: int, snr: float = 3.0, blur: float = 1.0, shrink: float = 1.0):
     out = [(f"gonuclear {name}", img, lab) for name, img, lab in gonuclear(data)]
     syn = data / "nuclei3d_synthetic"
     if syn.exists():
@@ -56,8 +56,8 @@ def volumes(data: Path, split: str, noisy: int, snr: float = 3.0, blur: float = 
         out.append(("synthetic", tifffile.imread(syn / "img3d.tif"), tifffile.imread(syn / "mask3d.tif").astype(np.int32)))
     fields = load_folder(data / "bbbc039" / split / "images", limit=noisy) if noisy else []
     for i, s in enumerate(fields):
-        img, lab = noisy_stack(s.image, s.labels, seed=i, snr=snr, blur=blur)
-        out.append((f"noisy BBBC039 {split} {i}", img, lab))
+        img, lab = noisy_stack(s.image, s.labels, seed=i, snr=snr, blur=blur, shrink=shrink)
+        out.append((f"noisy BBBC039 {split} {i}" + (f" shrunk by {shrink:g}" if shrink != 1 else ""), img, lab))
     return out
 
 
@@ -151,6 +151,8 @@ def main() -> None:
     ap.add_argument("--noisy", type=int, default=2, help="noisy stand-in stacks")
     ap.add_argument("--snr", type=float, default=3.0, help="signal-to-noise ratio of the noisy stand-ins")
     ap.add_argument("--blur", type=float, default=1.0, help="blur of the noisy stand-ins (pixels in the plane)")
+    ap.add_argument("--shrink", type=float, default=1.0,
+                    help="noisy stand-ins from fields shrunk by this factor (0.5: nuclei half as wide)")
     ap.add_argument("--max-objects", type=int, default=40, help="objects per volume (random, seeded)")
     ap.add_argument("--cold", type=int, default=3, help="objects per volume timed on a cold cache")
     ap.add_argument("--only", default="", help="only volumes whose name contains this")
@@ -170,7 +172,7 @@ def main() -> None:
         return
     rng = np.random.default_rng(0)
     rows, every = [], {}
-    for name, stack, labels in volumes(args.data, args.split, args.noisy, args.snr, args.blur):
+    for name, stack, labels in volumes(args.data, args.split, args.noisy, args.snr, args.blur, args.shrink):
         if args.only and args.only not in name:
             continue
         row = run_volume(model, name, stack, labels, args.max_objects, args.cold, rng, methods,
