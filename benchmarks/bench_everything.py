@@ -18,7 +18,7 @@ many), segmented without and with their voxel size (``segment_volume(..., scale=
 --noise prints only the stand-ins at a lower SNR or with a wider blur, after the default one
 (SNR 3, blur 1), each segmented with the model's ``denoise_sigma`` and with other values.
 --shrink 0.5 builds the stand-ins from fields shrunk by half: nuclei 10-20 px across
-instead of BBBC039's 20-40, the size of the held-back embryo stacks' nuclei.
+instead of BBBC039's 20-40, the size of nuclei in confocal stacks of embryos.
 """
 
 from __future__ import annotations

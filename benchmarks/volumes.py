@@ -52,8 +52,8 @@ def resampled_gonuclear(data: Path):
 
 
 def shrunk(image: np.ndarray, labels: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
-    """A 2D field and its labels resampled by ``factor`` (image area averaged, float32;
-    labels nearest)."""
+    """A 2D field and its labels resampled by ``factor`` (the image smoothed against
+    aliasing when shrunk, float32; labels nearest)."""
     from skimage.transform import rescale
 
     img = rescale(image.astype(np.float32), factor, anti_aliasing=factor < 1, preserve_range=True)
@@ -70,9 +70,9 @@ def noisy_stack(
     slice, keeps the part of its mask deeper than its ellipsoidal profile (it grows, then
     shrinks); a third of the nuclei are dimmed to 30-60%; slices drift by up to 2 px;
     Gaussian blur (``blur`` pixels in the plane, 0.7 of it across slices) and Poisson noise
-    at ``snr`` for a typical nucleus. ``shrink`` < 1 resamples the field first (area
-    averaged; labels nearest), so the nuclei are that many times as wide: 0.5 turns
-    BBBC039's nuclei (median 29 px across) into ones of the held-back embryo stacks' size
+    at ``snr`` for a typical nucleus. ``shrink`` resamples the field first
+    (:func:`shrunk`), so the nuclei are that many times as wide: 0.5 turns BBBC039's
+    nuclei (median 29 px across) into ones of the size found in confocal stacks of embryos
     (10-25 px)."""
     rng = np.random.default_rng(seed)
     if shrink != 1.0:
