@@ -40,6 +40,8 @@ from napari_tinysam.quantize import (
     QLinear,
     QMatMul,
     calibrate,
+    int8_kernels_available,
+    int8_kernels_unavailable,
     prepare,
     quant_layers,
     record_calibration,
@@ -114,7 +116,8 @@ def main() -> None:
         res = compare_models(int8, model, val, max_objects=args.val_objects)
         print(f"\nAccuracy of {args.int8}: BBBC039 val, {len(val)} fields, {res['objects']} objects")
         print_table([_row(TWIN_LABELS[int8.quantization["twin"]], int8.quantization["distance"],
-                          "int8 kernels", res, "")], ["post-softmax/GELU", "distance", "run",
+                          "int8 kernels" if int8.quantization.get("int8_kernels") else "simulated", res, "")],
+                    ["post-softmax/GELU", "distance", "run",
                     "mask IoU vs float (click)", "mask IoU vs float (box)", "click mIoU", "box mIoU"])
         report_speed_and_size(model, int8, Path(args.int8), val[0].image, args)
         return
@@ -136,7 +139,8 @@ def main() -> None:
                 # model selection on training fields that calibration did not use
                 sel = compare_models(q, model, select, max_objects=args.val_objects)
                 deployable[distance] = (sel["agree_click"] + sel["agree_box"], q)
-                variants.append(("int8 kernels", use_int8_kernels(copy.deepcopy(q))))
+                if int8_kernels_available():  # else the same model again: nothing to add
+                    variants.append(("int8 kernels", use_int8_kernels(copy.deepcopy(q))))
             for how, qm in variants:
                 res = compare_models(qm, model, val, max_objects=args.val_objects)
                 rows.append(_row(TWIN_LABELS[twin], distance, how, res, f"{t_cal:.0f}"))
@@ -202,10 +206,11 @@ def everything_rows(models: dict, fields: list) -> list[dict]:
 
 
 def report_speed_and_size(model, int8_model, int8_path: Path, image, args) -> None:
-    n_int8 = len(int8_model.quantization["int8_kernels"])
+    n_int8 = len(int8_model.quantization.get("int8_kernels", []))
+    why = int8_kernels_unavailable()
     print(f"\nSpeed: one {image.shape[1]}x{image.shape[0]} field, {args.threads} threads, "
           f"medians of {args.repeats} (clicks: {args.repeats * 4}); {n_int8} layers run in int8 kernels, "
-          f"the other quantized layers simulated")
+          f"the other quantized layers simulated" + (f" ({why})" if why else ""))
     print_table(speed_rows(model, int8_model, image, args.repeats),
                 ["model", "embedding ms", "encoder speedup", "click ms", "click ratio"])
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,6 +23,8 @@ float rounding of the output). Depthwise convolutions, transposed convolutions, 
 products and layers with twin-uniform inputs stay simulated: oneDNN has no batched int8
 matmul, its int8 depthwise convolution is no faster than the float one once the input is
 quantized, and a twin-uniform tensor has two scales where an int8 kernel takes one.
+On CPUs whose kernels saturate (no VNNI) nothing is swapped and the model stays simulated
+(:func:`int8_kernels_unavailable` says why).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from .int8 import (
     Int8Linear,
     int8_kernel_layers,
     int8_kernels_available,
+    int8_kernels_unavailable,
     load_quantized,
     quantized_state_dict,
     save_quantized,
@@ -65,7 +68,7 @@ from .simulated import (
 __all__ = [
     "BITS", "ActQuant", "Int8Conv2d", "Int8Linear", "QConv", "QLinear", "QMatMul", "calibrate",
     "calibration_prompts", "candidate_alphas", "fake_quant", "int8_kernel_layers", "int8_kernels_available",
-    "load_quantized", "prepare", "quant_layers", "quantize", "quantize_model", "quantized_state_dict",
+    "int8_kernels_unavailable", "load_quantized", "prepare", "quant_layers", "quantize", "quantize_model", "quantized_state_dict",
     "record_calibration", "save_quantized", "search_scales", "twin_gelu_quant", "twin_softmax_quant",
     "use_int8_kernels",
 ]

@@ -4,6 +4,7 @@ convolutions) and the quantized checkpoint format."""
 from __future__ import annotations
 
 import warnings
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,55 @@ from .simulated import BITS, QConv, QLinear, fake_quant, prepare, quant_layers, 
 
 
 # -- real int8 execution ----------------------------------------------------------------
-def int8_kernels_available() -> bool:
-    """Whether this PyTorch build has oneDNN's int8 linear and convolution kernels."""
+def _kernels_exact() -> bool:
+    """Whether oneDNN's u8 x s8 kernels sum their products exactly on this CPU.
+
+    Without the VNNI instructions (AVX2 and early AVX-512 CPUs: AMD Zen 1-3, Intel before
+    Cascade Lake / Ice Lake) oneDNN multiplies u8 by s8 with an instruction that adds each
+    pair of products into 16 bits, saturating at 32767; two products of 255 x 127 already
+    overflow. The symmetric activations here are stored as u8 around 128, so that happens
+    in every layer and the outputs differ from their simulation by up to their own size.
+    Probed with inputs that overflow any 16-bit pair sum (a few milliseconds, once)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randint(0, 2, (16, 64), generator=g) * 255).to(torch.uint8)
+    w = torch.where(torch.randint(0, 2, (16, 64), generator=g) > 0, 127, -127).to(torch.int8)
+    ones, zps = torch.ones(16), torch.zeros(16, dtype=torch.int64)
+    ref = (x.float() - 128) @ w.float().T  # integers well below 2**24: exact in float32
+    lin = torch.ops.onednn.qlinear_pointwise(
+        x, 1.0, 128, torch.ops.onednn.qlinear_prepack(w, None), ones, zps, None,
+        1.0, 0, torch.float32, "none", [], "")
+    xc = x.T.reshape(1, 64, 16, 1).contiguous(memory_format=torch.channels_last)
+    packed = torch.ops.onednn.qconv_prepack(w.view(16, 64, 1, 1), ones, 1.0, 128, [1, 1], [0, 0], [1, 1], 1, None)
+    conv = torch.ops.onednn.qconv2d_pointwise(
+        xc, 1.0, 128, packed, ones, zps, None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], None)
+    tol = 1e-5 * float(ref.abs().max())
+    return (float((lin - ref).abs().max()) <= tol
+            and float((conv.reshape(16, 16).T - ref).abs().max()) <= tol)
+
+
+@lru_cache(maxsize=1)
+def int8_kernels_unavailable() -> str | None:
+    """Why the int8 kernels cannot run here (a sentence), or None where they can."""
     try:
-        return hasattr(torch.ops.onednn, "qlinear_pointwise") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+        present = hasattr(torch.ops.onednn, "qlinear_pointwise") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
     except (AttributeError, RuntimeError):
-        return False
+        present = False
+    if not present:
+        return "this PyTorch build has no oneDNN int8 kernels"
+    try:
+        exact = _kernels_exact()
+    except RuntimeError as e:  # a kernel that refuses this CPU
+        return f"oneDNN's int8 kernels fail on this CPU ({e})"
+    if not exact:
+        return ("this CPU has no VNNI instructions, on which oneDNN's int8 kernels saturate "
+                "(16-bit sums of u8 x s8 products)")
+    return None
+
+
+def int8_kernels_available() -> bool:
+    """Whether oneDNN's int8 linear and convolution kernels are present and exact on this
+    CPU (see :func:`int8_kernels_unavailable`)."""
+    return int8_kernels_unavailable() is None
 
 
 def _quantize_u8(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -103,9 +147,10 @@ def int8_kernel_layers(qmodel: nn.Module) -> list[str]:
 def use_int8_kernels(qmodel: Sam) -> Sam:
     """Swap (in place) the layers of a calibrated simulated model that int8 kernels can run
     for those kernels; everything else stays simulated. Returns the model."""
-    if not int8_kernels_available():
-        warnings.warn("this PyTorch build has no oneDNN int8 kernels; the model stays simulated",
-                      stacklevel=2)
+    reason = int8_kernels_unavailable()
+    if reason is not None:
+        warnings.warn(f"{reason}: the int8 model runs its simulation (the same integers on float "
+                      "kernels: the same results, at about float32 speed)", stacklevel=2)
         return qmodel
     targets = set(int8_kernel_layers(qmodel))
     for name, m in list(qmodel.named_modules()):
