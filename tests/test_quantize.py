@@ -194,6 +194,9 @@ def test_save_load_identical_and_int8_kernels(quantized_fixture, tmp_path):
     if int8_kernels_available():
         assert loaded_sim.quantization["int8_kernels"]
         assert set(loaded_sim.quantization["int8_kernels"]) == set(int8_kernel_layers(q))
+        assert loaded_sim.arithmetic == "int8 kernels"  # what the widgets' status lines show
+    else:
+        assert loaded_sim.arithmetic == "int8, simulated"
     # simulated round trip: bit-identical
     from napari_tinysam.model import read_checkpoint
     from napari_tinysam.quantize import load_quantized

@@ -104,7 +104,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except Exception as exc:  # the core numbers do not need the default model
         print(f"(skipping default-model rows: {exc})")
     if default is not None:
-        print(f"default model: precision {default.precision} (--precision {args.precision})"
+        print(f"default model: {default.arithmetic} (--precision {args.precision})"
               f"{', compiled encoder' if default.compiled else ''}")
     rows = core_benchmark(samples.nuclei_2d(), model_1024, default, repeats=args.repeats)
     print()

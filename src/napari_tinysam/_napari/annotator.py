@@ -185,7 +185,7 @@ class AnnotatorWidget(Container):
             self.predictor = SamPredictor(model, cache=self.cache)
             self.cache.clear()
             compiled = ", compiled encoder" if model.compiled else ""
-            self.status.value = f"model: {name} ({model.precision}{compiled})"
+            self.status.value = f"model: {name} ({model.arithmetic}{compiled})"
             self._refresh()
 
         def failed(exc):

@@ -251,8 +251,8 @@ class EverythingWidget(Container):
         self.result_layer = self.viewer.add_labels(
             labels, name=self.output.value or "TinySAM everything", scale=image.scale, translate=image.translate
         )
-        precision = get_model(self.model_combo.value).precision  # loaded by the run
-        self.status.value = f"{len(np.unique(labels)) - 1} objects ({precision})"
+        arithmetic = get_model(self.model_combo.value).arithmetic  # loaded by the run
+        self.status.value = f"{len(np.unique(labels)) - 1} objects ({arithmetic})"
 
     def _failed(self, exc) -> None:
         if isinstance(exc, Cancelled):

@@ -129,6 +129,16 @@ class Sam(nn.Module):
         value = getattr(self, "meta", {}).get("max_upscale")
         return float(value) if value else None
 
+    @property
+    def arithmetic(self) -> str:
+        """What the forward passes run as, for status lines: the precision (``"fp32"``,
+        ``"bf16"``, ``"fp16"``), or for an int8 model ``"int8 kernels"`` or ``"int8,
+        simulated"`` (where the CPU's int8 kernels are missing or inexact)."""
+        quantization = getattr(self, "quantization", None)
+        if not quantization:
+            return self.precision
+        return "int8 kernels" if quantization.get("int8_kernels") else "int8, simulated"
+
     def set_precision(self, precision: str) -> Sam:
         """Run the forward passes at ``precision`` (``"auto"``, ``"fp32"``, ``"bf16"``,
         ``"fp16"``); embeddings cached under the previous precision are not reused."""
