@@ -3,6 +3,8 @@ float32, the channels-last upscaling path of the decoder) and the compiled encod
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -19,9 +21,15 @@ def test_auto_follows_the_hardware(monkeypatch):
     assert prec.resolve_precision(None) == "bf16"
     monkeypatch.setattr(prec, "native_bf16", lambda device="cpu": False)
     assert prec.resolve_precision("auto") == "fp32"
-    # explicit values are honoured whatever the hardware
-    assert prec.resolve_precision("bf16") == "bf16"
+    # explicit values are honoured whatever the hardware; emulated bfloat16 is slow, and
+    # the user is told so
+    with pytest.warns(UserWarning, match="no native bfloat16"):
+        assert prec.resolve_precision("bf16") == "bf16"
     assert prec.resolve_precision("fp32") == "fp32"
+    monkeypatch.setattr(prec, "native_bf16", lambda device="cpu": True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert prec.resolve_precision("bf16") == "bf16"
 
 
 def test_environment_replaces_auto(monkeypatch):
