@@ -288,6 +288,18 @@ def segment_prompts(
     if prompts.empty:
         raise ValueError("no prompts on this slice: add a point or draw a box")
     predictor.set_image(rgb)
+    return _segment_on_current_image(predictor, rgb, prompts, history, zoom, encode)
+
+
+def _segment_on_current_image(
+    predictor: SamPredictor,
+    rgb: np.ndarray,
+    prompts: Prompts,
+    history: ClickHistory | None = None,
+    zoom: Zoom | None = None,
+    encode: bool = True,
+) -> Candidates:
+    """:func:`segment_prompts` with the predictor already set to ``rgb``."""
     history = ClickHistory() if history is None else history
     features = predictor.get_image_embedding()  # the same tensor while this slice stays embedded
     if history.features is not features:
@@ -341,9 +353,13 @@ def segment_objects(
     across calls, makes a point added to one object cost one decoder pass."""
     histories = {} if histories is None else histories
     out, keys = [], []
-    for obj in split_objects(prompts):
+    objects = split_objects(prompts)
+    if objects:  # the slice is digested once, not once per object
+        predictor.set_image(rgb)
+    for obj in objects:
         keys.append(_prefix_key(obj, min(1, len(obj.points))))
-        out.append(segment_prompts(predictor, rgb, obj, histories.setdefault(keys[-1], ClickHistory())))
+        history = histories.setdefault(keys[-1], ClickHistory())
+        out.append(_segment_on_current_image(predictor, rgb, obj, history))
     for key in set(histories) - set(keys):  # objects whose point was removed
         del histories[key]
     return out
