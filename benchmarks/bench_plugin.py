@@ -140,13 +140,17 @@ def main() -> None:
 
     # GUI-thread gaps while new slices are embedded in the worker
     meter = GapMeter()
-    t_embed = time.perf_counter()
+    t_embed = 0.0
     for z in range(1, 5):
         x, y = innermost_point(truth == ids[0])
+        t0 = time.perf_counter()
         widget.points_layer.add([z, y, x])
-        wait(lambda z=z: not widget.busy and widget.preview_slice == (z,))
+        wait(lambda z=z: widget.preview_slice == (z,))
+        app.processEvents()  # let the canvas redraw
+        t_embed += time.perf_counter() - t0
+        wait(lambda: not widget.busy)  # the neighbours' prefetch too
         widget.clear()
-    t_embed = time.perf_counter() - t_embed
+        settle()  # a user's next click comes after the clear's repaint
     meter.stop()
     prop = propagation_rows(app, viewer, widget, wait, image, truth, args.objects) if args.objects else []
     rows = [
@@ -161,7 +165,7 @@ def main() -> None:
          "value_ms": f"{statistics.median(each[-10:]) * 1e3:.1f}", "target_ms": ""},
         {"measure": "longest GUI-thread gap during 4 slice embeddings", "value_ms": f"{meter.longest() * 1e3:.1f}",
          "target_ms": "<= 100"},
-        {"measure": "4 new slices: click -> preview incl. embedding (mean)", "value_ms": f"{t_embed / 4 * 1e3:.0f}",
+        {"measure": "4 slices in turn: click -> preview (mean; each slice prefetched)", "value_ms": f"{t_embed / 4 * 1e3:.0f}",
          "target_ms": ""},
         *prop,
     ]
