@@ -11,6 +11,8 @@ from napari_tinysam.annotate import (
     ClickHistory,
     Prompts,
     Zoom,
+    commit_object,
+    commit_objects,
     is_embedded,
     replace_object,
     segment_objects,
@@ -324,3 +326,27 @@ def test_replace_object_changes_only_that_id_and_undo_is_exact():
     with pytest.raises(ValueError, match="shape"):
         replace_object(labels, 5, {(1,): new[:5]})
     assert np.array_equal(labels, before)
+
+
+def test_commits_past_the_labels_dtype_are_refused_before_anything_is_written():
+    """napari's "new labels" button makes uint8 layers: the 256th object must not wrap
+    around to 0 or stop half-way through a multi-object commit."""
+    labels = np.zeros((2, 10, 10), np.uint8)
+    labels[0, 0, 0] = 253
+    a, b = np.zeros((10, 10), bool), np.zeros((10, 10), bool)
+    a[2:4, 2:4], b[6:8, 6:8] = True, True
+    before = labels.copy()
+    with pytest.raises(ValueError, match=r"uint8\) holds ids up to 255, and the next free id is 254 \(3 objects\)"):
+        commit_objects(labels, [{(0,): a}, {(0,): b}, {(1,): a}])
+    assert np.array_equal(labels, before)
+    records = commit_objects(labels, [{(0,): a}, {(1,): b}])  # 254 and 255 fit
+    assert (labels[0][a] == 254).all() and (labels[1][b] == 255).all()
+    with pytest.raises(ValueError, match="astype"):
+        commit_object(labels, {(1,): a})
+    for r in reversed(records):
+        undo_commit(labels, r)
+    assert np.array_equal(labels, before)
+    wide = before.astype(np.int32)
+    wide[1, 0, 0] = 255
+    commit_object(wide, {(1,): a})
+    assert (wide[1][a] == 256).all()

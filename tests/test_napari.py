@@ -244,6 +244,12 @@ def test_annotator_bad_input(make_napari_viewer, qtbot, nuclei):
     _wait(qtbot, w)
     w.commit()  # shape mismatch: an error notification, nothing written
     assert viewer.layers["wrong"].data.max() == 0
+    full = np.zeros(image.shape, np.uint8)  # napari's "new labels" type, its last id taken
+    full[0, 0] = 255
+    viewer.add_labels(full.copy(), name="uint8")
+    w.labels_combo.value = "uint8"
+    w.commit()  # no id left: an error notification, nothing written
+    assert np.array_equal(viewer.layers["uint8"].data, full) and not w.undo_stack
     w.labels_combo.value = NEW_LAYER
     w.load_model("/no/such/model.pt")  # fails in a notification; the old model stays
     _wait(qtbot, w)

@@ -380,6 +380,20 @@ def next_free_id(labels: np.ndarray) -> int:
     return int(labels.max()) + 1 if labels.size else 1
 
 
+def check_new_ids(labels: np.ndarray, count: int = 1, first: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``count`` new ids from ``first`` (default: the next
+    free id) fit the labels' data type: napari makes new Labels layers uint8 (ids up to
+    255), and an id past the type's range would wrap around or fail half-way."""
+    first = next_free_id(labels) if first is None else first
+    top = 1 if labels.dtype == bool else np.iinfo(labels.dtype).max
+    if count and first + count - 1 > top:
+        raise ValueError(
+            f"the Labels layer's data type ({labels.dtype}) holds ids up to {top}, and the next free id is "
+            f"{first}{f' ({count} objects)' if count > 1 else ''}; use a Labels layer of a larger type, or "
+            "convert this one, e.g. in napari's console: layer.data = layer.data.astype('int32')"
+        )
+
+
 def commit_mask(
     labels: np.ndarray,
     index: tuple[int, ...],
@@ -405,6 +419,7 @@ def commit_mask(
     cols = np.flatnonzero(write.any(0))
     y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     label = next_free_id(labels) if label is None else label
+    check_new_ids(labels, 1, label)
     previous = plane[y0:y1, x0:x1].copy()
     plane[y0:y1, x0:x1][write[y0:y1, x0:x1]] = label
     return UndoRecord(tuple(index), (int(y0), int(x0)), previous, label)
@@ -427,6 +442,7 @@ def commit_objects(
     all of them (undo them in reverse order: one step)."""
     for masks in objects:
         _check_shapes(labels, masks)
+    check_new_ids(labels, len(objects))
     return [r for masks in objects for r in commit_object(labels, masks, overwrite)]
 
 
@@ -441,6 +457,7 @@ def commit_object(
     written. Returns the undo records (undo them in reverse order)."""
     _check_shapes(labels, masks)
     label = next_free_id(labels) if label is None else label
+    check_new_ids(labels, 1, label)
     records = [commit_mask(labels, index, mask, overwrite, label) for index, mask in masks.items()]
     return [r for r in records if r is not None]
 
