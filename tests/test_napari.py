@@ -250,6 +250,13 @@ def test_annotator_bad_input(make_napari_viewer, qtbot, nuclei):
     w.labels_combo.value = "uint8"
     w.commit()  # no id left: an error notification, nothing written
     assert np.array_equal(viewer.layers["uint8"].data, full) and not w.undo_stack
+    import zarr
+
+    lazy = zarr.zeros(image.shape, dtype="int32")  # a Labels layer opened from a Zarr store
+    viewer.add_labels(lazy, name="zarr")
+    w.labels_combo.value = "zarr"
+    w.commit()  # refused with what to do, nothing written
+    assert not lazy[:].any() and not w.undo_stack
     w.labels_combo.value = NEW_LAYER
     w.load_model("/no/such/model.pt")  # fails in a notification; the old model stays
     _wait(qtbot, w)

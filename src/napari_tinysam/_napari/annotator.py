@@ -43,6 +43,17 @@ KEYS = {
 }
 
 
+def _check_in_memory(layer: Labels) -> None:
+    """Commits write into the layer's array in place: a lazy one (Zarr, Dask) is refused
+    with what to do, before anything is written."""
+    if not isinstance(layer.data, np.ndarray):
+        raise ValueError(
+            f"Labels layer {layer.name!r} holds a {type(layer.data).__module__}.{type(layer.data).__name__}, "
+            "not an array in memory; load it first (in napari's console: layer.data = "
+            f"numpy.asarray(layer.data)) or choose '{NEW_LAYER}'"
+        )
+
+
 class AnnotatorWidget(Container):
     """Interactive segmentation of the displayed slice of an image layer.
 
@@ -288,6 +299,7 @@ class AnnotatorWidget(Container):
         if name == NEW_LAYER or name not in self.viewer.layers:
             raise ValueError(f"to refine label {label}, choose the Labels layer that holds it under 'labels'")
         layer = self.viewer.layers[name]
+        _check_in_memory(layer)
         if check and not (np.asarray(layer.data) == label).any():
             raise ValueError(
                 f"label {label} does not exist in layer {name!r}; pick an id it holds, or 0 for a new object"
@@ -575,6 +587,7 @@ class AnnotatorWidget(Container):
             self.viewer.layers.selection.active = self.points_layer
             return layer
         layer = self.viewer.layers[name]
+        _check_in_memory(layer)
         if tuple(layer.data.shape) != tuple(shape):
             raise ValueError(
                 f"Labels layer {name!r} has shape {tuple(layer.data.shape)} but the image has "
