@@ -298,3 +298,20 @@ def test_tiling_settings_are_checked():
         segment_everything(SamPredictor(fake), image, tile_shape=16)
     with pytest.raises(ValueError, match="return_records"):
         segment_everything(SamPredictor(fake), image, tile_shape=64, return_records=True)
+
+
+def test_a_tiled_image_can_be_cancelled_between_tiles(monkeypatch):
+    """A large field takes a while tile by tile: cancel stops before the next tile and
+    returns nothing partial."""
+    fake = FakeSam(np.zeros((128, 128), np.int32))
+    image = np.random.default_rng(0).integers(0, 50, (128, 192)).astype(np.uint16)
+    monkeypatch.setattr(ev, "_segment_masks", _ids_as_masks)
+    seen = []
+    with pytest.raises(Cancelled, match="before tile 3 of 6"):
+        segment_everything(SamPredictor(fake), image, mode="grid", tile_shape=64, halo=8,
+                           progress=lambda d, t: seen.append(d), cancel=lambda: len(seen) >= 2)
+    assert seen == [1, 2]
+    with pytest.raises(Cancelled, match="before the image"):
+        segment_everything(SamPredictor(fake), image, mode="grid", cancel=lambda: True)
+    labels = segment_everything(SamPredictor(fake), image, mode="grid", tile_shape=64, halo=8, cancel=lambda: False)
+    assert labels.shape == image.shape

@@ -310,6 +310,20 @@ def test_everything_widget_stack_and_cancel(make_napari_viewer, qtbot):
     assert max(spans) > 1
 
 
+def test_everything_widget_cancels_a_2d_image(make_napari_viewer, qtbot):
+    """Cancel on one 2D field (tiled when large) adds no layer, however far the run got."""
+    viewer = make_napari_viewer()
+    viewer.add_image(samples.nuclei_2d(), name="field")
+    w = EverythingWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    qtbot.waitUntil(lambda: w._model_worker is None, timeout=60000)
+    n_layers = len(viewer.layers)
+    w.run()
+    w.cancel()
+    qtbot.waitUntil(lambda: w.worker is None, timeout=120000)
+    assert len(viewer.layers) == n_layers and w.status.value == "cancelled"
+
+
 def test_the_everything_widget_takes_the_voxel_size_from_the_layer_scale():
     from napari.layers import Image
 

@@ -53,6 +53,11 @@ class Cancelled(Exception):
     """Raised when a run is cancelled; nothing partial is returned."""
 
 
+def _check_cancel(cancel: Callable[[], bool] | None, where: str) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled(f"cancelled {where}")
+
+
 @dataclass
 class _Masks:
     """Candidate masks as tight crops: ``crops[i]`` is a bool array placed at
@@ -426,6 +431,7 @@ def segment_everything(
     halo: int | tuple[int, int] | None = None,
     input_size: int | None = None,
     progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
 ):
     """Segment every object of a 2D image.
 
@@ -479,6 +485,8 @@ def segment_everything(
             (``meta["auto"]["input_size"]``; the bundled model embeds at 896 what it
             prompts at 768), else the model's own ``img_size``. TinyViT models only.
         progress: ``progress(done, total)`` after each tile (1 of 1 without tiling).
+        cancel: checked before the image and before each tile; when it returns True,
+            :class:`Cancelled` is raised (nothing partial is returned).
 
     Every threshold left at ``None`` takes the model's tuned value for the mode (see
     :func:`recommended_thresholds`); SAM's values only for models that store none.
@@ -527,10 +535,11 @@ def segment_everything(
     if rgb.min() == rgb.max():  # a constant image holds no objects
         labels = np.zeros((h, w), np.int32)
         return (labels, []) if return_records else labels
+    _check_cancel(cancel, "before the image")
     if tiles is None and mode == "auto" and max(h, w) > model.img_size and not return_records:
         tiles = _tiles_for_small_objects(predictor, rgb, params)
     if tiles is not None:
-        return _segment_tiled(predictor, rgb, mode, params, *tiles, progress)
+        return _segment_tiled(predictor, rgb, mode, params, *tiles, progress, cancel)
     masks = _segment_masks(predictor, rgb, mode, params)
     if progress is not None:
         progress(1, 1)
@@ -685,7 +694,7 @@ def _tiles_for_small_objects(predictor: SamPredictor, rgb: np.ndarray, params: d
     return (inner, inner), (margin, margin)
 
 
-def _segment_tiled(predictor, rgb, mode, params, tile, halo, progress) -> np.ndarray:
+def _segment_tiled(predictor, rgb, mode, params, tile, halo, progress, cancel=None) -> np.ndarray:
     """Everything mode tile by tile: each tile with its halo is segmented on its own; an
     object belongs to the tile whose inner part holds its centroid, so objects cut by one
     tile's edge come whole from the neighbour whose halo holds them, and none twice.
@@ -697,6 +706,7 @@ def _segment_tiled(predictor, rgb, mode, params, tile, halo, progress) -> np.nda
     out = np.zeros((h, w), np.int32)
     next_id = 1
     for k, (y, x) in enumerate(starts):
+        _check_cancel(cancel, f"before tile {k + 1} of {len(starts)}")
         y0, x0, y1, x1 = max(0, y - hy), max(0, x - hx), min(h, y + th + hy), min(w, x + tw + hx)
         crop = rgb[y0:y1, x0:x1]
         if crop.min() != crop.max():
@@ -867,8 +877,7 @@ def segment_volume(
     out = np.zeros(stack.shape[:3], np.int32)
     next_id = 1
     for i in range(z):
-        if cancel is not None and cancel():
-            raise Cancelled(f"cancelled before slice {i} of {z}")
+        _check_cancel(cancel, f"before slice {i} of {z}")
         lab = segment_everything(predictor, stack[i], mode=mode, contrast_limits=limits, **slice_keywords(kwargs))
         out[i], next_id = link_slice(
             out[i - 1] if i else None, lab, next_id, stitch, stitch_iou, out[i - 2] if i > 1 else None
@@ -917,8 +926,7 @@ def volume_head_maps(
     z, h, w = stack.shape[:3]
     maps = np.zeros((3, z, h, w), np.float16)
     for i in range(z):
-        if cancel is not None and cancel():
-            raise Cancelled(f"cancelled before slice {i} of {z}")
+        _check_cancel(cancel, f"before slice {i} of {z}")
         rgb = to_uint8_rgb(denoise_slice(stack[i], denoise_sigma), limits)
         if rgb.min() == rgb.max():
             maps[0, i], maps[1:, i] = 0.0, 1.0

@@ -46,7 +46,7 @@ def run_everything(model_name, data, index, scope, stitch, contrast_limits, para
     spatial = data.shape[: len(index) + 2]
     if scope == CURRENT or len(index) == 0:
         labels2d = segment_everything(model, np.asarray(data[index]), contrast_limits=contrast_limits,
-                                      progress=report, **params)
+                                      progress=report, cancel=cancel, **params)
         if not index:
             return labels2d
         out = np.zeros(spatial, np.int32)
@@ -248,6 +248,9 @@ class EverythingWidget(Container):
         self.pbar.refresh()
 
     def _finished(self, image, labels) -> None:
+        if self._cancel.is_set():  # finished before the cancel was seen: still no layer
+            self.status.value = "cancelled"
+            return
         self.result_layer = self.viewer.add_labels(
             labels, name=self.output.value or "TinySAM everything", scale=image.scale, translate=image.translate
         )
