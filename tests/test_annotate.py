@@ -350,3 +350,28 @@ def test_commits_past_the_labels_dtype_are_refused_before_anything_is_written():
     wide[1, 0, 0] = 255
     commit_object(wide, {(1,): a})
     assert (wide[1][a] == 256).all()
+
+
+def test_undo_keeps_what_was_painted_after_the_commit():
+    """Edits made after a commit (napari's brush or eraser, inside the committed object's
+    bounding box) survive its undo; everything else is restored exactly."""
+    labels = np.zeros((12, 12), np.int32)
+    labels[1, 1:3] = 4  # an object already there, overwritten by the commit
+    mask = np.zeros((12, 12), bool)
+    mask[1:8, 1:8] = True
+    before = labels.copy()
+    (record,) = commit_objects(labels[None], [{(0,): mask}], overwrite=True)
+    assert (labels[mask] == 5).all()
+    labels[8:10, 8:10] = 7  # painted beside the object, inside no commit
+    labels[2, 2:6] = 7  # painted over the committed object
+    labels[1, 1] = 0  # erased from it where object 4 was
+    labels[6, 6] = 0  # erased from it, back to what it was before the commit
+    assert undo_commit(labels[None], record) == 5  # the four painted pixels and the first erased one
+    expected = before.copy()
+    expected[8:10, 8:10] = 7
+    expected[2, 2:6] = 7
+    expected[1, 1] = 0
+    assert np.array_equal(labels, expected)  # object 4's other pixel is back, the edits stay
+    # a commit undone at once leaves the layer exactly as before
+    (record,) = commit_objects(labels[None], [{(0,): mask}], overwrite=True)
+    assert undo_commit(labels[None], record) == 0 and np.array_equal(labels, expected)

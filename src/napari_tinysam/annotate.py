@@ -367,12 +367,14 @@ def segment_objects(
 
 @dataclass
 class UndoRecord:
-    """What a commit overwrote: the slice index, the patch origin and its old values."""
+    """What a commit overwrote: the slice index, the patch origin, its old values and
+    the values the commit left there."""
 
     index: tuple[int, ...]
     origin: tuple[int, int]
     previous: np.ndarray
     label: int
+    after: np.ndarray | None = None  # None: undo restores the whole patch
 
 
 def next_free_id(labels: np.ndarray) -> int:
@@ -422,7 +424,7 @@ def commit_mask(
     check_new_ids(labels, 1, label)
     previous = plane[y0:y1, x0:x1].copy()
     plane[y0:y1, x0:x1][write[y0:y1, x0:x1]] = label
-    return UndoRecord(tuple(index), (int(y0), int(x0)), previous, label)
+    return UndoRecord(tuple(index), (int(y0), int(x0)), previous, label, plane[y0:y1, x0:x1].copy())
 
 
 def _check_shapes(labels: np.ndarray, masks: dict[tuple[int, ...], np.ndarray]) -> None:
@@ -493,14 +495,26 @@ def replace_object(
             continue
         rows, cols = np.flatnonzero(change.any(1)), np.flatnonzero(change.any(0))
         y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        records.append(UndoRecord(tuple(index), (int(y0), int(x0)), plane[y0:y1, x0:x1].copy(), label))
+        previous = plane[y0:y1, x0:x1].copy()
         plane[was & ~mask] = 0
         plane[write] = label
+        records.append(UndoRecord(tuple(index), (int(y0), int(x0)), previous, label, plane[y0:y1, x0:x1].copy()))
     return records
 
 
-def undo_commit(labels: np.ndarray, record: UndoRecord) -> None:
-    """Restore exactly what :func:`commit_mask` overwrote."""
+def undo_commit(labels: np.ndarray, record: UndoRecord) -> int:
+    """Restore what a commit (:func:`commit_mask`, :func:`replace_object`) overwrote: each
+    pixel it changed that still holds what it wrote. Pixels edited since (napari's brush,
+    its eraser) keep the edit; their number is returned (0: the layer is exactly as it
+    was before the commit, given the records are undone last first)."""
     y0, x0 = record.origin
     h, w = record.previous.shape
-    labels[record.index][y0 : y0 + h, x0 : x0 + w] = record.previous
+    patch = labels[record.index][y0 : y0 + h, x0 : x0 + w]
+    if record.after is None:
+        patch[...] = record.previous
+        return 0
+    changed = record.previous != record.after
+    ours = changed & (patch == record.after)
+    kept = int((changed & ~ours & (patch != record.previous)).sum())
+    patch[ours] = record.previous[ours]
+    return kept

@@ -647,14 +647,16 @@ class AnnotatorWidget(Container):
             self._show(None, index)
 
     def undo(self) -> None:
-        """Restore the Labels layer exactly as it was before the last commit."""
+        """Restore the Labels layer as it was before the last commit; pixels edited since
+        (e.g. with napari's brush) keep the edit."""
         if not self.undo_stack:
             show_info("TinySAM: nothing to undo")
             return
         layer, records = self.undo_stack.pop()
-        for record in reversed(records):
-            undo_commit(layer.data, record)
+        kept = sum(undo_commit(layer.data, record) for record in reversed(records))
         layer.refresh()
+        if kept:
+            show_info(f"TinySAM: commit undone; {kept} of its pixels edited since were left as edited")
 
     # -- 3D propagation -----------------------------------------------------------------------
     def propagate(self) -> None:
