@@ -268,6 +268,34 @@ def test_annotator_bad_input(make_napari_viewer, qtbot, nuclei):
     _wait(qtbot, w)
 
 
+def test_annotator_segments_a_multiscale_image_at_full_resolution(make_napari_viewer, qtbot, nuclei):
+    """Pyramids (OME-Zarr, whole-slide readers) are segmented on their full-resolution
+    level, in its coordinates; a plane too large to read at once is refused with what to do."""
+    import dask.array as da
+    from napari.layers import Image
+
+    from napari_tinysam._napari.layers import image_data
+
+    image, truth = nuclei
+    viewer = make_napari_viewer()
+    viewer.add_image([image, image[::2, ::2]], multiscale=True, name="pyramid")
+    w = AnnotatorWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    _wait(qtbot, w)
+    a = _largest_objects(truth, 1)[0]
+    x, y = innermost_point(truth == a)
+    w.points_layer.add([y, x])
+    _wait(qtbot, w)
+    assert w.preview_layer.data.shape == image.shape and _iou(w.preview_layer.data > 0, truth == a) > 0.5
+    w.commit()
+    assert _iou(viewer.layers["TinySAM labels"].data == 1, truth == a) > 0.5
+    huge = Image([da.zeros((12000, 12000), np.uint8), np.zeros((1500, 1500), np.uint8)], multiscale=True,
+                 contrast_limits=(0, 1), name="slide")
+    with pytest.raises(ValueError, match="12000 x 12000 pixels, too large.*crop"):
+        image_data(huge)
+    _wait(qtbot, w)
+
+
 def test_keybindings_do_not_shadow_napari_defaults():
     from napari.utils.shortcuts import default_shortcuts
 

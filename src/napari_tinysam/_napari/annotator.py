@@ -30,7 +30,15 @@ from ..annotate import (
 from ..everything import Cancelled
 from ..predictor import EmbeddingCache, SamPredictor, compute_embedding, image_key
 from ..propagate import choose_method, iter_head_propagation, iter_propagation
-from .layers import check_slice, image_ndim, prompts_on_slice, slice_of, to_image_coords, voxel_size
+from .layers import (
+    check_slice,
+    image_data,
+    image_ndim,
+    prompts_on_slice,
+    slice_of,
+    to_image_coords,
+    voxel_size,
+)
 from .models import get_model, model_choices
 
 POSITIVE_COLOR = "#2ecc40"
@@ -219,7 +227,7 @@ class AnnotatorWidget(Container):
             show_error("TinySAM: an embedding store needs a 3D image layer and a loaded model")
             return False
         try:
-            self.store = EmbeddingStore.open(path, self.predictor.model, np.asarray(image.data),
+            self.store = EmbeddingStore.open(path, self.predictor.model, np.asarray(image_data(image)),
                                              tuple(image.contrast_limits))
         except (ValueError, FileNotFoundError) as exc:
             self.store = None
@@ -381,6 +389,7 @@ class AnnotatorWidget(Container):
             index = self.preview_slice if self.preview_slice is not None else self.current_slice()
         try:
             check_slice(index, image.data.shape)
+            image_data(image)  # a plane small enough to read
         except ValueError as exc:
             show_error(f"TinySAM: {exc}")
             return
@@ -430,7 +439,7 @@ class AnnotatorWidget(Container):
         key = (id(image.data), index, tuple(image.contrast_limits))
         rgb = self._rgb_memo.get(key)
         if rgb is None:
-            rgb = slice_rgb(np.asarray(image.data[index]), key[2])
+            rgb = slice_rgb(np.asarray(image_data(image)[index]), key[2])
             self._rgb_memo[key] = rgb
             while len(self._rgb_memo) > 4:
                 self._rgb_memo.popitem(last=False)
@@ -706,7 +715,7 @@ class AnnotatorWidget(Container):
         """Propagate each object of ``seeds`` ((prompts, masks) by slice) in turn."""
         predictor = SamPredictor(self.predictor.model, cache=self.cache)  # its own current slice
         self._jobs.clear()  # queued neighbour prefetches: the propagation embeds what it reaches
-        data, limits, voxel = image.data, tuple(image.contrast_limits), voxel_size(image)
+        data, limits, voxel = image_data(image), tuple(image.contrast_limits), voxel_size(image)
         self._cancel_propagation = False
         self.preview_volumes = [{} for _ in seeds]
         self.volume_scores = [{} for _ in seeds]

@@ -30,7 +30,7 @@ from ..everything import (
     segment_everything,
     segment_volume,
 )
-from .layers import image_ndim, slice_of, voxel_size
+from .layers import image_data, image_ndim, slice_of, voxel_size
 from .models import get_model, model_choices
 
 CURRENT, STACK = "current slice", "whole stack"
@@ -224,8 +224,12 @@ class EverythingWidget(Container):
         index = slice_of(np.asarray(pos)) if nd > 2 else ()
         if nd > 3 and self.scope.value == STACK:
             show_info(f"TinySAM: {nd}D image; segmenting the displayed 3D stack at index {index[:-1]}")
+        try:
+            data = image_data(image)
+        except ValueError as exc:
+            show_error(f"TinySAM: {exc}")
+            return
         self._cancel.clear()
-        data = image.data
         limits = tuple(image.contrast_limits)
         worker = create_worker(
             run_everything, self.model_combo.value, data, index, self.scope.value, self.stitch.value,

@@ -17,6 +17,27 @@ def image_ndim(layer) -> int:
     return layer.data.ndim - (1 if getattr(layer, "rgb", False) else 0)
 
 
+#: The largest image plane (pixels) the widgets read at once: beyond it (a whole-slide
+#: image, say) a crop is needed, or the command line's tiled, distributed run.
+MAX_PLANE_PIXELS = 2**27
+
+
+def image_data(layer):
+    """The image layer's array; for a multiscale image its full-resolution level, whose
+    data coordinates are the layer's. A plane larger than :data:`MAX_PLANE_PIXELS` raises
+    ``ValueError`` with what to do."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    nd = image_ndim(layer)
+    h, w = data.shape[nd - 2 : nd]
+    if h * w > MAX_PLANE_PIXELS:
+        raise ValueError(
+            f"image layer {layer.name!r} has planes of {h} x {w} pixels, too large to read at once; open a "
+            "crop of it as a new image layer, or segment it with the command line "
+            "(napari-tinysam segment IN -o OUT, tiled, on Dask with --workers)"
+        )
+    return data
+
+
 def voxel_size(image) -> tuple[float, float, float] | None:
     """The (z, y, x) voxel size of a stack's image layer from its ``scale`` (the last three
     spatial axes); None for 2D images and for napari's default scale of 1 on every axis
