@@ -9,7 +9,7 @@ pytest.importorskip("napari")
 from napari.layers import Labels  # noqa: E402
 
 from napari_tinysam import samples  # noqa: E402
-from napari_tinysam._napari.annotator import KEYS, NEW_LAYER, AnnotatorWidget  # noqa: E402
+from napari_tinysam._napari.annotator import KEYS, NEW_LAYER, PREVIEW_NAME, AnnotatorWidget  # noqa: E402
 from napari_tinysam._napari.everything_widget import CURRENT, STACK, EverythingWidget  # noqa: E402
 from napari_tinysam.annotate import Prompts, Zoom, segment_prompts, slice_rgb  # noqa: E402
 from napari_tinysam.evaluation import innermost_point  # noqa: E402
@@ -86,6 +86,30 @@ def test_annotator_2d_commit_second_object_and_undo(annotator, qtbot, nuclei):
     np.testing.assert_array_equal(target.data, first)
     w.undo()
     assert set(np.unique(target.data)) == {0, 9}
+
+
+def test_annotator_opens_beside_existing_labels_and_leaves_them_alone(make_napari_viewer, qtbot, nuclei):
+    """Opened in a viewer that already holds Labels layers (a StarDist result, a second
+    annotator's preview), the annotator commits into a new layer unless one is picked."""
+    image, truth = nuclei
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="nuclei")
+    theirs = viewer.add_labels(np.zeros(image.shape, np.int32), name="stardist")
+    w = AnnotatorWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    _wait(qtbot, w)
+    assert w.labels_combo.value == NEW_LAYER and "stardist" in w.labels_combo.choices
+    assert PREVIEW_NAME not in w.labels_combo.choices
+    x, y = innermost_point(truth == _largest_objects(truth, 1)[0])
+    w.points_layer.add([y, x])
+    _wait(qtbot, w)
+    w.commit()
+    assert viewer.layers["TinySAM labels"].data.max() == 1 and not theirs.data.any()
+    second = AnnotatorWidget(viewer)  # with a preview layer and labels in the viewer
+    viewer.window.add_dock_widget(second)
+    _wait(qtbot, second)
+    assert second.labels_combo.value == NEW_LAYER
+    _wait(qtbot, w)
 
 
 def test_a_click_on_the_outer_half_of_an_edge_pixel_segments_the_nucleus_there(annotator, qtbot, nuclei):

@@ -85,6 +85,7 @@ class AnnotatorWidget(Container):
     def __init__(self, napari_viewer) -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
+        self.preview_layer = None  # before the labels choices are first listed
         self.image_combo = ComboBox(label="image", choices=self._image_layers, nullable=True)
         self.model_combo = ComboBox(label="model", choices=model_choices(), value="default")
         self.model_file = FileEdit(label="or checkpoint", mode="r", filter="*.pt *.pth")
@@ -175,7 +176,7 @@ class AnnotatorWidget(Container):
             if isinstance(layer, Labels) and layer is not self.preview_layer
             and not layer.name.startswith(PREVIEW_NAME)
         ]
-        return [*names, NEW_LAYER]
+        return [NEW_LAYER, *names]  # a new layer unless the user picks one of theirs
 
     def _reset_choices(self, event=None) -> None:
         self.image_combo.reset_choices()
