@@ -123,6 +123,7 @@ class AnnotatorWidget(Container):
         self.preview_volumes: list[dict[int, np.ndarray]] = []  # per object: z -> mask of a propagated object
         self.volume_scores: list[dict[int, float]] = []
         self._propagation = None  # the running propagation worker
+        self._propagation_error: Exception | None = None
         self._cancel_propagation = False
         self._jobs: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (index, rgb, priority)
         self._window_jobs: set[tuple] = set()  # keys of queued magnified windows of the current object
@@ -718,6 +719,7 @@ class AnnotatorWidget(Container):
         self._jobs.clear()  # queued neighbour prefetches: the propagation embeds what it reaches
         data, limits, voxel = image_data(image), tuple(image.contrast_limits), voxel_size(image)
         self._cancel_propagation = False
+        self._propagation_error = None
         self.preview_volumes = [{} for _ in seeds]
         self.volume_scores = [{} for _ in seeds]
 
@@ -741,7 +743,7 @@ class AnnotatorWidget(Container):
         worker = create_worker(run, _ignore_errors=True)
         worker.yielded.connect(self._propagated_slice)
         worker.finished.connect(self._propagation_finished)
-        worker.errored.connect(lambda exc: show_error(f"TinySAM: propagation failed: {exc}"))
+        worker.errored.connect(self._propagation_failed)
         self._propagation = worker
         self.status.value = f"propagating from slice {min({*seeds[0][0], *seeds[0][1]})}…"
         worker.start()
@@ -783,7 +785,14 @@ class AnnotatorWidget(Container):
         self.preview_layer.refresh()  # the thumbnail too
         self.preview_volumes = [v for v in self.preview_volumes if v]
         self.volume_scores = [s for s in self.volume_scores if s]
+        if self._propagation_error is not None:
+            self.status.value = "propagation failed; the preview shows the slices done before it"
+            return
         if not self.preview_volumes:
+            self.status.value = (
+                "propagation cancelled" if self._cancel_propagation
+                else "no object found through the stack: click inside the object, or add points"
+            )
             return
         zs = sorted({z for volume in self.preview_volumes for z in volume})
         worst, score = min(((z, p) for scores in self.volume_scores for z, p in scores.items()), key=lambda t: t[1])
@@ -794,6 +803,10 @@ class AnnotatorWidget(Container):
             f"{state}{what} on slices {zs[0]}-{zs[-1]}; least confident: slice {worst} "
             f"(confidence {score:.2f}); {KEYS['commit']} commits {'it' if n == 1 else 'them'}"
         )
+
+    def _propagation_failed(self, exc: Exception) -> None:
+        self._propagation_error = exc
+        show_error(f"TinySAM: propagation failed: {exc}")
 
     def _stop_propagation(self) -> None:
         """Cancel a running propagation (its preview so far stays until cleared)."""
