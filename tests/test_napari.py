@@ -73,7 +73,13 @@ def test_annotator_2d_commit_second_object_and_undo(annotator, qtbot, nuclei):
     assert isinstance(target, Labels) and target.data.max() == 1
     assert _iou(target.data == 1, truth == a) > 0.5
     assert len(w.points_layer.data) == 0 and not w.preview_layer.data.any()
+    assert w.status.value == f"committed label 1 to 'TinySAM labels'; {KEYS['undo']} undoes it"
     first = target.data.copy()
+    w.points_layer.add([ya, xa])  # the same object again: every pixel taken, nothing written
+    _wait(qtbot, w)
+    w.commit()
+    assert np.array_equal(target.data, first) and len(w.undo_stack) == 1
+    assert w.status.value.startswith("nothing written") and not w.preview_layer.data.any()
     xb, yb = innermost_point(truth == b)
     w.points_layer.add([yb, xb])
     _wait(qtbot, w)
@@ -84,6 +90,7 @@ def test_annotator_2d_commit_second_object_and_undo(annotator, qtbot, nuclei):
     w.undo()
     first[int(yb), int(xb)] = 9  # the painted pixel stays
     np.testing.assert_array_equal(target.data, first)
+    assert w.status.value == "undone: label 2 in 'TinySAM labels'"
     w.undo()
     assert set(np.unique(target.data)) == {0, 9}
 

@@ -62,6 +62,22 @@ def _check_in_memory(layer: Labels) -> None:
         )
 
 
+def _committed(target: str, records: list[UndoRecord], refining: int) -> str:
+    """The status line after a commit into the Labels layer named ``target``."""
+    undo = f"{KEYS['undo']} undoes it"
+    if not records:
+        if refining:
+            return f"label {refining} of {target!r} unchanged: the new mask is the same"
+        return ("nothing written: every pixel of the object belongs to another object "
+                "(turn on 'overwrite existing objects')")
+    if refining:
+        return f"label {refining} of {target!r} replaced; {undo}"
+    ids = sorted({r.label for r in records})
+    if len(ids) == 1:
+        return f"committed label {ids[0]} to {target!r}; {undo}"
+    return f"committed {len(ids)} objects (labels {ids[0]}-{ids[-1]}) to {target!r}; {undo}"
+
+
 class AnnotatorWidget(Container):
     """Interactive segmentation of the displayed slice of an image layer.
 
@@ -634,9 +650,10 @@ class AnnotatorWidget(Container):
         if records:
             self.undo_stack.append((target, records))
             target.refresh()
-        if len(objects) > 1:
-            self.status.value = f"committed {len(objects)} objects"
         self.clear()
+        self.status.value = _committed(target.name, records, refining)
+        if not records:
+            show_info(f"TinySAM: {self.status.value}")
         if refining:
             self.refine_id.value = 0
 
@@ -644,6 +661,7 @@ class AnnotatorWidget(Container):
         """Remove the current object's prompts and its preview."""
         if self.points_layer is None:
             return
+        self.status.value = ""
         self._prompts_changed()
         index = self.preview_slice
         self._clicks.clear()
@@ -666,6 +684,8 @@ class AnnotatorWidget(Container):
         layer, records = self.undo_stack.pop()
         kept = sum(undo_commit(layer.data, record) for record in reversed(records))
         layer.refresh()
+        ids = sorted({r.label for r in records})
+        self.status.value = f"undone: label{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} in {layer.name!r}"
         if kept:
             show_info(f"TinySAM: commit undone; {kept} of its pixels edited since were left as edited")
 
