@@ -419,6 +419,35 @@ def test_shift_t_follows_the_voxel_size_set_on_the_image_layer(make_napari_viewe
     assert _iou(preview, truth == 1) > 0.7
 
 
+def test_shift_t_follows_the_displayed_stack_of_a_4d_image(make_napari_viewer, qtbot):
+    """In a (T, Z, Y, X) image the object is propagated through the stack at the clicked
+    time point and committed there; the other time point is untouched."""
+    from tests.test_propagate import disc_stack
+
+    stack, truth = disc_stack()
+    movie = np.stack([stack[:, :, ::-1], stack])  # t = 0: the disc elsewhere
+    viewer = make_napari_viewer()
+    viewer.add_image(movie, name="movie")
+    w = AnnotatorWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    _wait(qtbot, w)
+    assert w.propagate_btn.enabled
+    viewer.dims.set_point(0, 1)
+    viewer.dims.set_point(1, 5)
+    w.points_layer.add([1, 5, 48, 50])
+    _wait(qtbot, w)
+    assert w.preview_slice == (1, 5)
+    w.propagate()
+    _wait(qtbot, w)
+    assert sorted(w.preview_volumes[0]) == list(range(2, 9)) and "slices 2-8" in w.status.value
+    assert not w.preview_layer.data[0].any() and _iou(w.preview_layer.data[1] > 0, truth) > 0.75
+    w.commit()
+    labels = viewer.layers["TinySAM labels"].data
+    assert labels.shape == movie.shape and not labels[0].any() and _iou(labels[1] == 1, truth) > 0.75
+    assert not w.preview_layer.data.any()
+    _wait(qtbot, w)
+
+
 def test_annotator_reuses_matching_embedding_store(make_napari_viewer, qtbot, tmp_path):
     from napari_tinysam.embedding_store import EmbeddingStore
 

@@ -137,6 +137,7 @@ class AnnotatorWidget(Container):
         self.objects: list[Candidates] = []  # the previewed slice's objects, one per point
         self._histories: dict[bytes, ClickHistory] = {}  # their click histories
         self.preview_volumes: list[dict[int, np.ndarray]] = []  # per object: z -> mask of a propagated object
+        self._lead: tuple[int, ...] = ()  # their stack's index in a 4D / 5D image (t, ...), () in 3D
         self.volume_scores: list[dict[int, float]] = []
         self._propagation = None  # the running propagation worker
         self._propagation_error: Exception | None = None
@@ -297,7 +298,7 @@ class AnnotatorWidget(Container):
         self.boxes_layer.mode = "add_rectangle"
         self.viewer.layers.selection.active = self.points_layer
         self.labels_combo.reset_choices()
-        self.propagate_btn.enabled = nd == 3
+        self.propagate_btn.enabled = nd >= 3
 
     def _mode_changed(self) -> None:
         """One object per point, or refining a label, switched on or off: the preview is
@@ -498,7 +499,7 @@ class AnnotatorWidget(Container):
         if not self.preview_volumes:
             return
         for z in {z for volume in self.preview_volumes for z in volume}:
-            self.preview_layer.data[z] = 0
+            self.preview_layer.data[(*self._lead, z)] = 0
         self.preview_volumes.clear()
         self.volume_scores.clear()
         self.preview_layer.refresh()
@@ -631,7 +632,7 @@ class AnnotatorWidget(Container):
             show_info(f"TinySAM: the object is still being propagated; wait, or cancel it ({KEYS['propagate']})")
             return
         if self.preview_volumes:
-            objects = [{(z,): m for z, m in volume.items()} for volume in self.preview_volumes]
+            objects = [{(*self._lead, z): m for z, m in volume.items()} for volume in self.preview_volumes]
         else:
             objects = [{self.preview_slice: c.mask} for c in (self.objects or [self.candidates])]
         refining = self.refine_id.value
@@ -698,9 +699,9 @@ class AnnotatorWidget(Container):
             self._stop_propagation()
             return
         image = self.image_combo.value
-        if image is None or image_ndim(image) != 3:
-            show_error("TinySAM: propagation needs a 3D image layer (Z, Y, X); on a 2D image commit with "
-                       f"{KEYS['commit']}")
+        if image is None or image_ndim(image) < 3:
+            show_error("TinySAM: propagation needs a 3D image layer (Z, Y, X, or a 4D one whose displayed stack "
+                       f"it follows); on a 2D image commit with {KEYS['commit']}")
             return
         if self.predictor is None:
             show_info("TinySAM: the model is still loading")
@@ -711,33 +712,42 @@ class AnnotatorWidget(Container):
         # every slice with prompts seeds the object (segmented again at the scale the
         # propagation picks for the stack); a candidate other than the first that the
         # user picked on the previewed slice is kept as it is
-        z0 = self.preview_slice[0]
+        *lead, z0 = self.preview_slice  # in a 4D image (t, z, y, x) the stack at t
         if self.objects:  # one object per point: each from its click, or seeded by its mask on this slice
             model = self.predictor.model
             seeds = [
                 ({z0: p}, {}) if choose_method(model, {z0: p}, None) == "head" else ({}, {z0: obj.mask.copy()})
-                for p, obj in zip(split_objects(self._prompts((z0,))), self.objects)
+                for p, obj in zip(split_objects(self._prompts((*lead, z0))), self.objects)
             ]
         else:
-            prompts = {z: p for z in self._prompted_slices() if not (p := self._prompts((z,))).empty}
+            prompts = {
+                z: p for z in self._prompted_slices(tuple(lead)) if not (p := self._prompts((*lead, z))).empty
+            }
             masks = {}
             if self.candidates.chosen != self.candidates.best or z0 not in prompts or self.refine_id.value:
                 masks[z0] = self.candidates.mask.copy()
                 prompts.pop(z0, None)
             seeds = [(prompts, masks)]
-        self._start_propagation(image, seeds)
+        self._start_propagation(image, tuple(lead), seeds)
 
-    def _prompted_slices(self) -> list[int]:
+    def _prompted_slices(self, lead: tuple[int, ...]) -> list[int]:
+        """The z of every slice of the stack at ``lead`` that holds a prompt."""
         image = self.image_combo.value
+        nd = image_ndim(image)
         coords = [to_image_coords(self.points_layer, image, self.points_layer.data)]
         coords += [to_image_coords(self.boxes_layer, image, v) for v in self.boxes_layer.data]
-        return sorted({int(round(c[0])) for block in coords for c in np.asarray(block).reshape(-1, 3)})
+        return sorted({
+            index[-1] for block in coords for c in np.asarray(block).reshape(-1, nd)
+            if (index := slice_of(c))[:-1] == lead
+        })
 
-    def _start_propagation(self, image, seeds: list[tuple[dict, dict]]) -> None:
-        """Propagate each object of ``seeds`` ((prompts, masks) by slice) in turn."""
+    def _start_propagation(self, image, lead: tuple[int, ...], seeds: list[tuple[dict, dict]]) -> None:
+        """Propagate each object of ``seeds`` ((prompts, masks) by slice) in turn through
+        the stack at ``lead`` (``()`` for a 3D image)."""
         predictor = SamPredictor(self.predictor.model, cache=self.cache)  # its own current slice
         self._jobs.clear()  # queued neighbour prefetches: the propagation embeds what it reaches
-        data, limits, voxel = image_data(image), tuple(image.contrast_limits), voxel_size(image)
+        data, limits, voxel = image_data(image)[lead], tuple(image.contrast_limits), voxel_size(image)
+        self._lead = lead
         self._cancel_propagation = False
         self._propagation_error = None
         self.preview_volumes = [{} for _ in seeds]
@@ -751,7 +761,7 @@ class AnnotatorWidget(Container):
                                                     cancel=lambda: self._cancel_propagation, scale=voxel)
                 else:
                     results = iter_propagation(predictor, data, prompts, masks, contrast_limits=limits,
-                                               prepare_slice=lambda z, rgb: self._embedded((z,), rgb))
+                                               prepare_slice=lambda z, rgb: self._embedded((*lead, z), rgb))
                 try:
                     for res in results:
                         yield i, res
@@ -784,7 +794,7 @@ class AnnotatorWidget(Container):
         for j, volume in enumerate(self.preview_volumes):
             if res.z in volume:
                 plane[volume[res.z] & (plane == 0)] = j % 255 + 1
-        self.preview_layer.data[res.z] = plane
+        self.preview_layer.data[(*self._lead, res.z)] = plane
         if self._on_screen(res.z):  # other slices are read afresh when the user goes to them
             self.preview_layer.refresh(thumbnail=False)
         zs = sorted(self.preview_volumes[i])
@@ -798,7 +808,7 @@ class AnnotatorWidget(Container):
         dims = self.viewer.dims
         if self.image_combo.value is None or tuple(dims.displayed) != (dims.ndim - 2, dims.ndim - 1):
             return True
-        return self.current_slice() == (z,)
+        return self.current_slice() == (*self._lead, z)
 
     def _propagation_finished(self) -> None:
         self._propagation = None
