@@ -268,6 +268,8 @@ def segment_prompts(
     history: ClickHistory | None = None,
     zoom: Zoom | None = None,
     encode: bool = True,
+    *,
+    set_image: bool = True,
 ) -> Candidates:
     """Masks for one object's prompts on a slice (embedding from the cache or computed now).
 
@@ -284,22 +286,14 @@ def segment_prompts(
     With ``zoom``, a small object is segmented in a magnified window of the slice (see
     :class:`Zoom`): its window's embedding is computed now, or, with ``encode=False``
     when it is not cached, the slice's masks come back with ``pending_window`` set.
+
+    ``set_image=False``: the predictor is already on ``rgb`` (its digest is not taken
+    again; :func:`segment_objects` digests a slice once for all its objects).
     """
     if prompts.empty:
         raise ValueError("no prompts on this slice: add a point or draw a box")
-    predictor.set_image(rgb)
-    return _segment_on_current_image(predictor, rgb, prompts, history, zoom, encode)
-
-
-def _segment_on_current_image(
-    predictor: SamPredictor,
-    rgb: np.ndarray,
-    prompts: Prompts,
-    history: ClickHistory | None = None,
-    zoom: Zoom | None = None,
-    encode: bool = True,
-) -> Candidates:
-    """:func:`segment_prompts` with the predictor already set to ``rgb``."""
+    if set_image:
+        predictor.set_image(rgb)
     history = ClickHistory() if history is None else history
     features = predictor.get_image_embedding()  # the same tensor while this slice stays embedded
     if history.features is not features:
@@ -359,7 +353,7 @@ def segment_objects(
     for obj in objects:
         keys.append(_prefix_key(obj, min(1, len(obj.points))))
         history = histories.setdefault(keys[-1], ClickHistory())
-        out.append(_segment_on_current_image(predictor, rgb, obj, history))
+        out.append(segment_prompts(predictor, rgb, obj, history, set_image=False))
     for key in set(histories) - set(keys):  # objects whose point was removed
         del histories[key]
     return out
