@@ -73,6 +73,8 @@ def test_segment_folder_zarr_and_refusals(files, model_file, tmp_path, capsys):
     assert "unsupported file type" in capsys.readouterr().err
     assert main(["segment", str(files / "in" / "a.tif"), "-o", str(tmp_path / "missing" / "x.tif"), "--model", model_file]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(out / "a.png"), "--model", model_file]) == 2
+    assert "cannot write labels to" in capsys.readouterr().err and not (out / "a.png").exists()
     np.save(files / "t.npy", np.zeros((2, 2, 8, 8), np.uint16))
     assert main(["segment", str(files / "t.npy"), "-o", str(out / "t.npy"), "--model", model_file, *ARGS]) == 2
     assert "--index" in capsys.readouterr().err

@@ -49,6 +49,10 @@ def output_paths(inputs: list[Path], output: str) -> list[Path]:
     if out.suffix.lower() in WRITABLE:
         raise ValueError(f"{len(inputs)} inputs need an output folder, not the file {out}")
     if not out.is_dir():
+        if len(inputs) == 1 and out.suffix:
+            raise ValueError(
+                f"cannot write labels to {out}: name a {', '.join(WRITABLE)} file, or an existing folder"
+            )
         raise FileNotFoundError(f"output folder {out} does not exist; create it first")
     return [out / f"{p.stem}_labels.tif" for p in inputs]
 
