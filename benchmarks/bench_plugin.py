@@ -68,7 +68,7 @@ def main() -> None:
 
     from napari_tinysam import samples
     from napari_tinysam._napari.annotator import AnnotatorWidget
-    from napari_tinysam.bench import print_table
+    from napari_tinysam.bench import cpu_name, print_table
     from napari_tinysam.evaluation import innermost_point
 
     torch.set_num_threads(2)
@@ -169,8 +169,8 @@ def main() -> None:
          "target_ms": ""},
         *prop,
     ]
-    print(f"napari {napari.__version__}, model {args.model}, zoom {'off' if args.no_zoom else 'on'}, "
-          f"{len(latencies)} clicks, image {stack.shape}")
+    print(f"{cpu_name()}; napari {napari.__version__}, model {args.model} ({widget.predictor.model.arithmetic}), "
+          f"zoom {'off' if args.no_zoom else 'on'}, {len(latencies)} clicks, image {stack.shape}")
     print_table(rows, ["measure", "value_ms", "target_ms"])
     viewer.close()
 
