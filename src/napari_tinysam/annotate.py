@@ -368,7 +368,7 @@ class UndoRecord:
     origin: tuple[int, int]
     previous: np.ndarray
     label: int
-    after: np.ndarray | None = None  # None: undo restores the whole patch
+    after: np.ndarray
 
 
 def next_free_id(labels: np.ndarray) -> int:
@@ -504,9 +504,6 @@ def undo_commit(labels: np.ndarray, record: UndoRecord) -> int:
     y0, x0 = record.origin
     h, w = record.previous.shape
     patch = labels[record.index][y0 : y0 + h, x0 : x0 + w]
-    if record.after is None:
-        patch[...] = record.previous
-        return 0
     changed = record.previous != record.after
     ours = changed & (patch == record.after)
     kept = int((changed & ~ours & (patch != record.previous)).sum())
