@@ -375,3 +375,21 @@ def test_undo_keeps_what_was_painted_after_the_commit():
     # a commit undone at once leaves the layer exactly as before
     (record,) = commit_objects(labels[None], [{(0,): mask}], overwrite=True)
     assert undo_commit(labels[None], record) == 0 and np.array_equal(labels, expected)
+
+
+def test_replacing_a_tracked_object_in_one_time_point_keeps_the_others():
+    """In a (T, Z, Y, X) layer a tracked object keeps its id over time: a 3D object
+    propagated at t = 1 replaces the id's pixels of that stack only."""
+    labels = np.zeros((2, 3, 10, 10), np.int32)
+    labels[0, 1, 2:5, 2:5] = 5  # t = 0
+    labels[1, 1, 2:5, 2:5] = 5  # t = 1, two slices
+    labels[1, 2, 2:5, 2:5] = 5
+    before = labels.copy()
+    new = np.zeros((10, 10), bool)
+    new[3:7, 3:7] = True
+    records = replace_object(labels, 5, {(1, 1): new}, whole=True, within=(1,))
+    assert np.array_equal(labels[0], before[0])  # the other time point untouched
+    assert ((labels[1, 1] == 5) == new).all() and not (labels[1, 2] == 5).any()
+    for r in reversed(records):
+        undo_commit(labels, r)
+    assert np.array_equal(labels, before)

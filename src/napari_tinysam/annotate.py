@@ -464,11 +464,14 @@ def replace_object(
     masks: dict[tuple[int, ...], np.ndarray],
     overwrite: bool = False,
     whole: bool = False,
+    within: tuple[int, ...] = (),
 ) -> list[UndoRecord]:
     """Replace object ``label`` by ``masks`` (``index -> (H, W) bool``), in place: on each
     given slice its old pixels outside the new mask become background and the new mask
     takes its id (over other objects only if ``overwrite``); with ``whole``, the object's
-    pixels on slices not given are removed too (a new 3D object replaces the old one).
+    pixels on slices not given are removed too (a new 3D object replaces the old one),
+    on the slices whose index starts with ``within`` only (in a (T, Z, Y, X) layer,
+    ``within=(t,)`` keeps the id's pixels at other time points, a tracked object's).
     Everything is checked before anything is written. Returns the undo records."""
     _check_shapes(labels, masks)
     old = labels == label
@@ -478,7 +481,9 @@ def replace_object(
     todo = dict(masks)
     if whole:
         for index in zip(*np.nonzero(old.reshape(*old.shape[:lead], -1).any(-1))):
-            todo.setdefault(tuple(int(i) for i in index), np.zeros(labels.shape[lead:], bool))
+            index = tuple(int(i) for i in index)
+            if index[: len(within)] == tuple(within):
+                todo.setdefault(index, np.zeros(labels.shape[lead:], bool))
     records = []
     for index, mask in todo.items():
         plane = labels[index]

@@ -640,7 +640,8 @@ class AnnotatorWidget(Container):
             if refining:
                 target = self._refine_target(check=False)  # replace_object checks the id
                 records = replace_object(
-                    target.data, refining, objects[0], self.overwrite.value, whole=bool(self.preview_volumes)
+                    target.data, refining, objects[0], self.overwrite.value, whole=bool(self.preview_volumes),
+                    within=self._lead,
                 )
             else:
                 target = self._target_labels()
