@@ -438,8 +438,14 @@ def commit_objects(
     all of them (undo them in reverse order: one step)."""
     for masks in objects:
         _check_shapes(labels, masks)
-    check_new_ids(labels, len(objects))
-    return [r for masks in objects for r in commit_object(labels, masks, overwrite)]
+    label = next_free_id(labels)  # one scan of the volume; each written object takes the next id
+    check_new_ids(labels, len(objects), label)
+    records = []
+    for masks in objects:
+        written = commit_object(labels, masks, overwrite, label)
+        label += bool(written)
+        records += written
+    return records
 
 
 def commit_object(
