@@ -7,7 +7,13 @@ import pytest
 
 pytest.importorskip("distributed")
 
-from napari_tinysam.distributed import connect, segment_volume_distributed  # noqa: E402
+from napari_tinysam.distributed import (  # noqa: E402
+    border_matches,
+    connect,
+    join_blocks,
+    plan_blocks,
+    segment_volume_distributed,
+)
 from napari_tinysam.everything import segment_volume  # noqa: E402
 from napari_tinysam.model import save_checkpoint  # noqa: E402
 from napari_tinysam.weights import load_model  # noqa: E402
@@ -35,6 +41,58 @@ def test_two_workers_match_single_process(client, tiny_model, tmp_path):
     assert sorted(calls) == [1, 2, 3, 4, 5]
     with pytest.raises(FileExistsError):
         segment_volume_distributed(str(path), stack, tmp_path / "out.zarr", client, **PARAMS)
+
+
+def same_objects(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label volumes hold the same objects, whatever their ids."""
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
+
+
+def test_3d_auto_on_dask_gives_segment_volumes_objects(client, tmp_path):
+    """With the bundled model (instance head) a run on Dask builds 3D instances as
+    segment_volume does: one block gives its labels exactly; in blocks, an object that
+    crosses a block border keeps one id (each block here reads every slice, so any
+    difference is the joining's)."""
+    from napari_tinysam.samples import nuclei_3d
+
+    stack = nuclei_3d()[5:25]
+    reference = segment_volume(load_model("default"), stack)
+    assert reference.max() >= 10
+    calls = []
+    whole = segment_volume_distributed("default", stack, tmp_path / "whole.zarr", client,
+                                       progress=lambda d, t: calls.append((d, t)))
+    np.testing.assert_array_equal(np.asarray(whole[...]), reference)
+    assert calls[-1] == (22, 22) and len(calls) == 22  # 20 slices, one block, one relabelling
+    blocks = np.asarray(segment_volume_distributed("default", stack, tmp_path / "blocks.zarr", client,
+                                                   block_depth=6)[...])
+    crossing = [i for i in np.unique(reference[5:7]) if i and (reference[:6] == i).any() and (reference[6:] == i).any()]
+    assert crossing  # objects that cross the first border
+    assert same_objects(blocks, reference)
+    assert blocks.max() == reference.max()
+    assert not list(tmp_path.glob(".*"))  # the head's maps and the border store are removed
+    with pytest.raises(ValueError, match="block_depth"):
+        segment_volume_distributed("default", stack, tmp_path / "bad.zarr", client, block_depth=0)
+
+
+def test_block_plan_and_joining():
+    assert plan_blocks(100, 32, 16) == [(0, 32, 0, 48), (32, 64, 16, 80), (64, 100, 48, 100)]
+    assert plan_blocks(10, 32, 16) == [(0, 10, 0, 10)]
+    assert plan_blocks(90, 32, 4) == [(0, 32, 0, 36), (32, 64, 28, 68), (64, 90, 60, 90)]
+    assert plan_blocks(70, 32, 4) == [(0, 32, 0, 36), (32, 70, 28, 70)]  # a remainder under half a block joins
+    # the two blocks' views of the slices around a border: object 1 below is 2 above
+    # (one voxel differs), object 2 below has no partner, object 1 above is new
+    below = np.zeros((2, 4, 4), np.int32)
+    above = np.zeros((2, 4, 4), np.int32)
+    below[:, :2, :2], above[:, :2, :2] = 1, 2
+    above[0, 0, 0] = 0
+    below[:, 3, 3] = 2
+    above[:, 2:, :1] = 1
+    assert border_matches(below, above) == [(1, 2)]
+    # three blocks of 2, 2 and 1 objects: 1 of block 0 = 2 of block 1 = 1 of block 2
+    luts = join_blocks([2, 2, 1], [[(1, 2)], [(2, 1)]])
+    assert [lut.tolist() for lut in luts] == [[0, 1, 2], [0, 3, 1], [0, 1]]
+    assert [lut.tolist() for lut in join_blocks([0, 1], [[]])] == [[0], [0, 1]]
 
 
 def test_closing_the_client_stops_its_local_cluster():
@@ -70,10 +128,32 @@ def test_cli_workers_and_bad_scheduler(tiny_model, tmp_path, capsys):
     z[...] = np.random.default_rng(1).integers(0, 1000, (3, 32, 32), dtype=np.uint16)
     args = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--model", str(path)]
     assert main(["segment", str(tmp_path / "in.zarr"), "-o", str(tmp_path / "out.zarr"), "--workers", "2", *args]) == 0
-    assert "each slice is segmented on its own" in capsys.readouterr().err  # what Dask does differently
     single = tmp_path / "single.zarr"
     assert main(["segment", str(tmp_path / "in.zarr"), "-o", str(single), *args]) == 0
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "out.zarr"))[...], zarr.open_array(str(single))[...])
     assert main(["segment", str(tmp_path / "in.zarr"), "-o", str(tmp_path / "x.zarr"), "--scheduler",
                  "tcp://127.0.0.1:9", *args]) == 2
     assert "does not answer" in capsys.readouterr().err
+
+
+def test_cli_dask_segments_stacks_in_3d_like_one_process(tmp_path, capsys):
+    """`segment --workers` with the bundled model: the voxel size is used there too, and
+    the labels are the one-process run's."""
+    import zarr
+
+    from napari_tinysam.cli import main
+    from napari_tinysam.samples import nuclei_3d
+
+    stack = nuclei_3d()[10:18]
+    z = zarr.open_array(str(tmp_path / "in.zarr"), mode="w", shape=stack.shape, dtype=stack.dtype)
+    z[...] = stack
+    args = [str(tmp_path / "in.zarr"), "--scale", "1", "0.5", "0.5"]
+    assert main(["segment", *args, "-o", str(tmp_path / "dask.zarr"), "--workers", "2", "--block-depth", "4"]) == 0
+    assert "1 x 0.5 x 0.5" in capsys.readouterr().out
+    assert main(["segment", *args, "-o", str(tmp_path / "one.zarr")]) == 0
+    one = zarr.open_array(str(tmp_path / "one.zarr"))[...]
+    assert one.max() > 0
+    assert same_objects(zarr.open_array(str(tmp_path / "dask.zarr"))[...], one)
+    assert main(["segment", *args, "-o", str(tmp_path / "x.zarr"), "--block-depth", "4"]) == 2
+    assert "--block-depth applies to runs on Dask" in capsys.readouterr().err
+    assert not (tmp_path / "x.zarr").exists()

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -200,9 +201,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         check_output_folder(out)
         if out.exists() and not args.overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it (nothing was written)")
-    if args.scale and (args.workers or args.scheduler):
-        raise ValueError("--scale applies to 3D stacks segmented in one process (a Dask cluster segments "
-                         "slice by slice); leave out --workers / --scheduler to use it")
+    if args.block_depth is not None and not (args.workers or args.scheduler):
+        raise ValueError("--block-depth applies to runs on Dask (--workers / --scheduler); a run in one process "
+                         "reads the whole stack")
     if args.workers or args.scheduler:
         return _segment_distributed(args, inputs, outputs)
     model = load_model(args.model, precision=args.precision)
@@ -221,20 +222,25 @@ def cmd_segment(args: argparse.Namespace) -> int:
     rows = []
     for path, out in zip(inputs, outputs):
         bar = tqdm(total=0, desc=path.name, unit="slice")
-
-        def progress(done, total, bar=bar):
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-        res = segment_file(model, path, out, overwrite=args.overwrite,
-                           index=tuple(args.index) if args.index else None, progress=progress, **params)
+        res = segment_file(model, path, out, overwrite=args.overwrite, index=tuple(args.index) if args.index else None,
+                           progress=partial(_show_progress, bar), **params)
         bar.close()
-        voxel = "" if res.voxel_size is None else " x ".join(f"{v:g}" for v in res.voxel_size)
         rows.append({"input": str(path), "output": str(out), "shape": "x".join(map(str, res.shape)),
-                     "voxel (z, y, x)": voxel, "objects": res.objects, "s/slice": f"{res.seconds / res.slices:.2f}"})
+                     "voxel (z, y, x)": _voxel(res.voxel_size), "objects": res.objects,
+                     "s/slice": f"{res.seconds / res.slices:.2f}"})
     print_table(rows, ["input", "output", "shape", "voxel (z, y, x)", "objects", "s/slice"])
     return 0
+
+
+def _voxel(size) -> str:
+    return "" if size is None else " x ".join(f"{v:g}" for v in size)
+
+
+def _show_progress(bar, done: int, total: int) -> None:
+    """A progress callback's (done, total) shown on a tqdm bar."""
+    bar.total = total
+    bar.n = done
+    bar.refresh()
 
 
 def _thresholds(args: argparse.Namespace) -> dict:
@@ -252,27 +258,26 @@ def _segment_distributed(args: argparse.Namespace, inputs, outputs) -> int:
     from .batch import select_index
     from .bench import print_table
     from .distributed import connect, segment_volume_distributed
-    from .io import open_zarr, read_image
+    from .io import open_zarr, read_image, read_voxel_size
 
     for out in outputs:
         if out.suffix.lower() != ".zarr":
             raise ValueError(f"with --workers/--scheduler the output must be a .zarr store, got {out}")
     client = connect(args.scheduler, args.workers)
-    print("note: on Dask each slice is segmented on its own and objects are linked across slices; with a "
-          "model that has an instance head (the bundled default), a run without --workers/--scheduler "
-          "segments a stack in 3D from all its slices at once, which finds nuclei in noisy stacks far better",
-          file=sys.stderr)
     rows = []
     try:
         for path, out in zip(inputs, outputs):
             data = open_zarr(path) if path.suffix.lower() == ".zarr" else read_image(path)
             data = select_index(data, tuple(args.index) if args.index else None)
-            bar = tqdm(total=data.shape[0], desc=path.name, unit="slice")
+            scale = tuple(args.scale) if args.scale else read_voxel_size(path)
+            bar = tqdm(total=data.shape[0], desc=path.name, unit="task")
             t0 = time.perf_counter()
             labels = segment_volume_distributed(
                 args.model, data, out, client, mode=args.mode, stitch=not args.no_stitch,
                 contrast_limits=tuple(args.contrast_limits) if args.contrast_limits else None,
-                progress=lambda d, t, bar=bar: bar.update(1), overwrite=args.overwrite, precision=args.precision,
+                progress=partial(_show_progress, bar), overwrite=args.overwrite, precision=args.precision,
+                scale=scale,
+                **({"block_depth": args.block_depth} if args.block_depth else {}),
                 points_per_side=args.points_per_side, min_mask_region_area=args.min_area,
                 **_thresholds(args),
             )
@@ -280,10 +285,11 @@ def _segment_distributed(args: argparse.Namespace, inputs, outputs) -> int:
             seconds = time.perf_counter() - t0
             objects = len(np.unique(np.concatenate([np.unique(labels[i]) for i in range(labels.shape[0])]))) - 1
             rows.append({"input": str(path), "output": str(out), "shape": "x".join(map(str, labels.shape)),
-                         "objects": objects, "s/slice": f"{seconds / labels.shape[0]:.2f}"})
+                         "voxel (z, y, x)": _voxel(scale), "objects": objects,
+                         "s/slice": f"{seconds / labels.shape[0]:.2f}"})
     finally:
         client.close()
-    print_table(rows, ["input", "output", "shape", "objects", "s/slice"])
+    print_table(rows, ["input", "output", "shape", "voxel (z, y, x)", "objects", "s/slice"])
     return 0
 
 
@@ -401,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     g.add_argument("--workers", type=int, default=None, help="run on a local Dask cluster with N worker processes")
     g.add_argument("--scheduler", default=None, help="run on the Dask cluster at this address (tcp://host:port)")
+    g.add_argument("--block-depth", type=int, default=None, metavar="N",
+                   help="on Dask, 3D stacks are segmented in blocks of N slices (default 32), each read with "
+                        "16 more on either side: lower it if a worker runs out of memory (a block needs about "
+                        "60 bytes per voxel it reads)")
     g.add_argument("--threads", type=int, default=2)
     _add_precision(g)
     g.set_defaults(func=cmd_segment)

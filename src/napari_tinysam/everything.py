@@ -889,7 +889,18 @@ def segment_volume(
 
 def _volume_auto(predictor: SamPredictor, stack: np.ndarray, contrast_limits, kwargs: dict, progress,
                  cancel, scale=None) -> np.ndarray:
-    model = predictor.model
+    params = volume_params(predictor.model, kwargs, scale)
+    sigma = params.pop("denoise_sigma")
+    limits = contrast_limits or volume_contrast_limits(stack, denoise_sigma=sigma)
+    return volume_from_maps(volume_head_maps(predictor, stack, limits, progress, cancel, sigma), **params)
+
+
+def volume_params(model: Sam, kwargs: dict[str, Any], scale=None) -> dict[str, float]:
+    """The settings of 3D instances from the head's maps for ``model``: its tuned values
+    for stacks (converted to the voxel size ``scale``, :func:`volume_thresholds`) with the
+    keywords of :data:`VOLUME_THRESHOLDS` given in ``kwargs`` (not None) in their place;
+    ``denoise_sigma`` among them. Checked: a model without a head, an unknown keyword or
+    a bad value raise here, before any slice is read."""
     if not model.has_instance_head:
         _check_params("auto", {}, model)  # raises: names the modes this model supports
     # segment_everything's settings (decoder filters, 2D sizes) are accepted so that one
@@ -905,9 +916,7 @@ def _volume_auto(predictor: SamPredictor, stack: np.ndarray, contrast_limits, kw
                  "denoise_sigma"):
         if params[name] < 0:
             raise ValueError(f"{name} must be >= 0, got {params[name]}")
-    sigma = params.pop("denoise_sigma")
-    limits = contrast_limits or volume_contrast_limits(stack, denoise_sigma=sigma)
-    return volume_from_maps(volume_head_maps(predictor, stack, limits, progress, cancel, sigma), **params)
+    return params
 
 
 def volume_head_maps(
