@@ -29,6 +29,8 @@ def client():
 
 
 def test_two_workers_match_single_process(client, tiny_model, tmp_path):
+    import zarr
+
     path = tmp_path / "tiny.pt"
     save_checkpoint(tiny_model, path)
     rng = np.random.default_rng(0)
@@ -41,6 +43,12 @@ def test_two_workers_match_single_process(client, tiny_model, tmp_path):
     assert sorted(calls) == [1, 2, 3, 4, 5]
     with pytest.raises(FileExistsError):
         segment_volume_distributed(str(path), stack, tmp_path / "out.zarr", client, **PARAMS)
+    # a run that fails on the workers leaves the old labels as they were, and nothing else
+    with pytest.raises(ValueError, match="points_per_side"):
+        segment_volume_distributed(str(path), stack, tmp_path / "out.zarr", client, mode="grid", overwrite=True,
+                                   **{**PARAMS, "points_per_side": -1})
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "out.zarr"))[...], reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr", "tiny.pt"]
 
 
 def same_objects(a: np.ndarray, b: np.ndarray) -> bool:

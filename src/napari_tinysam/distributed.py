@@ -135,8 +135,10 @@ def segment_volume_distributed(
     :func:`~napari_tinysam.everything.segment_volume` does (``scale`` and its keywords
     alike), in blocks of ``block_depth`` slices each read with ``halo`` slices of context
     on either side (None: at least :data:`MIN_HALO`, more for wide smoothing across
-    slices); the head's maps live in a temporary Zarr store beside ``out_path`` (float16,
-    3 x the stack's voxels x 2 bytes) until the run ends. Other modes, or
+    slices); the head's maps live in a temporary Zarr store (float16, 3 x the stack's
+    voxels x 2 bytes). Everything is written into a temporary folder beside ``out_path``
+    (which the workers must be able to write) and the labels are moved to ``out_path``
+    when complete. Other modes, or
     ``per_slice=True``, segment slice by slice and link objects across slices
     (``stitch``, ``stitch_iou``). ``progress(done, total)`` is called after each task."""
     shape = tuple(stack.shape)
@@ -146,12 +148,31 @@ def segment_volume_distributed(
         raise ValueError(f"distributed output must be a Zarr store (.zarr), got {out_path}")
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"{out_path} exists; pass --overwrite (overwrite=True) to replace it")
-    if not per_slice and (mode or default_mode(worker_model(model_name, precision))) == "auto":
-        return _distributed_auto(model_name, stack, out_path, client, contrast_limits, progress, precision, scale,
-                                 block_depth, halo, params)
+    auto = not per_slice and (mode or default_mode(worker_model(model_name, precision))) == "auto"
+    # everything is written into a temporary folder beside the output and moved into place
+    # when complete: a failed or interrupted run leaves no partial labels (nor removes old ones)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    try:
+        if auto:
+            _distributed_auto(model_name, stack, work, client, contrast_limits, progress, precision, scale,
+                              block_depth, halo, params)
+        else:
+            _distributed_slices(model_name, stack, work, client, mode, stitch, stitch_iou, contrast_limits,
+                                progress, precision, params)
+        if out_path.exists():
+            shutil.rmtree(out_path) if out_path.is_dir() else out_path.unlink()
+        os.replace(work / "labels.zarr", out_path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return zarr_array(out_path, "r")
+
+
+def _distributed_slices(model_name, stack, work: Path, client, mode, stitch, stitch_iou, contrast_limits, progress,
+                        precision, params) -> None:
     if contrast_limits is None:  # the rule of segment_volume, reading a few slices only
         contrast_limits = volume_contrast_limits(stack)
-    z, h, w = shape[:3]
+    z, h, w = stack.shape[:3]
+    out_path = work / "labels.zarr"
     _new_labels(out_path, (z, h, w))
     params = slice_keywords({"mode": mode, **params})
     futures = [
@@ -166,7 +187,6 @@ def segment_volume_distributed(
         labels, next_id = link_slice(previous, np.asarray(out[i]), next_id, stitch, stitch_iou, before)
         out[i] = labels
         previous, before = labels, previous
-    return zarr_array(out_path, "r")
 
 
 def zarr_array(path, mode: str):
@@ -282,8 +302,10 @@ def join_blocks(counts: list[int], matches: list[list[tuple[int, int]]]) -> list
             for b, n in enumerate(counts)]
 
 
-def _distributed_auto(model_name, stack, out_path: Path, client, contrast_limits, progress, precision, scale,
-                      block_depth, halo, kwargs) -> object:
+def _distributed_auto(model_name, stack, work: Path, client, contrast_limits, progress, precision, scale,
+                      block_depth, halo, kwargs) -> None:
+    import zarr
+
     params = volume_params(worker_model(model_name, precision), kwargs, scale)
     sigma = params.pop("denoise_sigma")
     reach = max(params["z_sigma"], params["extent_z_sigma"])
@@ -295,32 +317,25 @@ def _distributed_auto(model_name, stack, out_path: Path, client, contrast_limits
     blocks = plan_blocks(z, int(block_depth), halo)
     match = max(1, min(MATCH_DEPTH, halo, min(b[1] - b[0] for b in blocks) // 2))
     total = z + 2 * len(blocks)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
-    try:
-        import zarr
-
-        maps_path, side_path = str(tmp / "maps.zarr"), str(tmp / "side.zarr")
-        zarr.open_array(maps_path, mode="w", shape=(3, z, h, w), chunks=(3, 1, h, w), dtype="float16")
-        zarr.open_array(side_path, mode="w", shape=(z, h, w), chunks=(1, h, w), dtype="int32")
-        _new_labels(out_path, (z, h, w))
-        futures = [client.submit(_slice_maps, i, plane, maps_path, model_name, tuple(limits), sigma, precision,
-                                 pure=False)
-                   for i, plane in enumerate(_planes(client, stack))]
-        _wait(futures, progress, total)
-        futures = [client.submit(_block_labels, b, maps_path, str(out_path), side_path, params, match, pure=False)
-                   for b in blocks]
-        counts = _wait(futures, progress, total, z)
-        out, side = zarr_array(out_path, "r"), zarr_array(side_path, "r")
-        matches = []
-        for _, z1, _, _ in blocks[:-1]:
-            lo, hi = slice(z1 - match, z1), slice(z1, z1 + match)
-            below = np.concatenate([out[lo], side[hi]])  # the lower block's view
-            above = np.concatenate([side[lo], out[hi]])  # the upper block's view
-            matches.append(border_matches(below, above))
-        luts = join_blocks(counts, matches)
-        futures = [client.submit(_relabel, z0, z1, str(out_path), lut, pure=False)
-                   for (z0, z1, _, _), lut in zip(blocks, luts)]
-        _wait(futures, progress, total, z + len(blocks))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return zarr_array(out_path, "r")
+    out_path, maps_path, side_path = work / "labels.zarr", str(work / "maps.zarr"), str(work / "side.zarr")
+    zarr.open_array(maps_path, mode="w", shape=(3, z, h, w), chunks=(3, 1, h, w), dtype="float16")
+    zarr.open_array(side_path, mode="w", shape=(z, h, w), chunks=(1, h, w), dtype="int32")
+    _new_labels(out_path, (z, h, w))
+    futures = [client.submit(_slice_maps, i, plane, maps_path, model_name, tuple(limits), sigma, precision,
+                             pure=False)
+               for i, plane in enumerate(_planes(client, stack))]
+    _wait(futures, progress, total)
+    futures = [client.submit(_block_labels, b, maps_path, str(out_path), side_path, params, match, pure=False)
+               for b in blocks]
+    counts = _wait(futures, progress, total, z)
+    out, side = zarr_array(out_path, "r"), zarr_array(side_path, "r")
+    matches = []
+    for _, z1, _, _ in blocks[:-1]:
+        lo, hi = slice(z1 - match, z1), slice(z1, z1 + match)
+        below = np.concatenate([out[lo], side[hi]])  # the lower block's view
+        above = np.concatenate([side[lo], out[hi]])  # the upper block's view
+        matches.append(border_matches(below, above))
+    luts = join_blocks(counts, matches)
+    futures = [client.submit(_relabel, z0, z1, str(out_path), lut, pure=False)
+               for (z0, z1, _, _), lut in zip(blocks, luts)]
+    _wait(futures, progress, total, z + len(blocks))
