@@ -9,7 +9,13 @@ pytest.importorskip("napari")
 from napari.layers import Labels  # noqa: E402
 
 from napari_tinysam import samples  # noqa: E402
-from napari_tinysam._napari.annotator import KEYS, NEW_LAYER, PREVIEW_NAME, AnnotatorWidget  # noqa: E402
+from napari_tinysam._napari.annotator import (  # noqa: E402
+    KEYS,
+    NEW_LAYER,
+    PREVIEW_NAME,
+    AnnotatorWidget,
+    _committed,
+)
 from napari_tinysam._napari.everything_widget import CURRENT, STACK, EverythingWidget  # noqa: E402
 from napari_tinysam.annotate import Prompts, Zoom, segment_prompts, slice_rgb  # noqa: E402
 from napari_tinysam.evaluation import innermost_point  # noqa: E402
@@ -175,6 +181,21 @@ def test_annotator_refines_an_existing_label_only(annotator, qtbot, nuclei):
     assert set(np.unique(target.data)) == {0, a, b} and w.refine_id.value == 0
     w.undo()
     assert np.array_equal(target.data, labels)
+
+
+def test_a_refined_3d_object_that_loses_slices_says_which():
+    """Refining an object with Shift-T replaces all of it: where the new 3D object does not
+    reach, the old one is removed, and the status line names those slices."""
+    from napari_tinysam.annotate import UndoRecord
+
+    def record(z):
+        return UndoRecord((z,), (0, 0), np.full((1, 1), 7, np.int32), 7, np.zeros((1, 1), np.int32))
+
+    line = _committed("cells", [record(z) for z in (0, 1, 5, 9, 10)], 7, [0, 1, 9, 10])
+    assert line == ("label 7 of 'cells' replaced; removed from 4 slices (0-1, 9-10), which the propagated "
+                    f"object does not reach; {KEYS['undo']} undoes it")
+    assert "removed from slice 3, which" in _committed("cells", [record(3), record(4)], 7, [3])
+    assert _committed("cells", [record(5)], 7, []) == f"label 7 of 'cells' replaced; {KEYS['undo']} undoes it"
 
 
 def test_annotator_negative_point_shrinks_and_box(annotator, qtbot, nuclei):

@@ -62,20 +62,36 @@ def _check_in_memory(layer: Labels) -> None:
         )
 
 
-def _committed(target: str, records: list[UndoRecord], refining: int) -> str:
-    """The status line after a commit into the Labels layer named ``target``."""
+def _committed(target: str, records: list[UndoRecord], refining: int, emptied: list[int] = ()) -> str:
+    """The status line after a commit into the Labels layer named ``target``; ``emptied``:
+    the slices from which a refined object was removed (its new 3D mask ends before them)."""
     undo = f"{KEYS['undo']} undoes it"
     if not records:
         if refining:
             return f"label {refining} of {target!r} unchanged: the new mask is the same"
         return ("nothing written: every pixel of the object belongs to another object "
                 "(turn on 'overwrite existing objects')")
+    if refining and emptied:
+        where = f"slice {emptied[0]}" if len(emptied) == 1 else f"{len(emptied)} slices ({_ranges(emptied)})"
+        return (f"label {refining} of {target!r} replaced; removed from {where}, which the propagated "
+                f"object does not reach; {undo}")
     if refining:
         return f"label {refining} of {target!r} replaced; {undo}"
     ids = sorted({r.label for r in records})
     if len(ids) == 1:
         return f"committed label {ids[0]} to {target!r}; {undo}"
     return f"committed {len(ids)} objects (labels {ids[0]}-{ids[-1]}) to {target!r}; {undo}"
+
+
+def _ranges(values: list[int]) -> str:
+    """Sorted integers as ranges: [3, 4, 5, 9] -> "3-5, 9"."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 class AnnotatorWidget(Container):
@@ -652,8 +668,11 @@ class AnnotatorWidget(Container):
         if records:
             self.undo_stack.append((target, records))
             target.refresh()
+        emptied = []
+        if refining and self.preview_volumes:
+            emptied = sorted(r.index[-1] for r in records if not np.any(objects[0].get(r.index, False)))
         self.clear()
-        self.status.value = _committed(target.name, records, refining)
+        self.status.value = _committed(target.name, records, refining, emptied)
         if not records:
             show_info(f"TinySAM: {self.status.value}")
         if refining:
