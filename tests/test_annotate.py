@@ -393,3 +393,58 @@ def test_replacing_a_tracked_object_in_one_time_point_keeps_the_others():
     for r in reversed(records):
         undo_commit(labels, r)
     assert np.array_equal(labels, before)
+
+
+def test_large_nuclei_in_a_small_crop_are_segmented_at_a_smaller_scale():
+    """A 128x128 crop is enlarged 4x by the bundled model, past the nuclei sizes it was
+    trained on: a click there fails (IoU under 0.4 for each of these nuclei). With
+    ``rescale`` the unconfident object is decoded again on the slice seen smaller, the most
+    confident scale is kept for all its clicks, and the masks come back at the crop's size."""
+    from napari_tinysam import samples
+
+    crop = np.s_[100:228, 100:228]
+    rgb, labels = slice_rgb(samples.nuclei_2d()[crop], None), samples.nuclei_2d_labels()[crop]
+    predictor = CountingPredictor(SamPredictor(load_model("default")))
+    for i in (34, 38, 40):  # whole nuclei of the crop
+        gt = labels == i
+        prompts = Prompts(np.array([innermost_point(gt)], np.float64), np.array([1]))
+        plain = segment_prompts(predictor, rgb, prompts, zoom=Zoom())
+        history = ClickHistory()
+        calls = predictor.calls
+        res = segment_prompts(predictor, rgb, prompts, history, Zoom(), rescale=True)
+        assert _iou(plain.mask, gt) < 0.4 and _iou(res.mask, gt) > 0.85
+        assert res.mask.shape == gt.shape and res.factor < 1
+        assert predictor.calls - calls == 3  # the own scale and the two smaller ones
+        # a second point refines that mask at the same scale, in one decoder pass
+        calls = predictor.calls
+        x, y = innermost_point(gt)
+        two = Prompts(np.array([[x, y], [x + 2, y + 2]], np.float64), np.array([1, 1]))
+        refined = segment_prompts(predictor, rgb, two, history, Zoom(), rescale=True)
+        assert predictor.calls - calls == 1 and refined.factor == res.factor and _iou(refined.mask, gt) > 0.8
+
+
+def test_rescale_keeps_confident_objects_and_waits_for_its_embeddings(field):
+    """On a full field (seen at about its own size) nothing changes; with ``encode=False``
+    the smaller views of a small crop come back to be embedded, and once they are, the
+    same call gives the rescaled object."""
+    from napari_tinysam import samples
+
+    predictor, rgb, labels = field
+    gt = labels == np.bincount(labels.ravel())[1:].argmax() + 1
+    prompts = Prompts(np.array([innermost_point(gt)], np.float64), np.array([1]))
+    a = segment_prompts(predictor, rgb, prompts, zoom=Zoom())
+    b = segment_prompts(predictor, rgb, prompts, zoom=Zoom(), rescale=True)
+    assert b.factor == 1.0 and np.array_equal(a.mask, b.mask) and not b.pending_scales
+
+    small = slice_rgb(samples.nuclei_2d()[100:228, 100:228], None)
+    gt = samples.nuclei_2d_labels()[100:228, 100:228] == 34
+    prompts = Prompts(np.array([innermost_point(gt)], np.float64), np.array([1]))
+    fresh = SamPredictor(predictor.model)
+    first = segment_prompts(fresh, small, prompts, zoom=Zoom(), encode=False, rescale=True)
+    assert first.factor == 1.0 and len(first.pending_scales) == 2
+    assert [p.shape[:2] for p in first.pending_scales] == [(48, 48), (80, 80)]  # 1.5x and 2.5x of 4x
+    for view in first.pending_scales:
+        assert not is_embedded(fresh, view)
+        fresh.set_image(view)
+    again = segment_prompts(fresh, small, prompts, zoom=Zoom(), encode=False, rescale=True)
+    assert not again.pending_scales and again.factor < 1 and _iou(again.mask, gt) > 0.85

@@ -139,6 +139,25 @@ def test_a_click_on_the_outer_half_of_an_edge_pixel_segments_the_nucleus_there(a
     assert _iou(viewer.layers["TinySAM labels"].data == 1, nucleus) > 0.5
 
 
+def test_a_click_in_a_small_crop_segments_the_whole_nucleus(make_napari_viewer, qtbot, nuclei):
+    """A 128x128 crop of the sample: the model would see its nuclei 4x enlarged, past
+    what it knows; the annotator looks at the slice smaller (in the worker) and shows the
+    whole nucleus."""
+    crop = np.s_[100:228, 100:228]
+    viewer = make_napari_viewer()
+    viewer.add_image(nuclei[0][crop], name="crop")
+    w = AnnotatorWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    _wait(qtbot, w)
+    nucleus = nuclei[1][crop] == 38
+    w.points_layer.add(list(innermost_point(nucleus))[::-1])
+    _wait(qtbot, w)
+    qtbot.waitUntil(lambda: w.candidates is not None and w.candidates.factor < 1, timeout=60000)
+    assert _iou(w.preview_layer.data > 0, nucleus) > 0.85
+    w.commit()
+    assert _iou(viewer.layers["TinySAM labels"].data == 1, nucleus) > 0.85
+
+
 def test_annotator_each_point_is_an_object_committed_in_one_step(annotator, qtbot, nuclei):
     viewer, w = annotator
     truth = nuclei[1]

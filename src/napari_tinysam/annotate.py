@@ -49,9 +49,15 @@ class Candidates:
     chosen: int = -1
     #: (y0, x0, h, w) of the magnified window the masks were decoded in (see ``Zoom``)
     window: tuple[int, int, int, int] | None = None
+    #: the factor by which the slice (or window) was resized before the model saw it
+    #: (``segment_prompts(..., rescale=True)``); its low-resolution logits are at that scale
+    factor: float = 1.0
     #: the RGB of a window that would give sharper masks but is not embedded yet
     #: (``segment_prompts(..., encode=False)``); embed it and call again
     pending_window: np.ndarray | None = None
+    #: the slice resized to the scales still to be tried for an unconfident object
+    #: (``segment_prompts(..., rescale=True, encode=False)``); embed them and call again
+    pending_scales: list[np.ndarray] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.chosen < 0:
@@ -65,6 +71,29 @@ class Candidates:
     def mask(self) -> np.ndarray:
         """The chosen mask (H, W) bool."""
         return self.masks[self.chosen]
+
+
+#: Scales (model-input pixels per slice pixel) tried for an object besides the model's
+#: own, when that is larger: a model trained on nuclei of one size enlarges small slices
+#: up to its ``max_upscale``, which blows large nuclei in small slices past what it was
+#: trained on (a 24 px disc in a 96 x 128 slice: 22 px mask at 4x, 416 px at 1.5x). The
+#: predicted IoU picks the scale (one more embedding of the slice each, tried only when
+#: the model's own scale gives an unconfident mask): for a propagation's seed, and for a
+#: click with ``segment_prompts(..., rescale=True)``.
+SEED_SCALES = (1.5, 2.5)
+#: An object segmented with at least this predicted IoU at the model's own scale keeps it
+#: (no further embeddings of the slice).
+CONFIDENT_SEED = 0.75
+
+
+def resize_rgb(rgb: np.ndarray, factor: float) -> np.ndarray:
+    """A uint8 RGB image (H, W, 3) resized by ``factor`` (bilinear, antialiased)."""
+    if factor == 1.0:
+        return rgb
+    h, w = rgb.shape[:2]
+    t = torch.as_tensor(rgb).permute(2, 0, 1)[None].float()
+    t = F.interpolate(t, (max(2, round(h * factor)), max(2, round(w * factor))), mode="bilinear", antialias=True)
+    return np.ascontiguousarray(t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy())
 
 
 def slice_rgb(image2d: np.ndarray, contrast_limits: tuple[float, float] | None) -> np.ndarray:
@@ -213,13 +242,16 @@ def _decode_prefixes(
     upto: int,
     window: tuple[int, int, int, int] | None,
     shape: tuple[int, int],
+    factor: float = 1.0,
 ) -> tuple[Candidates, list[bytes]]:
     """Decode the prompt prefixes up to ``upto`` points as a sequence of clicks on the
-    predictor's current image (the slice, or ``window`` of it), reusing ``history``.
-    Masks are returned at the slice's size."""
+    predictor's current image (the slice, or ``window`` of it, resized by ``factor``),
+    reusing ``history``. Masks are returned at the slice's size."""
     offset = np.zeros(2) if window is None else np.array([window[1], window[0]], np.float64)
     tag = b"" if window is None else np.asarray(window, np.int64).tobytes()
-    box = None if prompts.box is None else np.asarray(prompts.box, np.float64) - np.tile(offset, 2)
+    if factor != 1.0:
+        tag += np.float64(factor).tobytes()
+    box = None if prompts.box is None else (np.asarray(prompts.box, np.float64) - np.tile(offset, 2)) * factor
     given = prompts.mask
     if given is not None and window is not None:
         y0, x0, h, w = window
@@ -238,18 +270,22 @@ def _decode_prefixes(
             else:
                 mask_input = None
             masks, scores, low = predictor.predict(
-                point_coords=prompts.points[:n] - offset if n else None,
+                point_coords=(prompts.points[:n] - offset) * factor if n else None,
                 point_labels=prompts.labels[:n] if n else None,
-                box=box if box is not None or previous is not None or mask_input is None else mask_box(given),
+                box=box if box is not None or previous is not None or mask_input is None else mask_box(given) * factor,
                 mask_input=mask_input,
                 multimask_output=previous is None and prompts.box is None and prompts.mask is None,
             )
+            if factor != 1.0:  # the masks at the window's own size, from their logits
+                size = shape if window is None else window[2:]
+                up = predictor.model.postprocess_masks(torch.as_tensor(low)[None], predictor.input_size, tuple(size))
+                masks = (up[0] > predictor.model.mask_threshold).numpy()
             if window is not None:
                 y0, x0, h, w = window
                 full = np.zeros((len(masks), *shape), masks.dtype)
                 full[:, y0 : y0 + h, x0 : x0 + w] = masks
                 masks = full
-            cands = Candidates(masks, scores, low, window=window)
+            cands = Candidates(masks, scores, low, window=window, factor=factor)
             history.steps[keys[-1]] = (parent, cands)
         previous = cands
     assert previous is not None
@@ -270,6 +306,7 @@ def segment_prompts(
     encode: bool = True,
     *,
     set_image: bool = True,
+    rescale: bool = False,
 ) -> Candidates:
     """Masks for one object's prompts on a slice (embedding from the cache or computed now).
 
@@ -287,6 +324,14 @@ def segment_prompts(
     :class:`Zoom`): its window's embedding is computed now, or, with ``encode=False``
     when it is not cached, the slice's masks come back with ``pending_window`` set.
 
+    With ``rescale``, an object whose first mask is unconfident (predicted IoU under
+    :data:`CONFIDENT_SEED`) on a slice that the model enlarges (a small image: up to its
+    ``max_upscale``) is segmented again on the slice seen at the smaller scales of
+    :data:`SEED_SCALES`, and the most confident scale is kept for all its prompts (large
+    nuclei in a small crop: blown up 4x they are past the sizes the model was trained
+    on). Those embeddings are computed now, or with ``encode=False`` come back in
+    ``pending_scales``.
+
     ``set_image=False``: the predictor is already on ``rgb`` (its digest is not taken
     again; :func:`segment_objects` digests a slice once for all its objects).
     """
@@ -301,10 +346,17 @@ def segment_prompts(
         history.features = features
     shape = tuple(rgb.shape[:2])
     n = len(prompts.points)
-    window, first_keys = None, []
-    if zoom is not None:
+    window, first_keys, factor, pending_scales = None, [], 1.0, []
+    if zoom is not None or rescale:
         first, first_keys = _decode_prefixes(predictor, prompts, history, _first_prefix(prompts), None, shape)
-        window = zoom_window(zoom, prompts, first.mask, predictor)
+        if zoom is not None:
+            window = zoom_window(zoom, prompts, first.mask, predictor)
+        if rescale:
+            factor, small, scale_keys, pending_scales = _pick_scale(predictor, rgb, prompts, history, first, encode)
+            first_keys += scale_keys
+            if factor != 1.0:  # a large object: no magnified window
+                window = None
+                predictor.set_image(small)
     pending = None
     if window is not None:
         y0, x0, h, w = window
@@ -313,12 +365,47 @@ def segment_prompts(
             predictor.set_image(crop)
         else:
             pending, window = crop, None
-    result, keys = _decode_prefixes(predictor, prompts, history, n, window, shape)
+    result, keys = _decode_prefixes(predictor, prompts, history, n, window, shape, factor)
     # prompts moved or deleted: their masks no longer apply
     keep = set(keys) | set(first_keys)
     history.steps = {k: v for k, v in history.steps.items() if k in keep}
     result.pending_window = pending
+    result.pending_scales = pending_scales
     return result
+
+
+def _pick_scale(
+    predictor: SamPredictor, rgb: np.ndarray, prompts: Prompts, history: ClickHistory, first: Candidates, encode: bool
+) -> tuple[float, np.ndarray | None, list[bytes], list[np.ndarray]]:
+    """The factor by which to resize the slice for an object whose first masks (at the
+    model's own scale) are ``first`` (see ``segment_prompts(..., rescale=True)``), that
+    slice resized, the history keys decoded, and the resized slices not embedded yet
+    (``encode=False``; the factor is then 1 until they are). The predictor is left on the
+    slice."""
+    score = float(first.scores[first.chosen])
+    shape = rgb.shape[:2]
+    own = predictor.input_size[0] / shape[0]
+    scales = [s for s in SEED_SCALES if s < own / 1.2 and s * min(shape) >= 32]
+    if score >= CONFIDENT_SEED or not scales:
+        return 1.0, None, [], []
+    on_slice = predictor.get_embedding()
+    best: tuple[float, float, np.ndarray | None] = (score, 1.0, None)
+    keys: list[bytes] = []
+    pending = []
+    for scale in scales:
+        small = resize_rgb(rgb, scale / own)
+        if not (encode or is_embedded(predictor, small)):
+            pending.append(small)
+            continue
+        predictor.set_image(small)
+        cands, k = _decode_prefixes(predictor, prompts, history, _first_prefix(prompts), None, shape, scale / own)
+        keys += k
+        if float(cands.scores[cands.chosen]) > best[0]:
+            best = (float(cands.scores[cands.chosen]), scale / own, small)
+    predictor.set_embedding(on_slice)
+    if pending:
+        return 1.0, None, keys, pending
+    return best[1], best[2], keys, []
 
 
 def split_objects(prompts: Prompts) -> list[Prompts]:

@@ -239,6 +239,10 @@ class SamPredictor:
         """Use a precomputed embedding (from an embedding store or another predictor)."""
         self._embedding = embedding
 
+    def get_embedding(self) -> ImageEmbedding:
+        """The current image's embedding (for :meth:`set_embedding` later)."""
+        return self._require_embedding()
+
     def reset_image(self) -> None:
         self._embedding = None
 

@@ -15,9 +15,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .annotate import Prompts, is_embedded, mask_box, mask_to_logits, segment_prompts
+from .annotate import (
+    CONFIDENT_SEED,
+    SEED_SCALES,
+    Prompts,
+    is_embedded,
+    mask_box,
+    mask_to_logits,
+    resize_rgb,
+    segment_prompts,
+)
 from .evaluation import innermost_point
 from .everything import (
     Cancelled,
@@ -114,27 +122,6 @@ class StopRules:
         return overlap < self.iou_threshold
 
 
-#: Scales (model-input pixels per slice pixel) tried for a propagation's seed besides the
-#: model's own, when that is larger: a model trained on nuclei of one size enlarges small
-#: slices up to its ``max_upscale``, which blows large nuclei in small slices past what it
-#: was trained on (a 24 px disc in a 96 x 128 slice: 22 px mask at 4x, 416 px at 1.5x).
-#: The seed's predicted IoU picks the scale (one more embedding of the seed slice each,
-#: tried only when the model's own scale gives an unconfident seed).
-SEED_SCALES = (1.5, 2.5)
-#: A seed segmented with at least this predicted IoU at the model's own scale keeps it
-#: (no further embeddings of the seed slice).
-CONFIDENT_SEED = 0.75
-
-
-def _resize_rgb(rgb: np.ndarray, factor: float) -> np.ndarray:
-    if factor == 1.0:
-        return rgb
-    h, w = rgb.shape[:2]
-    t = torch.as_tensor(rgb).permute(2, 0, 1)[None].float()
-    t = F.interpolate(t, (max(2, round(h * factor)), max(2, round(w * factor))), mode="bilinear", antialias=True)
-    return np.ascontiguousarray(t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy())
-
-
 def _model_scale(predictor: SamPredictor, shape: tuple[int, int], factor: float = 1.0) -> float:
     """Model-input pixels per slice pixel for slices of ``shape`` resized by ``factor``."""
     h, w = shape
@@ -158,7 +145,7 @@ class _Walker:
         self.visited: list[int] = []
 
     def set_slice(self, z: int) -> np.ndarray:
-        rgb = _resize_rgb(to_uint8_rgb(np.asarray(self.stack[z]), self.limits), self.factor)
+        rgb = resize_rgb(to_uint8_rgb(np.asarray(self.stack[z]), self.limits), self.factor)
         if self.prepare_slice is not None:
             self.prepare_slice(z, rgb)
         if not is_embedded(self.predictor, rgb):

@@ -449,7 +449,8 @@ class AnnotatorWidget(Container):
                     self._show(self._objects_image(self.objects), index)
                     return
                 self.candidates = segment_prompts(
-                    self.predictor, rgb, prompts, self._clicks, Zoom() if self.zoom.value else None, encode=False
+                    self.predictor, rgb, prompts, self._clicks, Zoom() if self.zoom.value else None, encode=False,
+                    rescale=True,
                 )
             except ValueError as exc:
                 show_error(f"TinySAM: {exc}")
@@ -461,6 +462,9 @@ class AnnotatorWidget(Container):
                 self._window_jobs.add(
                     self._request_embedding(index, self.candidates.pending_window, priority=True, what="a magnified window of slice")
                 )
+            for small in self.candidates.pending_scales:  # unconfident in a small slice: a look at it smaller
+                self._pending_update = index
+                self._window_jobs.add(self._request_embedding(index, small, priority=True, what="a smaller view of slice"))
             # after the preview has been painted: the user is looking, not clicking
             self._prefetch_index = index
             self._prefetch_timer.start()
