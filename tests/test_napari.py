@@ -155,7 +155,17 @@ def test_a_click_in_a_small_crop_segments_the_whole_nucleus(make_napari_viewer, 
     qtbot.waitUntil(lambda: w.candidates is not None and w.candidates.factor < 1, timeout=60000)
     assert _iou(w.preview_layer.data > 0, nucleus) > 0.85
     w.commit()
-    assert _iou(viewer.layers["TinySAM labels"].data == 1, nucleus) > 0.85
+    labels = viewer.layers["TinySAM labels"].data
+    assert _iou(labels == 1, nucleus) > 0.85
+    # one object per point: each of them looked at smaller too
+    w.each_point.value = True
+    others = [nuclei[1][crop] == i for i in (34, 40)]
+    for other in others:
+        w.points_layer.add(list(innermost_point(other))[::-1])
+    _wait(qtbot, w)
+    qtbot.waitUntil(lambda: len(w.objects) == 2 and all(o.factor < 1 for o in w.objects), timeout=60000)
+    w.commit()
+    assert _iou(labels == 2, others[0]) > 0.85 and _iou(labels == 3, others[1]) > 0.85
 
 
 def test_annotator_each_point_is_an_object_committed_in_one_step(annotator, qtbot, nuclei):

@@ -428,19 +428,25 @@ def segment_objects(
     rgb: np.ndarray,
     prompts: Prompts,
     histories: dict[bytes, ClickHistory] | None = None,
+    *,
+    rescale: bool = False,
+    encode: bool = True,
 ) -> list[Candidates]:
     """Masks for every object of :func:`split_objects` on one slice (embedding from the
     cache or computed now). ``histories`` (object key -> :class:`ClickHistory`), kept
-    across calls, makes a point added to one object cost one decoder pass."""
+    across calls, makes a point added to one object cost one decoder pass. ``rescale``
+    and ``encode``: as in :func:`segment_prompts`, for each object."""
     histories = {} if histories is None else histories
     out, keys = [], []
     objects = split_objects(prompts)
     if objects:  # the slice is digested once, not once per object
         predictor.set_image(rgb)
+        on_slice = predictor.get_embedding()
     for obj in objects:
         keys.append(_prefix_key(obj, min(1, len(obj.points))))
         history = histories.setdefault(keys[-1], ClickHistory())
-        out.append(segment_prompts(predictor, rgb, obj, history, set_image=False))
+        out.append(segment_prompts(predictor, rgb, obj, history, encode=encode, set_image=False, rescale=rescale))
+        predictor.set_embedding(on_slice)  # a rescaled object left the predictor on its smaller view
     for key in set(histories) - set(keys):  # objects whose point was removed
         del histories[key]
     return out

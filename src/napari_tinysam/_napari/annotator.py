@@ -444,9 +444,11 @@ class AnnotatorWidget(Container):
         if self._embedded(index, rgb):
             try:
                 if self.each_point.value and prompts.mask is None:
-                    self.objects = segment_objects(self.predictor, rgb, prompts, self._histories)
+                    self.objects = segment_objects(self.predictor, rgb, prompts, self._histories, rescale=True,
+                                                   encode=False)
                     self.candidates = self.objects[0] if self.objects else None
                     self._show(self._objects_image(self.objects), index)
+                    self._look_smaller(index, [v for o in self.objects for v in o.pending_scales])
                     return
                 self.candidates = segment_prompts(
                     self.predictor, rgb, prompts, self._clicks, Zoom() if self.zoom.value else None, encode=False,
@@ -462,15 +464,20 @@ class AnnotatorWidget(Container):
                 self._window_jobs.add(
                     self._request_embedding(index, self.candidates.pending_window, priority=True, what="a magnified window of slice")
                 )
-            for small in self.candidates.pending_scales:  # unconfident in a small slice: a look at it smaller
-                self._pending_update = index
-                self._window_jobs.add(self._request_embedding(index, small, priority=True, what="a smaller view of slice"))
+            self._look_smaller(index, self.candidates.pending_scales)
             # after the preview has been painted: the user is looking, not clicking
             self._prefetch_index = index
             self._prefetch_timer.start()
         else:
             self._pending_update = index
             self._request_embedding(index, rgb, priority=True)
+
+    def _look_smaller(self, index: tuple[int, ...], views) -> None:
+        """Embed the smaller views of slice ``index`` that an unconfident object asks for
+        (``segment_prompts(..., rescale=True)``), then segment the slice again."""
+        for view in views:
+            self._pending_update = index
+            self._window_jobs.add(self._request_embedding(index, view, priority=True, what="a smaller view of slice"))
 
     def _slice_rgb(self, image, index: tuple[int, ...]) -> np.ndarray:
         """What the model sees of a slice, memoised for the last few slices (clicks on
