@@ -498,7 +498,8 @@ def test_shift_t_follows_the_displayed_stack_of_a_4d_image(make_napari_viewer, q
     _wait(qtbot, w)
 
 
-def test_annotator_reuses_matching_embedding_store(make_napari_viewer, qtbot, tmp_path):
+def test_annotator_reuses_matching_embedding_store(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    import napari_tinysam._napari.annotator as annotator_module
     from napari_tinysam.embedding_store import EmbeddingStore
 
     stack = samples.nuclei_3d()[:4]
@@ -511,12 +512,17 @@ def test_annotator_reuses_matching_embedding_store(make_napari_viewer, qtbot, tm
     store = EmbeddingStore.open(tmp_path / "e.zarr", model, stack, tuple(layer.contrast_limits), create=True)
     store.compute(model, stack)
     assert w.open_store(str(tmp_path / "e.zarr"))
+    embedded = []
+    compute = annotator_module.compute_embedding
+    monkeypatch.setattr(annotator_module, "compute_embedding",
+                        lambda model, rgb: embedded.append(rgb.shape[:2]) or compute(model, rgb))
     w.points_layer.add([2, 30, 30])
-    # served from the store at once: no embedding job was queued, none for the
-    # prefetched neighbours either (they are in the store too)
-    assert w.preview_slice == (2,) and w._running is None and not w._jobs
+    # served from the store at once, and the prefetched neighbours too: no slice is
+    # embedded (only, for an unconfident object, the slice seen smaller)
+    assert w.preview_slice == (2,)
     _wait(qtbot, w)
-    assert w._running is None and not w._jobs and len(w.cache) == 3
+    qtbot.waitUntil(lambda: w._running is None and not w._jobs, timeout=60000)
+    assert all(shape[0] < stack.shape[1] for shape in embedded) and len(w.cache) == 3 + len(embedded)
     # a store for other contrast limits is refused, the widget keeps working
     layer.contrast_limits = (0, 10)
     assert not w.open_store(str(tmp_path / "e.zarr")) and w.store is None
