@@ -138,9 +138,9 @@ def segment_volume_distributed(
     slices); the head's maps live in a temporary Zarr store (float16, 3 x the stack's
     voxels x 2 bytes). Everything is written into a temporary folder beside ``out_path``
     (which the workers must be able to write) and the labels are moved to ``out_path``
-    when complete. Other modes, or
-    ``per_slice=True``, segment slice by slice and link objects across slices
-    (``stitch``, ``stitch_iou``). ``progress(done, total)`` is called after each task."""
+    when complete. Other modes, or ``per_slice=True``, segment slice by slice and link
+    objects across slices (``stitch``, ``stitch_iou``). ``progress(done, total)`` is
+    called after each task."""
     shape = tuple(stack.shape)
     check_volume(shape)
     out_path = Path(out_path)
