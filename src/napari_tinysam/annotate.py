@@ -86,6 +86,13 @@ SEED_SCALES = (1.5, 2.5)
 CONFIDENT_SEED = 0.75
 
 
+def logits_to_masks(predictor: SamPredictor, low: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Low-resolution logits (C, s/4, s/4) of the predictor's current image -> masks
+    (C, H, W) bool at ``shape``, an image that the current one is a resized copy of."""
+    up = predictor.model.postprocess_masks(torch.as_tensor(low)[None], predictor.input_size, tuple(shape))
+    return (up[0] > predictor.model.mask_threshold).numpy()
+
+
 def resize_rgb(rgb: np.ndarray, factor: float) -> np.ndarray:
     """A uint8 RGB image (H, W, 3) resized by ``factor`` (bilinear, antialiased)."""
     if factor == 1.0:
@@ -277,9 +284,7 @@ def _decode_prefixes(
                 multimask_output=previous is None and prompts.box is None and prompts.mask is None,
             )
             if factor != 1.0:  # the masks at the window's own size, from their logits
-                size = shape if window is None else window[2:]
-                up = predictor.model.postprocess_masks(torch.as_tensor(low)[None], predictor.input_size, tuple(size))
-                masks = (up[0] > predictor.model.mask_threshold).numpy()
+                masks = logits_to_masks(predictor, low, tuple(shape if window is None else window[2:]))
             if window is not None:
                 y0, x0, h, w = window
                 full = np.zeros((len(masks), *shape), masks.dtype)

@@ -14,13 +14,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .annotate import (
     CONFIDENT_SEED,
     SEED_SCALES,
     Prompts,
     is_embedded,
+    logits_to_masks,
     mask_box,
     mask_to_logits,
     resize_rgb,
@@ -162,10 +162,7 @@ class _Walker:
 
     def _full(self, low: np.ndarray) -> np.ndarray:
         """Low-resolution logits (1, s/4, s/4) -> mask at the slice's size."""
-        pred = self.predictor
-        shape = tuple(self.stack.shape[1:3])
-        up = pred.model.postprocess_masks(torch.as_tensor(low)[None], pred.input_size, shape)
-        return (up[0, 0] > pred.model.mask_threshold).numpy()
+        return logits_to_masks(self.predictor, low, tuple(self.stack.shape[1:3]))[0]
 
     def _scaled(self, prompts: Prompts) -> Prompts:
         f = self.factor
