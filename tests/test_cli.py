@@ -55,9 +55,7 @@ def test_segment_folder_zarr_and_refusals(files, model_file, tmp_path, capsys):
     assert main(["segment", str(files / "stack.zarr"), "-o", str(out / "stack_labels.zarr"), "--model", model_file, *ARGS]) == 0
     assert read_image(out / "stack_labels.zarr").shape == (3, 32, 32)
     # a voxel size for stacks (a 2D image in the same run goes on without it)
-    assert main(["segment", str(files / "stack.zarr"), str(files / "in" / "a.tif"), "-o", str(out / "scaled"),
-                 "--model", model_file, "--scale", "0.5", "0.1", "0.1", *ARGS]) == 2  # no such folder yet
-    (out / "scaled").mkdir()
+    # (a new output folder is made, as mkdir makes one: its parent exists)
     assert main(["segment", str(files / "stack.zarr"), str(files / "in" / "a.tif"), "-o", str(out / "scaled"),
                  "--model", model_file, "--scale", "0.5", "0.1", "0.1", *ARGS]) == 0
     assert read_image(out / "scaled" / "stack_labels.tif").shape == (3, 32, 32)
@@ -68,8 +66,16 @@ def test_segment_folder_zarr_and_refusals(files, model_file, tmp_path, capsys):
     (files / "notes.txt").write_text("x")
     assert main(["segment", str(files / "notes.txt"), "-o", str(out), "--model", model_file]) == 2
     assert "unsupported file type" in capsys.readouterr().err
-    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(tmp_path / "missing" / "x.tif"), "--model", model_file]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(tmp_path / "new" / "x.tif"),
+                 "--model", model_file, *ARGS]) == 0  # a new folder in an existing one is made
+    assert (tmp_path / "new" / "x.tif").is_file()
+    capsys.readouterr()
+    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(tmp_path / "no" / "such" / "x.tif"),
+                 "--model", model_file]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    assert main(["segment", str(files / "in" / "a.tif"), str(files / "in" / "b.png"), "-o",
+                 str(tmp_path / "no" / "such"), "--model", model_file]) == 2
+    assert "cannot be made" in capsys.readouterr().err and not (tmp_path / "no").exists()
     assert main(["segment", str(files / "in" / "a.tif"), "-o", str(out / "a.png"), "--model", model_file]) == 2
     assert "cannot write labels to" in capsys.readouterr().err and not (out / "a.png").exists()
     np.save(files / "t.npy", np.zeros((2, 2, 8, 8), np.uint16))

@@ -51,10 +51,20 @@ def output_paths(inputs: list[Path], output: str) -> list[Path]:
     if not out.is_dir():
         if len(inputs) == 1 and out.suffix:
             raise ValueError(
-                f"cannot write labels to {out}: name a {', '.join(WRITABLE)} file, or an existing folder"
+                f"cannot write labels to {out}: name a {', '.join(WRITABLE)} file, or a folder"
             )
-        raise FileNotFoundError(f"output folder {out} does not exist; create it first")
+        if out.exists() or not out.parent.is_dir():
+            raise FileNotFoundError(f"output folder {out} does not exist and cannot be made (is {out.parent} "
+                                    "an existing folder?)")
     return [out / f"{p.stem}_labels.tif" for p in inputs]
+
+
+def make_output_folders(outputs: list[Path]) -> None:
+    """Create the folder that ``outputs`` go into when it is new (its parent exists:
+    :func:`output_paths` checked that), as ``mkdir`` does; call it once the run's
+    arguments have all been checked."""
+    for folder in {p.parent for p in outputs}:
+        folder.mkdir(exist_ok=True)
 
 
 def select_index(data: np.ndarray, index: tuple[int, ...] | None) -> np.ndarray:
@@ -118,8 +128,12 @@ def segment_file(
 
 
 def check_output_folder(path: Path) -> None:
+    """The folder ``path`` goes into exists and is writable, or is a new folder (to be
+    made by :func:`make_output_folders`) in a writable one."""
     folder = path if path.is_dir() else path.parent
     if not folder.is_dir():
-        raise FileNotFoundError(f"output folder {folder} does not exist; create it first")
+        if not folder.parent.is_dir():
+            raise FileNotFoundError(f"output folder {folder} does not exist; create it first")
+        folder = folder.parent
     if not os.access(folder, os.W_OK):
         raise PermissionError(f"output folder {folder} is not writable")

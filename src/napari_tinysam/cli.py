@@ -190,7 +190,13 @@ def cmd_train_head(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .batch import check_output_folder, expand_inputs, output_paths, segment_file
+    from .batch import (
+        check_output_folder,
+        expand_inputs,
+        make_output_folders,
+        output_paths,
+        segment_file,
+    )
     from .bench import print_table
     from .weights import load_model
 
@@ -204,6 +210,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.block_depth is not None and not (args.workers or args.scheduler):
         raise ValueError("--block-depth applies to runs on Dask (--workers / --scheduler); a run in one process "
                          "reads the whole stack")
+    make_output_folders(outputs)
     if args.workers or args.scheduler:
         return _segment_distributed(args, inputs, outputs)
     model = load_model(args.model, precision=args.precision)
@@ -381,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("segment", help="everything mode on files (TIFF, Zarr, NumPy; 2D, 3D, RGB)")
     g.add_argument("inputs", nargs="+", help="files, folders or glob patterns")
     g.add_argument("-o", "--output", required=True,
-                   help="output file (.tif/.zarr/.npy) for one input, else an existing folder")
+                   help="output file (.tif/.zarr/.npy) for one input, else a folder (made if new)")
     g.add_argument("--model", default="default", help="registry name or checkpoint path")
     g.add_argument("--mode", choices=["auto", "hierarchical", "grid"], default=None,
                    help="default: auto for models with an instance head (the bundled default), else hierarchical")
