@@ -76,6 +76,9 @@ def test_segment_folder_zarr_and_refusals(files, model_file, tmp_path, capsys):
     assert main(["segment", str(files / "in" / "a.tif"), str(files / "in" / "b.png"), "-o",
                  str(tmp_path / "no" / "such"), "--model", model_file]) == 2
     assert "cannot be made" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    assert main(["segment", str(files / "in" / "a.tif"), str(files / "in" / "b.png"), "-o",
+                 str(files / "notes.txt"), "--model", model_file]) == 2
+    assert "it is a file, not a folder" in capsys.readouterr().err
     assert main(["segment", str(files / "in" / "a.tif"), "-o", str(out / "a.png"), "--model", model_file]) == 2
     assert "cannot write labels to" in capsys.readouterr().err and not (out / "a.png").exists()
     np.save(files / "t.npy", np.zeros((2, 2, 8, 8), np.uint16))

@@ -53,7 +53,9 @@ def output_paths(inputs: list[Path], output: str) -> list[Path]:
             raise ValueError(
                 f"cannot write labels to {out}: name a {', '.join(WRITABLE)} file, or a folder"
             )
-        if out.exists() or not out.parent.is_dir():
+        if out.exists():
+            raise ValueError(f"cannot write labels into {out}: it is a file, not a folder")
+        if not out.parent.is_dir():
             raise FileNotFoundError(f"output folder {out} does not exist and cannot be made (is {out.parent} "
                                     "an existing folder?)")
     return [out / f"{p.stem}_labels.tif" for p in inputs]
