@@ -394,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: auto for models with an instance head (the bundled default), else hierarchical")
     g.add_argument("--head-only", action="store_true",
                    help="auto mode: instances of the head alone, without the prompt decoder (faster)")
-    g.add_argument("--points-per-side", type=int, default=32)
+    g.add_argument("--points-per-side", type=int, default=32,
+                   help="hierarchical / grid modes: points per side of the prompt grid (default 32)")
     for key, what in THRESHOLD_OPTIONS.items():
         g.add_argument("--" + key.replace("_", "-"), type=float, default=None,
                        help=f"{what} (default: the model's tuned value for the mode)")
@@ -418,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on Dask, 3D stacks are segmented in blocks of N slices (default 32), each read with "
                         "16 more on either side: lower it if a worker runs out of memory (a block needs about "
                         "60 bytes per voxel it reads)")
-    g.add_argument("--threads", type=int, default=2)
+    g.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     _add_precision(g)
     g.set_defaults(func=cmd_segment)
 
