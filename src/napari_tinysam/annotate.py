@@ -86,6 +86,16 @@ SEED_SCALES = (1.5, 2.5)
 CONFIDENT_SEED = 0.75
 
 
+def smaller_scales(model, shape: tuple[int, int], below: float = 1.0) -> tuple[float, list[float]]:
+    """The model's own scale for a slice of ``shape`` (model-input pixels per slice pixel:
+    the longest side brought to the input, at most ``max_upscale``) and the scales of
+    :data:`SEED_SCALES` to try besides it: those under ``own / below`` at which the slice's
+    short side keeps at least 32 pixels."""
+    h, w = shape[:2]
+    own = min(model.img_size / max(h, w), model.max_upscale or np.inf)
+    return own, [s for s in SEED_SCALES if s < own / below and s * min(h, w) >= 32]
+
+
 def logits_to_masks(predictor: SamPredictor, low: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Low-resolution logits (C, s/4, s/4) of the predictor's current image -> masks
     (C, H, W) bool at ``shape``, an image that the current one is a resized copy of."""
@@ -389,8 +399,7 @@ def _pick_scale(
     slice."""
     score = float(first.scores[first.chosen])
     shape = rgb.shape[:2]
-    own = predictor.input_size[0] / shape[0]
-    scales = [s for s in SEED_SCALES if s < own / 1.2 and s * min(shape) >= 32]
+    own, scales = smaller_scales(predictor.model, shape, below=1.2)
     if score >= CONFIDENT_SEED or not scales:
         return 1.0, None, [], []
     on_slice = predictor.get_embedding()

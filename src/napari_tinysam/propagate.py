@@ -17,7 +17,6 @@ import numpy as np
 
 from .annotate import (
     CONFIDENT_SEED,
-    SEED_SCALES,
     Prompts,
     is_embedded,
     logits_to_masks,
@@ -25,6 +24,7 @@ from .annotate import (
     mask_to_logits,
     resize_rgb,
     segment_prompts,
+    smaller_scales,
 )
 from .evaluation import innermost_point
 from .everything import (
@@ -171,16 +171,14 @@ class _Walker:
 
     def choose_scale(self, z: int, prompts: Prompts, mask: np.ndarray | None) -> None:
         """Pick the scale of the whole walk by the seed's predicted IoU (see ``SEED_SCALES``)."""
-        cap = self.predictor.model.max_upscale
-        h, w = self.stack.shape[1:3]
-        own = min(self.predictor.model.img_size / max(h, w), cap or np.inf)
-        if cap is None:
+        if self.predictor.model.max_upscale is None:
             return
+        own, scales = smaller_scales(self.predictor.model, self.stack.shape[1:3])
         if mask is not None and len(prompts.points) == 0 and prompts.box is None:
             x, y = innermost_point(mask)
             prompts = Prompts(np.array([[x, y]]), np.array([1]), mask_box(mask))
         best = (-1.0, 1.0)
-        for scale in (own, *(s for s in SEED_SCALES if s < own and s * min(h, w) >= 32)):
+        for scale in (own, *scales):
             self.factor = scale / own
             self.set_slice(z)
             cands = segment_prompts(self.predictor, self._rgb, self._scaled(prompts))
