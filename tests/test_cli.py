@@ -98,6 +98,31 @@ def test_segment_folder_zarr_and_refusals(files, model_file, tmp_path, capsys):
     assert "--tile-shape" in capsys.readouterr().err and not (out / "halo.tif").exists()
 
 
+def test_segment_goes_on_past_an_unreadable_input(files, model_file, tmp_path, capsys):
+    """A corrupt file among many is skipped with its reason; the others are written and
+    the run fails at the end. A new output folder that gets nothing is removed again."""
+    (files / "in" / "0_broken.tif").write_bytes(b"not a tiff")
+    out = tmp_path / "new"
+    assert main(["segment", str(files / "in"), "-o", str(out), "--model", model_file, *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "skipped: cannot read" in err and "0_broken.tif" in err
+    assert "1 of 3 inputs could not be segmented (the others were written)" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a_labels.tif", "b_labels.tif"]
+    assert read_image(out / "a_labels.tif").shape == (40, 50)
+    # nothing readable: nothing written, and the folder the run made is gone
+    assert main(["segment", str(files / "in" / "0_broken.tif"), "-o", str(tmp_path / "none"),
+                 "--model", model_file, *ARGS]) == 2
+    assert "nothing was written" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    # a run that fails before any input (a model that does not load) leaves no folder either
+    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(tmp_path / "none"),
+                 "--model", str(files / "in" / "a.tif")]) == 2
+    assert not (tmp_path / "none").exists()
+    # arguments are all checked before a folder is made
+    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(tmp_path / "none"), "--workers", "1",
+                 "--model", model_file]) == 2
+    assert ".zarr" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
 def test_voxel_size_read_from_imagej_and_ome_files(tmp_path):
     import zarr
 
@@ -145,6 +170,18 @@ def test_write_labels_is_atomic(tmp_path):
         write_labels(tmp_path / "x.tif", np.zeros((4, 4)))
     assert read_image(tmp_path / "x.tif").max() == 1
     assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("depth", [3, 4, 5])
+def test_label_stacks_are_written_as_grey_slices(tmp_path, depth):
+    """A stack of 3 or 4 slices is one grey page per slice, not an RGB(A) image (as other
+    programs would open it)."""
+    labels = np.arange(depth * 6 * 7, dtype=np.int32).reshape(depth, 6, 7)
+    write_labels(tmp_path / "s.tif", labels)
+    with tifffile.TiffFile(tmp_path / "s.tif") as tif:
+        assert len(tif.pages) == depth and tif.series[0].axes == "ZYX"
+        assert tif.pages[0].photometric == tifffile.PHOTOMETRIC.MINISBLACK
+    np.testing.assert_array_equal(read_image(tmp_path / "s.tif"), labels)
 
 
 def test_models_list_and_path(capsys):

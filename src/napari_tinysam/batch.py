@@ -7,13 +7,14 @@ import glob
 import os
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .everything import check_volume, segment_everything, segment_volume
-from .io import READABLE, WRITABLE, read_image, read_voxel_size, write_labels
+from .io import READABLE, WRITABLE, open_zarr, read_image, read_voxel_size, write_labels
 from .model import Sam
 
 
@@ -61,12 +62,25 @@ def output_paths(inputs: list[Path], output: str) -> list[Path]:
     return [out / f"{p.stem}_labels.tif" for p in inputs]
 
 
-def make_output_folders(outputs: list[Path]) -> None:
+@contextmanager
+def output_folders(outputs: list[Path]):
     """Create the folder that ``outputs`` go into when it is new (its parent exists:
-    :func:`output_paths` checked that), as ``mkdir`` does; call it once the run's
-    arguments have all been checked."""
-    for folder in {p.parent for p in outputs}:
-        folder.mkdir(exist_ok=True)
+    :func:`output_paths` checked that), as ``mkdir`` does; enter it once the run's
+    arguments have all been checked. A folder made here that is still empty when the
+    run fails (an unreadable input, a model that does not load) is removed again, so a
+    failed run leaves nothing behind."""
+    made = []
+    for folder in sorted({p.parent for p in outputs}):
+        if not folder.exists():
+            folder.mkdir()
+            made.append(folder)
+    try:
+        yield
+    except BaseException:
+        for folder in made:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
 
 
 def select_index(data: np.ndarray, index: tuple[int, ...] | None) -> np.ndarray:
@@ -81,6 +95,24 @@ def select_index(data: np.ndarray, index: tuple[int, ...] | None) -> np.ndarray:
             "with --index (e.g. --index 0 for the first time point)"
         )
     return data
+
+
+class UnreadableInput(ValueError):
+    """One input of a batch cannot be read or has no 2D / 3D part to segment; the run
+    goes on with the other inputs."""
+
+
+def read_input(path: Path, index: tuple[int, ...] | None = None, lazy: bool = False):
+    """The 2D or 3D data of one input (after ``index``); a Zarr store stays on disk with
+    ``lazy``. Raises :class:`UnreadableInput` naming the file."""
+    try:
+        data = open_zarr(path) if lazy and path.suffix.lower() == ".zarr" else read_image(path)
+        return select_index(data, index)
+    except UnreadableInput:
+        raise
+    except (ValueError, OSError) as exc:
+        message = str(exc) if str(path.name) in str(exc) else f"{path}: {exc}"
+        raise UnreadableInput(message) from exc
 
 
 @dataclass
@@ -110,7 +142,7 @@ def segment_file(
     (:func:`~napari_tinysam.io.read_voxel_size`), else none)."""
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    data = select_index(read_image(path), index)
+    data = read_input(path, index)
     t0 = time.perf_counter()
     rgb = data.ndim >= 3 and data.shape[-1] in (3, 4)
     if data.ndim == 2 or (data.ndim == 3 and rgb):
@@ -131,7 +163,7 @@ def segment_file(
 
 def check_output_folder(path: Path) -> None:
     """The folder ``path`` goes into exists and is writable, or is a new folder (to be
-    made by :func:`make_output_folders`) in a writable one."""
+    made by :func:`output_folders`) in a writable one."""
     folder = path if path.is_dir() else path.parent
     if not folder.is_dir():
         if not folder.parent.is_dir():

@@ -188,17 +188,7 @@ def cmd_train_head(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .batch import (
-        check_output_folder,
-        expand_inputs,
-        make_output_folders,
-        output_paths,
-        segment_file,
-    )
-    from .bench import print_table
-    from .weights import load_model
+    from .batch import check_output_folder, expand_inputs, output_folders, output_paths
 
     _threads(args.threads)
     inputs = expand_inputs(args.inputs)
@@ -207,12 +197,28 @@ def cmd_segment(args: argparse.Namespace) -> int:
         check_output_folder(out)
         if out.exists() and not args.overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it (nothing was written)")
-    if args.block_depth is not None and not (args.workers or args.scheduler):
+    distributed = bool(args.workers or args.scheduler)
+    if args.block_depth is not None and not distributed:
         raise ValueError("--block-depth applies to runs on Dask (--workers / --scheduler); a run in one process "
                          "reads the whole stack")
-    make_output_folders(outputs)
-    if args.workers or args.scheduler:
-        return _segment_distributed(args, inputs, outputs)
+    if args.halo and not args.tile_shape:
+        raise ValueError("--halo needs --tile-shape")
+    if distributed:
+        for out in outputs:
+            if out.suffix.lower() != ".zarr":
+                raise ValueError(f"with --workers/--scheduler the output must be a .zarr store, got {out}")
+    with output_folders(outputs):
+        if distributed:
+            return _segment_distributed(args, inputs, outputs)
+        return _segment_local(args, inputs, outputs)
+
+
+def _segment_local(args: argparse.Namespace, inputs, outputs) -> int:
+    from tqdm import tqdm
+
+    from .batch import UnreadableInput, segment_file
+    from .weights import load_model
+
     model = load_model(args.model, precision=args.precision)
     params = {
         "mode": args.mode,
@@ -224,18 +230,40 @@ def cmd_segment(args: argparse.Namespace) -> int:
         **({"scale": tuple(args.scale)} if args.scale else {}),
         **({"tile_shape": tuple(args.tile_shape), "halo": tuple(args.halo or (0, 0))} if args.tile_shape else {}),
     }
-    if args.halo and not args.tile_shape:
-        raise ValueError("--halo needs --tile-shape")
-    rows = []
+    rows, skipped = [], []
     for path, out in zip(inputs, outputs):
         bar = tqdm(total=0, desc=path.name, unit="slice")
-        res = segment_file(model, path, out, overwrite=args.overwrite, index=tuple(args.index) if args.index else None,
-                           progress=partial(_show_progress, bar), **params)
-        bar.close()
+        try:
+            res = segment_file(model, path, out, overwrite=args.overwrite,
+                               index=tuple(args.index) if args.index else None,
+                               progress=partial(_show_progress, bar), **params)
+        except UnreadableInput as exc:
+            skipped.append(_skip(exc))
+            continue
+        finally:
+            bar.close()
         rows.append({"input": str(path), "output": str(out), "shape": "x".join(map(str, res.shape)),
                      "voxel (z, y, x)": _voxel(res.voxel_size), "objects": res.objects,
                      "s/slice": f"{res.seconds / res.slices:.2f}"})
-    print_table(rows, ["input", "output", "shape", "voxel (z, y, x)", "objects", "s/slice"])
+    return _report(rows, skipped, len(inputs))
+
+
+def _skip(exc: Exception) -> str:
+    """Say at once that an input is skipped (the run goes on); the reason, for the end."""
+    print(f"skipped: {exc}", file=sys.stderr)
+    return str(exc)
+
+
+def _report(rows: list[dict], skipped: list[str], total: int) -> int:
+    """The table of what was written; inputs that could not be read fail the run (exit
+    code 2) once the others are done."""
+    from .bench import print_table
+
+    if rows:
+        print_table(rows, ["input", "output", "shape", "voxel (z, y, x)", "objects", "s/slice"])
+    if skipped:
+        done = "the others were written" if rows else "nothing was written"
+        raise ValueError(f"{len(skipped)} of {total} inputs could not be segmented ({done}): " + "; ".join(skipped))
     return 0
 
 
@@ -262,20 +290,19 @@ def _thresholds(args: argparse.Namespace) -> dict:
 def _segment_distributed(args: argparse.Namespace, inputs, outputs) -> int:
     from tqdm import tqdm
 
-    from .batch import select_index
-    from .bench import print_table
+    from .batch import UnreadableInput, read_input
     from .distributed import connect, segment_volume_distributed
-    from .io import open_zarr, read_image, read_voxel_size
+    from .io import read_voxel_size
 
-    for out in outputs:
-        if out.suffix.lower() != ".zarr":
-            raise ValueError(f"with --workers/--scheduler the output must be a .zarr store, got {out}")
     client = connect(args.scheduler, args.workers)
-    rows = []
+    rows, skipped = [], []
     try:
         for path, out in zip(inputs, outputs):
-            data = open_zarr(path) if path.suffix.lower() == ".zarr" else read_image(path)
-            data = select_index(data, tuple(args.index) if args.index else None)
+            try:
+                data = read_input(path, tuple(args.index) if args.index else None, lazy=True)
+            except UnreadableInput as exc:
+                skipped.append(_skip(exc))
+                continue
             scale = tuple(args.scale) if args.scale else read_voxel_size(path)
             bar = tqdm(total=data.shape[0], desc=path.name, unit="task")
             t0 = time.perf_counter()
@@ -296,20 +323,18 @@ def _segment_distributed(args: argparse.Namespace, inputs, outputs) -> int:
                          "s/slice": f"{seconds / labels.shape[0]:.2f}"})
     finally:
         client.close()
-    print_table(rows, ["input", "output", "shape", "voxel (z, y, x)", "objects", "s/slice"])
-    return 0
+    return _report(rows, skipped, len(inputs))
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .batch import select_index
+    from .batch import read_input
     from .embedding_store import EmbeddingStore
-    from .io import read_image
     from .weights import load_model
 
     _threads(args.threads)
-    data = select_index(read_image(args.input), tuple(args.index) if args.index else None)
+    data = read_input(Path(args.input), tuple(args.index) if args.index else None)
     rgb = data.ndim >= 3 and data.shape[-1] in (3, 4)
     if data.ndim == 2 or (data.ndim == 3 and rgb):
         data = data[None]

@@ -147,7 +147,10 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray, overwrite: bool = 
     if suffix in (".tif", ".tiff"):
         import tifffile
 
-        tifffile.imwrite(tmp, labels, compression="zlib")
+        # one grey page per slice: without the photometric tag a stack of 3 or 4 slices is
+        # written as one RGB(A) page, which Fiji and others open as a colour image
+        tifffile.imwrite(tmp, labels, compression="zlib", photometric="minisblack",
+                         metadata={"axes": "ZYX"[-labels.ndim:]} if labels.ndim <= 3 else None)
     elif suffix == ".npy":
         with open(tmp, "wb") as fh:
             np.save(fh, labels)
