@@ -617,3 +617,24 @@ def test_annotator_propagates_commits_and_undoes_a_3d_object(make_napari_viewer,
     assert set(np.unique(target.data[target.data != before])) == {4, 5}
     w.undo()
     assert np.array_equal(target.data, before)
+    _wait(qtbot, w)
+    # refining an object through the stack: before the commit, the status line names the
+    # slices from which the commit will remove it (the propagated object ends before them)
+    w.each_point.value = False
+    target.data[:, 46:50, 48:52] = 9  # an old object that runs on through every slice
+    target.data[truth & (target.data == 0)] = 9
+    before = target.data.copy()
+    w.refine_id.value = 9
+    w.points_layer.add([5, 48, 50])
+    _wait(qtbot, w)
+    w.propagate()
+    _wait(qtbot, w)
+    zs = sorted(w.preview_volumes[0])
+    lost = [z for z in range(len(stack)) if z not in zs]
+    assert zs == list(range(2, 9)) and lost == [0, 1, 9, 10]
+    assert "label 9 is also on slices 0-1, 9-10, from which the commit removes it" in w.status.value
+    w.commit()
+    assert "removed from 4 slices (0-1, 9-10)" in w.status.value and not (target.data[lost] == 9).any()
+    assert _iou(target.data == 9, truth) > 0.8
+    w.undo()
+    assert np.array_equal(target.data, before)

@@ -863,7 +863,27 @@ class AnnotatorWidget(Container):
         self.status.value = (
             f"{state}{what} on slices {zs[0]}-{zs[-1]}; least confident: slice {worst} "
             f"(confidence {score:.2f}); {KEYS['commit']} commits {'it' if n == 1 else 'them'}"
+            f"{self._refine_losses(zs)}"
         )
+
+    def _refine_losses(self, zs: list[int]) -> str:
+        """When a propagated object refines an existing label: the slices from which the
+        commit will remove that label (the propagated object does not reach them), said
+        before the user commits."""
+        if not self.refine_id.value:
+            return ""
+        try:
+            data = self._refine_target(check=False).data
+        except ValueError:
+            return ""
+        stack = np.asarray(data[self._lead])
+        if stack.ndim != 3:
+            return ""
+        lost = sorted(set(np.flatnonzero((stack == self.refine_id.value).any((1, 2))).tolist()) - set(zs))
+        if not lost:
+            return ""
+        return (f"; label {self.refine_id.value} is also on slice{'s' if len(lost) > 1 else ''} "
+                f"{_ranges(lost)}, from which the commit removes it")
 
     def _propagation_failed(self, exc: Exception) -> None:
         self._propagation_error = exc
