@@ -41,6 +41,12 @@ def test_two_workers_match_single_process(client, tiny_model, tmp_path):
                                      contrast_limits=None, progress=lambda d, t: calls.append(d), **PARAMS)
     np.testing.assert_array_equal(np.asarray(out[...]), reference)
     assert sorted(calls) == [1, 2, 3, 4, 5]
+    # a dask array stored in chunks of several slices (as Zarr stores often are)
+    import dask.array as da
+
+    chunked = segment_volume_distributed(str(path), da.from_array(stack, chunks=(2, 16, 40)), tmp_path / "c.zarr",
+                                         client, mode="grid", **PARAMS)
+    np.testing.assert_array_equal(np.asarray(chunked[...]), reference)
     with pytest.raises(FileExistsError):
         segment_volume_distributed(str(path), stack, tmp_path / "out.zarr", client, **PARAMS)
     # a run that fails on the workers leaves the old labels as they were, and nothing else
@@ -48,7 +54,7 @@ def test_two_workers_match_single_process(client, tiny_model, tmp_path):
         segment_volume_distributed(str(path), stack, tmp_path / "out.zarr", client, mode="grid", overwrite=True,
                                    **{**PARAMS, "points_per_side": -1})
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "out.zarr"))[...], reference)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr", "tiny.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr", "out.zarr", "tiny.pt"]
 
 
 def same_objects(a: np.ndarray, b: np.ndarray) -> bool:

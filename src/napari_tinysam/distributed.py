@@ -205,7 +205,8 @@ def _planes(client, stack) -> list:
     """One future per slice of ``stack``, each holding that slice (1, H, W[, C])."""
     import dask.array as da
 
-    darr = stack if isinstance(stack, da.Array) else da.from_array(stack, chunks=(1, *stack.shape[1:]))
+    one = (1, *stack.shape[1:])  # a task per slice, however the data is chunked
+    darr = stack.rechunk(one) if isinstance(stack, da.Array) else da.from_array(stack, chunks=one)
     return [client.compute(p) for p in darr.to_delayed().ravel()]
 
 
