@@ -85,6 +85,13 @@ def test_segment_folder_zarr_and_refusals(files, model_file, tmp_path, capsys):
     assert main(["segment", str(files / "t.npy"), "-o", str(out / "t.npy"), "--model", model_file, *ARGS]) == 2
     assert "--index" in capsys.readouterr().err
     assert main(["segment", str(files / "t.npy"), "-o", str(out / "t.npy"), "--model", model_file, "--index", "0", *ARGS]) == 0
+    # axes of one element need no --index: an OME file's T and C, a trailing channel
+    np.save(files / "tczyx.npy", np.zeros((1, 1, 3, 8, 8), np.uint16))
+    np.save(files / "yxc.npy", np.zeros((8, 9, 1), np.uint16))
+    assert main(["segment", str(files / "tczyx.npy"), str(files / "yxc.npy"), "-o", str(out / "squeezed"),
+                 "--model", model_file, *ARGS]) == 0
+    assert read_image(out / "squeezed" / "tczyx_labels.tif").shape == (3, 8, 8)
+    assert read_image(out / "squeezed" / "yxc_labels.tif").shape == (8, 9)
     # auto mode needs an instance head: the message names the modes this model supports
     assert main(["segment", str(files / "in" / "a.tif"), "-o", str(out / "auto.tif"), "--model", model_file,
                  "--mode", "auto"]) == 2

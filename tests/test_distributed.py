@@ -89,6 +89,24 @@ def test_3d_auto_on_dask_gives_segment_volumes_objects(client, tmp_path):
         segment_volume_distributed("default", stack, tmp_path / "bad.zarr", client, block_depth=0)
 
 
+def test_a_part_of_a_zarr_store_is_read_lazily(tmp_path):
+    """A time point of a (T, Z, Y, X) store (or a TCZYX store's axes of one) is chosen
+    without reading the store: the workers read the slices."""
+    import dask.array as da
+    import zarr
+
+    from napari_tinysam.batch import read_input
+
+    z = zarr.open_array(str(tmp_path / "t.zarr"), mode="w", shape=(2, 1, 4, 8, 8), chunks=(1, 1, 1, 8, 8),
+                        dtype="uint16")
+    z[1, 0, 2] = 7
+    part = read_input(tmp_path / "t.zarr", (1,), lazy=True)
+    assert isinstance(part, da.Array) and part.shape == (4, 8, 8)
+    assert int(part[2].max().compute()) == 7
+    with pytest.raises(ValueError, match="--index"):
+        read_input(tmp_path / "t.zarr", lazy=True)
+
+
 def test_block_plan_and_joining():
     assert plan_blocks(100, 32, 16) == [(0, 32, 0, 48), (32, 64, 16, 80), (64, 100, 48, 100)]
     assert plan_blocks(10, 32, 16) == [(0, 10, 0, 10)]

@@ -84,9 +84,15 @@ def output_folders(outputs: list[Path]):
 
 
 def select_index(data: np.ndarray, index: tuple[int, ...] | None) -> np.ndarray:
-    """Apply leading indices (e.g. a time point) to data with more than 3 spatial axes."""
+    """Apply leading indices (e.g. a time point) to data with more than 3 spatial axes,
+    then drop axes of one element that hold no choice: a trailing channel axis (H, W, 1)
+    and leading ones beyond three axes (an OME file's T and C of one, (1, 1, Z, Y, X))."""
     if index:
         data = data[tuple(index)]
+    if data.ndim >= 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    while data.ndim > 3 and data.shape[0] == 1 and not (data.ndim == 4 and data.shape[-1] in (3, 4)):
+        data = data[0]
     rgb = data.ndim >= 3 and data.shape[-1] in (3, 4)
     spatial = data.ndim - (1 if rgb else 0)
     if spatial > 3:
@@ -104,9 +110,17 @@ class UnreadableInput(ValueError):
 
 def read_input(path: Path, index: tuple[int, ...] | None = None, lazy: bool = False):
     """The 2D or 3D data of one input (after ``index``); a Zarr store stays on disk with
-    ``lazy``. Raises :class:`UnreadableInput` naming the file."""
+    ``lazy`` (a dask array over it when a part of it is chosen). Raises
+    :class:`UnreadableInput` naming the file."""
     try:
-        data = open_zarr(path) if lazy and path.suffix.lower() == ".zarr" else read_image(path)
+        if lazy and path.suffix.lower() == ".zarr":
+            data = open_zarr(path)
+            if data.ndim > 3 or index:  # indexing a Zarr array would read it whole
+                import dask.array as da
+
+                data = da.from_zarr(data)
+        else:
+            data = read_image(path)
         return select_index(data, index)
     except UnreadableInput:
         raise
