@@ -315,3 +315,60 @@ def test_a_tiled_image_can_be_cancelled_between_tiles(monkeypatch):
         segment_everything(SamPredictor(fake), image, mode="grid", cancel=lambda: True)
     labels = segment_everything(SamPredictor(fake), image, mode="grid", tile_shape=64, halo=8, cancel=lambda: False)
     assert labels.shape == image.shape
+
+
+def _relabelled(block: np.ndarray) -> np.ndarray:
+    """Ids 1..n in order of appearance in a crop (as a tile's own segmentation numbers them)."""
+    ids, inverse = np.unique(block, return_inverse=True)
+    return inverse.reshape(block.shape) + (ids[0] != 0)
+
+
+def test_stacks_with_large_slices_are_tiled_in_the_plane_every_object_once_and_whole(monkeypatch):
+    """3D instances tile by tile (each tile with its halo through every slice): an object
+    crossing a tile border comes whole from the tile that holds its centroid, never twice;
+    progress counts every slice of every tile."""
+    truth = np.zeros((5, 150, 200), np.int32)
+    zz, yy, xx = np.mgrid[:5, :150, :200]
+    k = 0
+    for cy in range(15, 150, 30):  # a lattice of balls, many across tile borders
+        for cx in range(15, 200, 30):
+            k += 1
+            truth[(zz - 2) ** 2 * 4 + (yy - cy) ** 2 + (xx - cx) ** 2 <= 100] = k
+    monkeypatch.setattr(ev, "volume_params", lambda model, kwargs, scale: {"denoise_sigma": 0.0})
+    monkeypatch.setattr(ev, "volume_head_maps", lambda predictor, sub, limits, step, cancel, sigma: (
+        [step(i + 1, len(sub)) for i in range(len(sub)) if step], sub)[1])
+    monkeypatch.setattr(ev, "volume_from_maps", lambda maps, **params: _relabelled(maps))
+    seen = []
+    predictor = SamPredictor(FakeSam(np.zeros((128, 128), np.int32)))
+    out = ev._volume_auto(predictor, truth, (0, 1), {"tile_shape": 64, "halo": 16}, lambda d, t: seen.append((d, t)),
+                          None)
+    assert seen[-1] == (5 * 3 * 4, 5 * 3 * 4) and len(seen) == 5 * 3 * 4
+    assert out.max() == k
+    for i in range(1, k + 1):
+        ids = np.unique(out[truth == i])
+        assert len(ids) == 1 and ids[0] > 0 and ((out == ids[0]) == (truth == i)).all()
+    cut = ev._volume_auto(predictor, truth, (0, 1), {"tile_shape": 64, "halo": 2}, None, None)
+    assert any(len(np.unique(cut[truth == i])) > 1 for i in range(1, k + 1))  # a halo under the objects cuts them
+
+
+def test_a_stack_with_large_slices_and_small_nuclei_is_tiled_automatically():
+    """Slices larger than the model's input whose nuclei would be too small at the
+    whole-slice scale are tiled (a 2x2 mosaic of the sample field); the nuclei are then
+    found as in 2D. Stacks whose slices fit the input are never tiled."""
+    from napari_tinysam import load_model, samples
+    from napari_tinysam.metrics import match_instances
+
+    model = load_model("default")
+    field, truth = samples.nuclei_2d(), samples.nuclei_2d_labels()
+    mosaic = np.block([[field, field[:, ::-1]], [field[::-1], field[::-1, ::-1]]])
+    lab = np.block([[truth, truth[:, ::-1] + 1000 * (truth[:, ::-1] > 0)],
+                    [truth[::-1] + 2000 * (truth[::-1] > 0), truth[::-1, ::-1] + 3000 * (truth[::-1, ::-1] > 0)]])
+    stack = np.stack([mosaic, mosaic])
+    predictor = SamPredictor(model)
+    assert ev.volume_tiles(predictor, stack[:, :520, :696], (0, 1000), 1.0) is None
+    tiles = ev.volume_tiles(predictor, stack, tuple(np.percentile(mosaic, (0.5, 99.5))), 1.0)
+    assert tiles is not None and max(tiles[0]) + 2 * max(tiles[1]) <= model.img_size
+    tiled = segment_volume(predictor, stack)
+    whole = segment_volume(predictor, stack, tile_shape=2048)
+    f1_tiled = match_instances(tiled[0], lab)["f1"]
+    assert f1_tiled > 0.85 and f1_tiled > match_instances(whole[0], lab)["f1"] + 0.05

@@ -700,38 +700,57 @@ def _segment_tiled(predictor, rgb, mode, params, tile, halo, progress, cancel=No
     tile's edge come whole from the neighbour whose halo holds them, and none twice.
     Objects are painted in tile order without overwriting earlier ones; one left with less
     than :data:`MIN_KEPT` of its pixels is dropped."""
-    h, w = rgb.shape[:2]
-    (th, tw), (hy, hx) = tile, halo
-    starts = [(y, x) for y in range(0, h, th) for x in range(0, w, tw)]
-    out = np.zeros((h, w), np.int32)
+    (th, tw) = tile
+    starts = _tile_starts(rgb.shape[:2], tile, halo)
+    out = np.zeros(rgb.shape[:2], np.int32)
     next_id = 1
-    for k, (y, x) in enumerate(starts):
+    for k, ((y, x), (y0, x0, y1, x1)) in enumerate(starts):
         _check_cancel(cancel, f"before tile {k + 1} of {len(starts)}")
-        y0, x0, y1, x1 = max(0, y - hy), max(0, x - hx), min(h, y + th + hy), min(w, x + tw + hx)
         crop = rgb[y0:y1, x0:x1]
         if crop.min() != crop.max():
             masks = _segment_masks(predictor, np.ascontiguousarray(crop), mode, params)
             labels, _ = paint_labels(masks.crops, masks.places, np.array(masks.iou), crop.shape[:2], MIN_KEPT)
-            n = int(labels.max())
-            if n:
-                centres = np.array(ndimage.center_of_mass(labels > 0, labels, np.arange(1, n + 1)))
-                cy, cx = centres[:, 0] + y0, centres[:, 1] + x0
-                own = (cy >= y) & (cy < y + th) & (cx >= x) & (cx < x + tw)
-                lut = np.zeros(n + 1, np.int32)
-                lut[1:][own] = np.arange(next_id, next_id + int(own.sum()))
-                next_id += int(own.sum())
-                region = out[y0:y1, x0:x1]
-                new = lut[labels]
-                free = (new > 0) & (region == 0)
-                # as within a tile: an object mostly under earlier tiles' objects is dropped
-                whole = np.bincount(new.ravel(), minlength=next_id)
-                kept = np.bincount(new[free], minlength=next_id)
-                free &= shows_enough(kept, whole, MIN_KEPT)[new]
-                region[free] = new[free]
+            next_id = _place_tile(out, labels, (y0, x0), (y, x, th, tw), next_id)
         if progress is not None:
             progress(k + 1, len(starts))
     # ids of objects that lost every pixel to earlier ones are dropped: renumber 1..N
     return keep_objects(out, np.bincount(out.ravel(), minlength=next_id) > 0)
+
+
+def _tile_starts(shape: tuple[int, int], tile: tuple[int, int], halo: tuple[int, int]):
+    """Each tile of a plane of ``shape``: its inner part (y, x) and its extent with the
+    halo (y0, x0, y1, x1)."""
+    (h, w), (th, tw), (hy, hx) = shape, tile, halo
+    return [((y, x), (max(0, y - hy), max(0, x - hx), min(h, y + th + hy), min(w, x + tw + hx)))
+            for y in range(0, h, th) for x in range(0, w, tw)]
+
+
+def _place_tile(out: np.ndarray, labels: np.ndarray, origin: tuple[int, int], inner: tuple[int, int, int, int],
+                next_id: int) -> int:
+    """Paint into ``out`` (2D, or 3D with the tiles in its last two axes) the objects of
+    one tile's ``labels`` (ids 1..n; the tile with its halo starts at ``origin`` in the
+    plane) whose centroid lies in the tile's inner part (y, x, height, width), under new
+    ids from ``next_id``, without overwriting earlier objects; one left with less than
+    :data:`MIN_KEPT` of its pixels is dropped. Returns the next free id."""
+    n = int(labels.max())
+    if not n:
+        return next_id
+    (y0, x0), (y, x, th, tw) = origin, inner
+    centres = np.array(ndimage.center_of_mass(labels > 0, labels, np.arange(1, n + 1)))
+    cy, cx = centres[:, -2] + y0, centres[:, -1] + x0
+    own = (cy >= y) & (cy < y + th) & (cx >= x) & (cx < x + tw)
+    lut = np.zeros(n + 1, np.int32)
+    lut[1:][own] = np.arange(next_id, next_id + int(own.sum()))
+    next_id += int(own.sum())
+    region = out[..., y0:y0 + labels.shape[-2], x0:x0 + labels.shape[-1]]
+    new = lut[labels]
+    free = (new > 0) & (region == 0)
+    # as within a tile: an object mostly under earlier tiles' objects is dropped
+    whole = np.bincount(new.ravel(), minlength=next_id)
+    kept = np.bincount(new[free], minlength=next_id)
+    free &= shows_enough(kept, whole, MIN_KEPT)[new]
+    region[free] = new[free]
+    return next_id
 
 
 def denoise_slice(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -889,10 +908,41 @@ def segment_volume(
 
 def _volume_auto(predictor: SamPredictor, stack: np.ndarray, contrast_limits, kwargs: dict, progress,
                  cancel, scale=None) -> np.ndarray:
+    kwargs = dict(kwargs)
+    tiles = _check_tiling(kwargs.pop("tile_shape", None), kwargs.pop("halo", None), False)
     params = volume_params(predictor.model, kwargs, scale)
     sigma = params.pop("denoise_sigma")
     limits = contrast_limits or volume_contrast_limits(stack, denoise_sigma=sigma)
-    return volume_from_maps(volume_head_maps(predictor, stack, limits, progress, cancel, sigma), **params)
+    if tiles is None:
+        tiles = volume_tiles(predictor, stack, limits, sigma)
+    if tiles is None:
+        return volume_from_maps(volume_head_maps(predictor, stack, limits, progress, cancel, sigma), **params)
+    # tile by tile, each tile (with its halo) through every slice: the head sees small
+    # objects at a scale it finds them at, and the maps of one tile are in memory at a time
+    z = stack.shape[0]
+    starts = _tile_starts(stack.shape[1:3], *tiles)
+    out = np.zeros(stack.shape[:3], np.int32)
+    next_id = 1
+    for k, ((y, x), (y0, x0, y1, x1)) in enumerate(starts):
+        done = k * z
+        step = None if progress is None else (lambda i, _n, done=done: progress(done + i, z * len(starts)))
+        maps = volume_head_maps(predictor, stack[:, y0:y1, x0:x1], limits, step, cancel, sigma)
+        next_id = _place_tile(out, volume_from_maps(maps, **params), (y0, x0), (y, x, *tiles[0]), next_id)
+    return keep_objects(out, np.bincount(out.ravel(), minlength=next_id) > 0)
+
+
+def volume_tiles(predictor: SamPredictor, stack: np.ndarray, limits, denoise_sigma: float):
+    """Tiles (tile, halo) in the plane for a stack whose slices are larger than the
+    model's input and whose objects the instance head finds too small at the whole-slice
+    scale, as :func:`segment_everything` tiles a large image (measured on the middle
+    slice, as the head sees it); None when whole slices are fine."""
+    model = predictor.model
+    if max(stack.shape[1:3]) <= model.img_size:
+        return None
+    middle = to_uint8_rgb(denoise_slice(stack[stack.shape[0] // 2], denoise_sigma), limits)
+    if middle.min() == middle.max():
+        return None
+    return _tiles_for_small_objects(predictor, middle, recommended_thresholds(model, "auto"))
 
 
 def volume_params(model: Sam, kwargs: dict[str, Any], scale=None) -> dict[str, float]:
