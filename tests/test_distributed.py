@@ -89,6 +89,25 @@ def test_3d_auto_on_dask_gives_segment_volumes_objects(client, tmp_path):
         segment_volume_distributed("default", stack, tmp_path / "bad.zarr", client, block_depth=0)
 
 
+def test_stacks_with_large_slices_are_tiled_on_dask_as_in_one_process(client, tmp_path):
+    """Slices larger than the model's input with small nuclei (a 2x2 mosaic of the sample
+    field) are tiled in the plane on Dask as segment_volume tiles them: the same labels."""
+    from napari_tinysam.samples import nuclei_2d
+
+    field = nuclei_2d()
+    mosaic = np.block([[field, field[:, ::-1]], [field[::-1], field[::-1, ::-1]]])
+    stack = np.stack([mosaic, np.roll(mosaic, 3, 1)])
+    reference = segment_volume(load_model("default"), stack)
+    calls = []
+    out = segment_volume_distributed("default", stack, tmp_path / "big.zarr", client,
+                                     progress=lambda d, t: calls.append((d, t)))
+    np.testing.assert_array_equal(np.asarray(out[...]), reference)
+    assert reference.max() > 400 and calls[-1][0] == calls[-1][1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.zarr"]  # every tile's store removed
+    with pytest.raises(ValueError, match="tile_shape"):
+        segment_volume_distributed("default", stack, tmp_path / "t.zarr", client, tile_shape=256)
+
+
 def test_a_part_of_a_zarr_store_is_read_lazily(tmp_path):
     """A time point of a (T, Z, Y, X) store (or a TCZYX store's axes of one) is chosen
     without reading the store: the workers read the slices."""

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from .everything import (
+    _place_tile,
+    _tile_starts,
     check_volume,
     default_mode,
     link_slice,
@@ -40,9 +42,11 @@ from .everything import (
     volume_from_maps,
     volume_head_maps,
     volume_params,
+    volume_tiles,
 )
 from .instances import keep_objects
 from .masks import overlap_iou
+from .predictor import SamPredictor
 
 #: Slices of each block of the 3D path (its own slices, written by it) and the least
 #: context read on either side of it; the context is at least twice the reach of the
@@ -154,8 +158,8 @@ def segment_volume_distributed(
     work = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
     try:
         if auto:
-            _distributed_auto(model_name, stack, work, client, contrast_limits, progress, precision, scale,
-                              block_depth, halo, params)
+            _distributed_tiles(model_name, stack, work, client, contrast_limits, progress, precision, scale,
+                               block_depth, halo, params)
         else:
             _distributed_slices(model_name, stack, work, client, mode, stitch, stitch_iou, contrast_limits,
                                 progress, precision, params)
@@ -234,8 +238,6 @@ def plan_blocks(depth: int, block_depth: int, halo: int) -> list[tuple[int, int,
 
 
 def _slice_maps(z: int, plane, maps_path: str, model_name: str, limits, sigma: float, precision: str) -> None:
-    from .predictor import SamPredictor
-
     _worker_threads()
     predictor = SamPredictor(worker_model(model_name, precision))
     zarr_array(maps_path, "r+")[:, z:z + 1] = volume_head_maps(predictor, np.asarray(plane), limits,
@@ -301,6 +303,49 @@ def join_blocks(counts: list[int], matches: list[list[tuple[int, int]]]) -> list
     _, final = np.unique(roots, return_inverse=True)  # background (0) stays 0; the rest 1..N in order
     return [np.concatenate([[0], final[offsets[b] + 1:offsets[b] + n + 1]]).astype(np.int32)
             for b, n in enumerate(counts)]
+
+
+def _distributed_tiles(model_name, stack, work: Path, client, contrast_limits, progress, precision, scale,
+                       block_depth, halo, kwargs) -> None:
+    """The 3D path, tiled in the plane where ``segment_volume`` tiles the stack (slices
+    larger than the model's input with objects too small at the whole-slice scale,
+    :func:`~napari_tinysam.everything.volume_tiles`): each tile (with its halo, through
+    every slice) is a run of :func:`_distributed_auto`, and its objects are placed as
+    ``segment_volume`` places them, in the client one tile at a time."""
+    import dask.array as da
+
+    if kwargs.get("tile_shape") is not None:
+        raise ValueError("tile_shape is not available on Dask: slices are tiled as segment_volume tiles them "
+                         "when their objects are small (halo here is the context in slices between blocks)")
+    model = worker_model(model_name, precision)
+    sigma = volume_params(model, kwargs, scale)["denoise_sigma"]
+    limits = contrast_limits or volume_contrast_limits(stack, denoise_sigma=sigma)
+    tiles = volume_tiles(SamPredictor(model), stack, limits, sigma)
+    if tiles is None:
+        _distributed_auto(model_name, stack, work, client, limits, progress, precision, scale, block_depth, halo,
+                          kwargs)
+        return
+    lazy = stack if isinstance(stack, da.Array) else da.from_array(stack, chunks=(1, *stack.shape[1:]))
+    starts = _tile_starts(stack.shape[1:3], *tiles)
+    out = _new_labels(work / "labels.zarr", stack.shape[:3])
+    next_id = 1
+    for k, ((y, x), (y0, x0, y1, x1)) in enumerate(starts):
+        part = work / f"tile{k}"
+        part.mkdir()
+        step = None if progress is None else (lambda d, t, k=k: progress(k * t + d, len(starts) * t))
+        _distributed_auto(model_name, lazy[:, y0:y1, x0:x1], part, client, limits, step, precision, scale,
+                          block_depth, halo, kwargs)
+        region = np.asarray(out[:, y0:y1, x0:x1])
+        next_id = _place_tile(region, np.asarray(zarr_array(part / "labels.zarr", "r")[...]), (0, 0),
+                              (y - y0, x - x0, *tiles[0]), next_id)
+        out[:, y0:y1, x0:x1] = region
+        shutil.rmtree(part)
+    # ids of objects that lost every pixel to earlier tiles' objects are dropped: 1..N, slice by slice
+    counts = np.zeros(next_id, np.int64)
+    for i in range(out.shape[0]):
+        counts += np.bincount(np.asarray(out[i]).ravel(), minlength=next_id)
+    for i in range(out.shape[0]):
+        out[i] = keep_objects(np.asarray(out[i]), counts > 0)
 
 
 def _distributed_auto(model_name, stack, work: Path, client, contrast_limits, progress, precision, scale,
