@@ -19,6 +19,10 @@ many), segmented without and with their voxel size (``segment_volume(..., scale=
 (SNR 3, blur 1), each segmented with the model's ``denoise_sigma`` and with other values.
 --shrink 0.5 builds the stand-ins from fields shrunk by half: nuclei 10-20 px across
 instead of BBBC039's 20-40, the size of nuclei in confocal stacks of embryos.
+--large-slices prints only the table of noisy stand-ins with slices larger than the
+model's input (16 slices of 1024x1024 from 2x2 mosaics of BBBC039 val fields, 1536x1536
+from 3x3 mosaics): the default (tiled in the plane when the nuclei are small) against
+whole slices.
 """
 
 from __future__ import annotations
@@ -55,6 +59,14 @@ MOSAIC_METHODS = {
     "auto (default: tiles when objects are small)": {},
     "auto, whole image": {"tile_shape": 10**6},
 }
+#: stacks with large slices: the default (tiles in the plane when the head finds the
+#: objects too small) against whole slices shrunk to the model's input
+LARGE_SLICE_METHODS = {
+    "auto (default: tiles when objects are small)": {},
+    "auto, whole slices": {"tile_shape": 10**6},
+}
+#: (mosaic side, slice side) of the --large-slices stand-ins
+LARGE_SLICES = ((2, 1024), (3, 1536))
 #: segment_volume with a head: 3D instances from the head's maps (the default) against
 #: the 2D auto mode on every slice, linked across slices
 VOLUME_METHODS = {
@@ -202,6 +214,8 @@ def main() -> None:
                     help="only the table of noisier or more blurred stand-ins (--stacks of them), denoise_sigma compared")
     ap.add_argument("--shrink", type=float, default=1.0,
                     help="stand-ins from BBBC039 fields shrunk by this factor (0.5: nuclei half as wide)")
+    ap.add_argument("--large-slices", action="store_true",
+                    help="only the table of stand-ins with slices larger than the model's input (from mosaics)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -220,6 +234,15 @@ def main() -> None:
               "segment_volume, 3D F1@0.5, mean over stacks:")
         rows = noise_rows(model, data, args.stacks, args.shrink)
         print_table(rows, list(rows[0]))
+        return
+    if args.large_slices:
+        val = load_folder(data / "bbbc039" / "val" / "images")[: args.fields]
+        for side, size in LARGE_SLICES:
+            stacks = [noisy_stack(img, lab, depth=16, size=size, seed=k) for k, (img, lab) in
+                      enumerate(mosaics(val, side))]
+            quality_table(f"Noisy 3D stand-ins with large slices ({len(stacks)} stacks of 16x{size}x{size} from "
+                          f"{side}x{side} mosaics of BBBC039 val fields, SNR 3, 3D F1, mean over stacks):", model,
+                          stacks, LARGE_SLICE_METHODS, volume=True)
         return
     if not model.has_instance_head:
         for name in [*FAST, "hierarchical + head (skips background)"]:
