@@ -53,9 +53,15 @@ def measure(weights: str, precision: str, repeats: int, which: str) -> dict:
         assert model.compiled, "compilation failed"
         t_comp, _ = median_time(lambda: model.embed(x), repeats)
         model.set_compiled(False)
-        row.update({"encoder eager ms": t_eager * 1e3, "encoder compiled ms": t_comp * 1e3,
-                    "encoder speedup": t_eager / t_comp, "encoder compile s": t_compile,
-                    "encoder rel diff": _rel(out, ref)})
+        row.update(
+            {
+                "encoder eager ms": t_eager * 1e3,
+                "encoder compiled ms": t_comp * 1e3,
+                "encoder speedup": t_eager / t_comp,
+                "encoder compile s": t_compile,
+                "encoder rel diff": _rel(out, ref),
+            }
+        )
     if which in ("decoder", "both"):
         h, w = rgb.shape[:2]
         xx = model_input(model, rgb)
@@ -72,9 +78,15 @@ def measure(weights: str, precision: str, repeats: int, which: str) -> dict:
         t_compile = time.perf_counter() - t0
         t_comp, _ = median_time(lambda: model.decode(emb, pts), repeats * 4)
         model.mask_decoder = eager
-        row.update({"decoder eager ms": t_eager * 1e3, "decoder compiled ms": t_comp * 1e3,
-                    "decoder speedup": t_eager / t_comp, "decoder compile s": t_compile,
-                    "decoder rel diff": _rel(low, ref_low)})
+        row.update(
+            {
+                "decoder eager ms": t_eager * 1e3,
+                "decoder compiled ms": t_comp * 1e3,
+                "decoder speedup": t_eager / t_comp,
+                "decoder compile s": t_compile,
+                "decoder rel diff": _rel(low, ref_low),
+            }
+        )
     return row
 
 
@@ -84,8 +96,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--which", choices=("encoder", "decoder", "both"), default="both")
-    ap.add_argument("--second-process", action="store_true",
-                    help="run each precision again in a new process (inductor's cache warm)")
+    ap.add_argument(
+        "--second-process",
+        action="store_true",
+        help="run each precision again in a new process (inductor's cache warm)",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -102,11 +117,26 @@ def main() -> None:
     cpu = cpu_name()
     print(f"{cpu}; torch {torch.__version__}, {args.threads} threads; weights {args.weights}")
     rows = []
+
     def child(precision: str) -> dict:
         out = subprocess.run(
-            [sys.executable, __file__, "--child", precision, "--weights", args.weights,
-             "--repeats", str(args.repeats), "--threads", str(args.threads), "--which", args.which],
-            capture_output=True, text=True, env=dict(os.environ),
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                precision,
+                "--weights",
+                args.weights,
+                "--repeats",
+                str(args.repeats),
+                "--threads",
+                str(args.threads),
+                "--which",
+                args.which,
+            ],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ),
         )
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")), None)
         if line is None:

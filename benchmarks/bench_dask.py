@@ -71,8 +71,9 @@ def main() -> None:
     rows = []
     stacks = volumes(Path(args.data), args.volumes.split(","))
     for name, stack, truth in stacks:
-        src = zarr.open_array(str(tmp / "stack.zarr"), mode="w", shape=stack.shape, chunks=(1, *stack.shape[1:]),
-                              dtype=stack.dtype)
+        src = zarr.open_array(
+            str(tmp / "stack.zarr"), mode="w", shape=stack.shape, chunks=(1, *stack.shape[1:]), dtype=stack.dtype
+        )
         src[...] = stack
         z = stack.shape[0]
         times, single = [], None
@@ -82,9 +83,17 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         t_single = float(np.median(times))
         f1 = match_instances(single, truth)["f1"]
-        rows.append({"stack": name, "run": "one process, 2 threads", "s/slice": f"{t_single / z:.2f}",
-                     "speedup": "1.00x", "3D F1@0.5": f"{f1:.3f}", "objects": int(single.max()),
-                     "peak MB": f"client {peak_rss_mb():.0f}"})
+        rows.append(
+            {
+                "stack": name,
+                "run": "one process, 2 threads",
+                "s/slice": f"{t_single / z:.2f}",
+                "speedup": "1.00x",
+                "3D F1@0.5": f"{f1:.3f}",
+                "objects": int(single.max()),
+                "peak MB": f"client {peak_rss_mb():.0f}",
+            }
+        )
         runs = [("Dask, 3D blocks", {}, args.repeats)]
         if args.per_slice:
             runs.append(("Dask, slice by slice (per_slice=True)", {"per_slice": True}, 1))
@@ -92,20 +101,26 @@ def main() -> None:
             times = []
             for r in range(repeats):
                 t0 = time.perf_counter()
-                out = segment_volume_distributed("default", src, tmp / f"labels{r}.zarr", client, overwrite=True,
-                                                 **extra)
+                out = segment_volume_distributed(
+                    "default", src, tmp / f"labels{r}.zarr", client, overwrite=True, **extra
+                )
                 times.append(time.perf_counter() - t0)
             dist = np.asarray(out[...])
             workers_mb = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
             pairs = np.unique(np.stack([single.ravel(), dist.ravel()]), axis=1)
             same = len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
-            rows.append({
-                "stack": name, "run": f"{label}, {args.workers} workers x 1 thread",
-                "s/slice": f"{np.median(times) / z:.2f}", "speedup": f"{t_single / np.median(times):.2f}x",
-                "3D F1@0.5": f"{match_instances(dist, truth)['f1']:.3f}", "objects": int(dist.max()),
-                "same objects as one process": f"{same} (agreement {best_match_iou(single, dist):.3f})",
-                "peak MB": "workers " + ", ".join(f"{v:.0f}" for v in workers_mb.values()),
-            })
+            rows.append(
+                {
+                    "stack": name,
+                    "run": f"{label}, {args.workers} workers x 1 thread",
+                    "s/slice": f"{np.median(times) / z:.2f}",
+                    "speedup": f"{t_single / np.median(times):.2f}x",
+                    "3D F1@0.5": f"{match_instances(dist, truth)['f1']:.3f}",
+                    "objects": int(dist.max()),
+                    "same objects as one process": f"{same} (agreement {best_match_iou(single, dist):.3f})",
+                    "peak MB": "workers " + ", ".join(f"{v:.0f}" for v in workers_mb.values()),
+                }
+            )
             print(rows[-1], flush=True)
     client.close()
 
@@ -114,12 +129,31 @@ def main() -> None:
     store.compute(model, stack)
     t0 = time.perf_counter()
     EmbeddingStore.open(tmp / "emb.zarr", model, stack)
-    rows.append({"stack": name,
-                 "run": "open a matching embedding store (signature check)", "seconds": f"{time.perf_counter() - t0:.2f}"})
-    print(f"CPU: {cpu_name()}; model 'default' at precision {model.arithmetic}; Dask blocks of {BLOCK_DEPTH} slices; "
-          f"medians of {args.repeats} runs")
-    print_table(rows, ["stack", "run", "s/slice", "speedup", "3D F1@0.5", "objects", "same objects as one process",
-                       "peak MB", "seconds"])
+    rows.append(
+        {
+            "stack": name,
+            "run": "open a matching embedding store (signature check)",
+            "seconds": f"{time.perf_counter() - t0:.2f}",
+        }
+    )
+    print(
+        f"CPU: {cpu_name()}; model 'default' at precision {model.arithmetic}; Dask blocks of {BLOCK_DEPTH} slices; "
+        f"medians of {args.repeats} runs"
+    )
+    print_table(
+        rows,
+        [
+            "stack",
+            "run",
+            "s/slice",
+            "speedup",
+            "3D F1@0.5",
+            "objects",
+            "same objects as one process",
+            "peak MB",
+            "seconds",
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ VOLUME_METHODS = {
 def speed_rows(model, image: np.ndarray, repeats: int) -> list[dict]:
     rows, results, times = [], {}, {}
     for name, kw in METHODS.items():
+
         def run(name=name, kw=kw):
             # embedding included: a fresh predictor (empty cache) every run
             results[name] = segment_everything(SamPredictor(model), image, **kw)
@@ -85,13 +86,15 @@ def speed_rows(model, image: np.ndarray, repeats: int) -> list[dict]:
         times[name], _ = median_time(run, repeats, warmup=1)
     grid = "grid 32x32"
     for name in METHODS:
-        rows.append({
-            "mode": name,
-            "median_s": f"{times[name]:.2f}",
-            "speedup_vs_grid": f"{times[grid] / times[name]:.2f}x",
-            "agreement_with_grid": f"{best_match_iou(results[grid], results[name]):.3f}",
-            "objects": int(results[name].max()),
-        })
+        rows.append(
+            {
+                "mode": name,
+                "median_s": f"{times[name]:.2f}",
+                "speedup_vs_grid": f"{times[grid] / times[name]:.2f}x",
+                "agreement_with_grid": f"{best_match_iou(results[grid], results[name]):.3f}",
+                "objects": int(results[name].max()),
+            }
+        )
     return rows
 
 
@@ -125,19 +128,23 @@ def quality_table(title: str, model, items, methods: dict, volume: bool = False)
         scores["otsu+watershed (classical)"].append(match_instances(classical, truth))
     rows = []
     for method, per in scores.items():
-        rows.append({
-            "method": method,
-            "F1@0.5": f"{np.mean([p['f1'] for p in per]):.3f}",
-            "precision": f"{np.mean([p['precision'] for p in per]):.3f}",
-            "recall": f"{np.mean([p['recall'] for p in per]):.3f}",
-            "matched_IoU": f"{np.mean([p['mean_matched_iou'] for p in per]):.3f}",
-            "s/item": f"{np.median(seconds[method]):.2f}",
-            "agreement_with_grid": f"{np.mean(agreement[method]):.3f}" if agreement.get(method) else "",
-        })
+        rows.append(
+            {
+                "method": method,
+                "F1@0.5": f"{np.mean([p['f1'] for p in per]):.3f}",
+                "precision": f"{np.mean([p['precision'] for p in per]):.3f}",
+                "recall": f"{np.mean([p['recall'] for p in per]):.3f}",
+                "matched_IoU": f"{np.mean([p['mean_matched_iou'] for p in per]):.3f}",
+                "s/item": f"{np.median(seconds[method]):.2f}",
+                "agreement_with_grid": f"{np.mean(agreement[method]):.3f}" if agreement.get(method) else "",
+            }
+        )
     print(f"\n{title}")
-    print_table(rows, ["method", "F1@0.5", "precision", "recall", "matched_IoU", "s/item"]
-                + (["agreement_with_grid"] if grid else []))
-
+    print_table(
+        rows,
+        ["method", "F1@0.5", "precision", "recall", "matched_IoU", "s/item"]
+        + (["agreement_with_grid"] if grid else []),
+    )
 
 
 def mosaics(fields, side: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -153,8 +160,12 @@ def mosaics(fields, side: int) -> list[tuple[np.ndarray, np.ndarray]]:
             labels.append(np.where(lab > 0, lab + offset, 0))
             offset += int(lab.max())
         rows = range(side)
-        out.append((np.block([[group[r * side + c].image for c in rows] for r in rows]),
-                    np.block([[labels[r * side + c] for c in rows] for r in rows])))
+        out.append(
+            (
+                np.block([[group[r * side + c].image for c in rows] for r in rows]),
+                np.block([[labels[r * side + c] for c in rows] for r in rows]),
+            )
+        )
     return out
 
 
@@ -172,7 +183,9 @@ def noise_rows(model, data: Path, stacks: int, shrink: float = 1.0) -> list[dict
     own = volume_thresholds(model)["denoise_sigma"]
     rows = []
     for snr, blur in NOISE_CONDITIONS:
-        items = [noisy_stack(s.image, s.labels, seed=i, snr=snr, blur=blur, shrink=shrink) for i, s in enumerate(fields)]
+        items = [
+            noisy_stack(s.image, s.labels, seed=i, snr=snr, blur=blur, shrink=shrink) for i, s in enumerate(fields)
+        ]
         row = {"SNR": snr, "blur px": blur}
         for sigma in sorted({*DENOISE_SIGMAS, own}):
             f1 = [match_instances(segment_volume(model, img, denoise_sigma=sigma), lab)["f1"] for img, lab in items]
@@ -208,21 +221,36 @@ def main() -> None:
     ap.add_argument("--mosaic", type=int, default=1, help="large-image table from BBBC039 val mosaics (0: off)")
     ap.add_argument("--stacks", type=int, default=10, help="noisy stand-in stacks (from BBBC039 val fields)")
     ap.add_argument("--slow", action="store_true", help="point-grid modes on DSB2018 and 3D too")
-    ap.add_argument("--anisotropy", action="store_true",
-                    help="only the table of GoNuclear crops resampled in z, without and with their voxel size")
-    ap.add_argument("--noise", action="store_true",
-                    help="only the table of noisier or more blurred stand-ins (--stacks of them), denoise_sigma compared")
-    ap.add_argument("--shrink", type=float, default=1.0,
-                    help="stand-ins from BBBC039 fields shrunk by this factor (0.5: nuclei half as wide)")
-    ap.add_argument("--large-slices", action="store_true",
-                    help="only the table of stand-ins with slices larger than the model's input (from mosaics)")
+    ap.add_argument(
+        "--anisotropy",
+        action="store_true",
+        help="only the table of GoNuclear crops resampled in z, without and with their voxel size",
+    )
+    ap.add_argument(
+        "--noise",
+        action="store_true",
+        help="only the table of noisier or more blurred stand-ins (--stacks of them), denoise_sigma compared",
+    )
+    ap.add_argument(
+        "--shrink",
+        type=float,
+        default=1.0,
+        help="stand-ins from BBBC039 fields shrunk by this factor (0.5: nuclei half as wide)",
+    )
+    ap.add_argument(
+        "--large-slices",
+        action="store_true",
+        help="only the table of stand-ins with slices larger than the model's input (from mosaics)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     data = Path(args.data)
-    print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{time.strftime('%Y-%m-%d')}, model {args.model}")
+    print(
+        f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{time.strftime('%Y-%m-%d')}, model {args.model}"
+    )
     model = load_model(args.model)
     if args.anisotropy:
         print("\nGoNuclear crops resampled in z, segment_volume without and with scale (3D F1@0.5):")
@@ -230,19 +258,27 @@ def main() -> None:
         print_table(rows, list(rows[0]))
         return
     if args.noise:
-        print(f"\nNoisy 3D stand-ins ({args.stacks} stacks of 24x128x128 from BBBC039 val per row), "
-              "segment_volume, 3D F1@0.5, mean over stacks:")
+        print(
+            f"\nNoisy 3D stand-ins ({args.stacks} stacks of 24x128x128 from BBBC039 val per row), "
+            "segment_volume, 3D F1@0.5, mean over stacks:"
+        )
         rows = noise_rows(model, data, args.stacks, args.shrink)
         print_table(rows, list(rows[0]))
         return
     if args.large_slices:
         val = load_folder(data / "bbbc039" / "val" / "images")[: args.fields]
         for side, size in LARGE_SLICES:
-            stacks = [noisy_stack(img, lab, depth=16, size=size, seed=k) for k, (img, lab) in
-                      enumerate(mosaics(val, side))]
-            quality_table(f"Noisy 3D stand-ins with large slices ({len(stacks)} stacks of 16x{size}x{size} from "
-                          f"{side}x{side} mosaics of BBBC039 val fields, SNR 3, 3D F1, mean over stacks):", model,
-                          stacks, LARGE_SLICE_METHODS, volume=True)
+            stacks = [
+                noisy_stack(img, lab, depth=16, size=size, seed=k) for k, (img, lab) in enumerate(mosaics(val, side))
+            ]
+            quality_table(
+                f"Noisy 3D stand-ins with large slices ({len(stacks)} stacks of 16x{size}x{size} from "
+                f"{side}x{side} mosaics of BBBC039 val fields, SNR 3, 3D F1, mean over stacks):",
+                model,
+                stacks,
+                LARGE_SLICE_METHODS,
+                volume=True,
+            )
         return
     if not model.has_instance_head:
         for name in [*FAST, "hierarchical + head (skips background)"]:
@@ -255,22 +291,30 @@ def main() -> None:
         FAST.append(own)
     if args.repeats > 0:
         print("\nSpeed on one 520x696 BBBC039 field (the bundled sample), embedding included, API defaults:")
-        print_table(speed_rows(model, samples.nuclei_2d(), args.repeats),
-                    ["mode", "median_s", "speedup_vs_grid", "agreement_with_grid", "objects"])
+        print_table(
+            speed_rows(model, samples.nuclei_2d(), args.repeats),
+            ["mode", "median_s", "speedup_vs_grid", "agreement_with_grid", "objects"],
+        )
     fast = {k: v for k, v in METHODS.items() if args.slow or k in FAST} or METHODS
     if args.fields:
         val = load_folder(data / "bbbc039" / "val" / "images")[: args.fields]
-        quality_table(f"BBBC039 val ({len(val)} fields, mean over fields):", model,
-                      [(s.image, s.labels) for s in val], METHODS)
+        quality_table(
+            f"BBBC039 val ({len(val)} fields, mean over fields):", model, [(s.image, s.labels) for s in val], METHODS
+        )
     if args.fields and args.mosaic:
         val = load_folder(data / "bbbc039" / "val" / "images")[: args.fields]
         for side in (2, 3):
-            quality_table(f"Large images: {side}x{side} mosaics of BBBC039 val fields (mean over mosaics):",
-                          model, mosaics(val, side), MOSAIC_METHODS)
+            quality_table(
+                f"Large images: {side}x{side} mosaics of BBBC039 val fields (mean over mosaics):",
+                model,
+                mosaics(val, side),
+                MOSAIC_METHODS,
+            )
     if args.dsb:
         val = load_folder(data / "dsb2018" / "val" / "images")[: args.dsb]
-        quality_table(f"DSB2018 val ({len(val)} images, mean over images):", model,
-                      [(s.image, s.labels) for s in val], fast)
+        quality_table(
+            f"DSB2018 val ({len(val)} images, mean over images):", model, [(s.image, s.labels) for s in val], fast
+        )
     if not args.no_3d:
         volume_methods = VOLUME_METHODS if model.has_instance_head else {}
         if args.slow or not volume_methods:
@@ -278,13 +322,24 @@ def main() -> None:
         for name, img, lab in gonuclear(data):
             # 1139's raw voxels are spatially uncorrelated noise (docs/benchmarks.md): no
             # method can score there, so it is reported on its own line
-            quality_table(f"GoNuclear crop {name} (3D F1; 1135 and 1136 are head training data):", model,
-                          [(img, lab)], volume_methods, volume=True)
+            quality_table(
+                f"GoNuclear crop {name} (3D F1; 1135 and 1136 are head training data):",
+                model,
+                [(img, lab)],
+                volume_methods,
+                volume=True,
+            )
         bbbc = load_folder(data / "bbbc039" / "val" / "images")[: args.stacks]
         stand_in = [noisy_stack(s.image, s.labels, seed=i, shrink=args.shrink) for i, s in enumerate(bbbc)]
         note = f" shrunk by {args.shrink:g}" if args.shrink != 1 else ""
-        quality_table(f"Noisy 3D stand-in ({len(stand_in)} stacks of 24x128x128 from BBBC039 val{note}, "
-                      "SNR 3, 3D F1, mean over stacks):", model, stand_in, volume_methods, volume=True)
+        quality_table(
+            f"Noisy 3D stand-in ({len(stand_in)} stacks of 24x128x128 from BBBC039 val{note}, "
+            "SNR 3, 3D F1, mean over stacks):",
+            model,
+            stand_in,
+            volume_methods,
+            volume=True,
+        )
 
 
 if __name__ == "__main__":

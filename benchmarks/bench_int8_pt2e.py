@@ -63,8 +63,9 @@ def main() -> None:
     ap.add_argument("--val-objects", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--slow", type=float, default=10.0,
-                    help="seconds: a variant whose call takes longer is timed once, not scored")
+    ap.add_argument(
+        "--slow", type=float, default=10.0, help="seconds: a variant whose call takes longer is timed once, not scored"
+    )
     ap.add_argument("--only-pt2e", action="store_true", help="skip the other variants except float32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,15 +107,28 @@ def main() -> None:
         once = time.perf_counter() - t0
         if once > args.slow:
             # oneDNN picked its reference (scalar) kernel somewhere: one call says enough
-            rows.append({"encoder": name, "encoder ms": f"{once * 1e3:.0f} (one call)",
-                         "vs float32": f"{base / once:.3f}x", "first call s": f"{first:.1f}",
-                         "masks vs float32 (click / box)": "not measured (too slow)", "click / box mIoU": ""})
+            rows.append(
+                {
+                    "encoder": name,
+                    "encoder ms": f"{once * 1e3:.0f} (one call)",
+                    "vs float32": f"{base / once:.3f}x",
+                    "first call s": f"{first:.1f}",
+                    "masks vs float32 (click / box)": "not measured (too slow)",
+                    "click / box mIoU": "",
+                }
+            )
             print(rows[-1], flush=True)
             continue
         t, _ = median_time(lambda model=model: model.embed(x), args.repeats)
         base = base or t
-        row = {"encoder": name, "encoder ms": f"{t * 1e3:.1f}", "vs float32": f"{base / t:.2f}x",
-               "first call s": f"{first:.1f}", "masks vs float32 (click / box)": "1 / 1", "click / box mIoU": ""}
+        row = {
+            "encoder": name,
+            "encoder ms": f"{t * 1e3:.1f}",
+            "vs float32": f"{base / t:.2f}x",
+            "first call s": f"{first:.1f}",
+            "masks vs float32 (click / box)": "1 / 1",
+            "click / box mIoU": "",
+        }
         if model is not fp32:
             a = compare_models(model, fp32, val, max_objects=args.val_objects)
             row["masks vs float32 (click / box)"] = f"{a['agree_click']:.3f} / {a['agree_box']:.3f}"

@@ -57,8 +57,12 @@ def main() -> None:
     ap.add_argument("--clicks", type=int, default=20)
     ap.add_argument("--model", default="default")
     ap.add_argument("--objects", type=int, default=5, help="nuclei propagated through the 3D stack")
-    ap.add_argument("--each-point", type=int, default=40,
-                    help="nuclei clicked with 'each positive point is its own object' (at least 10)")
+    ap.add_argument(
+        "--each-point",
+        type=int,
+        default=40,
+        help="nuclei clicked with 'each positive point is its own object' (at least 10)",
+    )
     ap.add_argument("--no-zoom", action="store_true", help="turn off the magnified second look at small objects")
     args = ap.parse_args()
 
@@ -154,23 +158,53 @@ def main() -> None:
     meter.stop()
     prop = propagation_rows(app, viewer, widget, wait, image, truth, args.objects) if args.objects else []
     rows = [
-        {"measure": "click -> preview, embedding cached (median)", "value_ms": f"{statistics.median(latencies) * 1e3:.1f}",
-         "target_ms": "<= 40"},
-        {"measure": "click -> preview, embedding cached (max)", "value_ms": f"{max(latencies) * 1e3:.1f}", "target_ms": ""},
-        {"measure": "longest GUI-thread gap per click (median / max)",
-         "value_ms": f"{statistics.median(frozen) * 1e3:.1f} / {max(frozen) * 1e3:.1f}", "target_ms": ""},
-        *([{"measure": "each point its own object: click -> preview, clicks 1-10 (median)",
-             "value_ms": f"{statistics.median(each[:10]) * 1e3:.1f}", "target_ms": ""},
-           {"measure": f"same, clicks {len(each) - 9}-{len(each)} (median)",
-            "value_ms": f"{statistics.median(each[-10:]) * 1e3:.1f}", "target_ms": ""}] if each else []),
-        {"measure": "longest GUI-thread gap during 4 slice embeddings", "value_ms": f"{meter.longest() * 1e3:.1f}",
-         "target_ms": "<= 100"},
-        {"measure": "4 slices in turn: click -> preview (mean; each slice prefetched)", "value_ms": f"{t_embed / 4 * 1e3:.0f}",
-         "target_ms": ""},
+        {
+            "measure": "click -> preview, embedding cached (median)",
+            "value_ms": f"{statistics.median(latencies) * 1e3:.1f}",
+            "target_ms": "<= 40",
+        },
+        {
+            "measure": "click -> preview, embedding cached (max)",
+            "value_ms": f"{max(latencies) * 1e3:.1f}",
+            "target_ms": "",
+        },
+        {
+            "measure": "longest GUI-thread gap per click (median / max)",
+            "value_ms": f"{statistics.median(frozen) * 1e3:.1f} / {max(frozen) * 1e3:.1f}",
+            "target_ms": "",
+        },
+        *(
+            [
+                {
+                    "measure": "each point its own object: click -> preview, clicks 1-10 (median)",
+                    "value_ms": f"{statistics.median(each[:10]) * 1e3:.1f}",
+                    "target_ms": "",
+                },
+                {
+                    "measure": f"same, clicks {len(each) - 9}-{len(each)} (median)",
+                    "value_ms": f"{statistics.median(each[-10:]) * 1e3:.1f}",
+                    "target_ms": "",
+                },
+            ]
+            if each
+            else []
+        ),
+        {
+            "measure": "longest GUI-thread gap during 4 slice embeddings",
+            "value_ms": f"{meter.longest() * 1e3:.1f}",
+            "target_ms": "<= 100",
+        },
+        {
+            "measure": "4 slices in turn: click -> preview (mean; each slice prefetched)",
+            "value_ms": f"{t_embed / 4 * 1e3:.0f}",
+            "target_ms": "",
+        },
         *prop,
     ]
-    print(f"{cpu_name()}; napari {napari.__version__}, model {args.model} ({widget.predictor.model.arithmetic}), "
-          f"zoom {'off' if args.no_zoom else 'on'}, {len(latencies)} clicks, image {stack.shape}")
+    print(
+        f"{cpu_name()}; napari {napari.__version__}, model {args.model} ({widget.predictor.model.arithmetic}), "
+        f"zoom {'off' if args.no_zoom else 'on'}, {len(latencies)} clicks, image {stack.shape}"
+    )
     print_table(rows, ["measure", "value_ms", "target_ms"])
     viewer.close()
 
@@ -213,15 +247,27 @@ def propagation_rows(app, viewer, widget, wait, image, truth, n_objects) -> list
         widget.clear()
     med = statistics.median
     return [
-        {"measure": f"Shift-T -> first preview shown (median, {len(first)} nuclei)",
-         "value_ms": f"{med(shown) * 1e3:.0f}", "target_ms": "<= 1 embedding + seed"},
-        {"measure": "Shift-T -> first propagated slice in the preview (median)",
-         "value_ms": f"{med(first) * 1e3:.0f}", "target_ms": ""},
+        {
+            "measure": f"Shift-T -> first preview shown (median, {len(first)} nuclei)",
+            "value_ms": f"{med(shown) * 1e3:.0f}",
+            "target_ms": "<= 1 embedding + seed",
+        },
+        {
+            "measure": "Shift-T -> first propagated slice in the preview (median)",
+            "value_ms": f"{med(first) * 1e3:.0f}",
+            "target_ms": "",
+        },
         {"measure": "Shift-T -> whole object (median)", "value_ms": f"{med(whole) * 1e3:.0f}", "target_ms": ""},
-        {"measure": "longest GUI-thread gap during propagation (max)", "value_ms": f"{max(gaps_max) * 1e3:.1f}",
-         "target_ms": "<= 100"},
-        {"measure": f"slices embedded / spanned (median; stack depth {len(stack)})",
-         "value_ms": f"{med(embedded):.0f} / {med(spans):.0f}", "target_ms": ""},
+        {
+            "measure": "longest GUI-thread gap during propagation (max)",
+            "value_ms": f"{max(gaps_max) * 1e3:.1f}",
+            "target_ms": "<= 100",
+        },
+        {
+            "measure": f"slices embedded / spanned (median; stack depth {len(stack)})",
+            "value_ms": f"{med(embedded):.0f} / {med(spans):.0f}",
+            "target_ms": "",
+        },
     ]
 
 

@@ -66,9 +66,16 @@ def main() -> None:
     for p, model in models.items():
         t0 = time.perf_counter()
         res = evaluate_prompts(model, samples)
-        rows.append({"precision": p, "click mIoU": f"{res['click']:.4f}", "box mIoU": f"{res['box']:.4f}",
-                     "3 corrective clicks mIoU": f"{res['click3']:.4f}", "objects": res["objects"],
-                     "seconds": f"{time.perf_counter() - t0:.0f}"})
+        rows.append(
+            {
+                "precision": p,
+                "click mIoU": f"{res['click']:.4f}",
+                "box mIoU": f"{res['box']:.4f}",
+                "3 corrective clicks mIoU": f"{res['click3']:.4f}",
+                "objects": res["objects"],
+                "seconds": f"{time.perf_counter() - t0:.0f}",
+            }
+        )
     print(f"BBBC039 val, {len(samples)} fields, model {args.model}")
     print_table(rows, list(rows[0]))
 
@@ -78,9 +85,19 @@ def main() -> None:
         for k in agree:
             agree[k] += [mask_iou(x, y) for x, y in zip(a[k], b[k])]
     print("\nmask IoU of bfloat16 with float32, prompt by prompt")
-    print_table([{"prompt": k, "mean": f"{np.mean(v):.4f}", "5th percentile": f"{np.percentile(v, 5):.4f}",
-                  "min": f"{np.min(v):.4f}", "prompts": len(v)} for k, v in agree.items()],
-                ["prompt", "mean", "5th percentile", "min", "prompts"])
+    print_table(
+        [
+            {
+                "prompt": k,
+                "mean": f"{np.mean(v):.4f}",
+                "5th percentile": f"{np.percentile(v, 5):.4f}",
+                "min": f"{np.min(v):.4f}",
+                "prompts": len(v),
+            }
+            for k, v in agree.items()
+        ],
+        ["prompt", "mean", "5th percentile", "min", "prompts"],
+    )
 
 
 if __name__ == "__main__":

@@ -53,7 +53,9 @@ def volumes(data: Path, split: str, noisy: int, snr: float = 3.0, blur: float = 
     if syn.exists():
         import tifffile
 
-        out.append(("synthetic", tifffile.imread(syn / "img3d.tif"), tifffile.imread(syn / "mask3d.tif").astype(np.int32)))
+        out.append(
+            ("synthetic", tifffile.imread(syn / "img3d.tif"), tifffile.imread(syn / "mask3d.tif").astype(np.int32))
+        )
     fields = load_folder(data / "bbbc039" / split / "images", limit=noisy) if noisy else []
     for i, s in enumerate(fields):
         img, lab = noisy_stack(s.image, s.labels, seed=i, snr=snr, blur=blur, shrink=shrink)
@@ -110,8 +112,9 @@ def run_volume(model, name, stack, labels, max_objects, cold, rng, methods, uppe
             ub = np.zeros_like(obj)
             for zz in np.flatnonzero(obj.reshape(len(obj), -1).any(1)):
                 px, py = innermost_point(obj[zz])
-                ub[zz] = segment_object_in_volume(predictor, stack, zz, [[px, py]], [1], z_range=(zz, zz),
-                                                  method="decoder")[zz]
+                ub[zz] = segment_object_in_volume(
+                    predictor, stack, zz, [[px, py]], [1], z_range=(zz, zz), method="decoder"
+                )[zz]
             upper.append(iou3d(ub, obj))
         row["3D IoU, click per slice"] = f"{np.mean(upper):.3f}"
         row["_upper"] = upper
@@ -137,8 +140,15 @@ def anisotropy_rows(model, data: Path, max_objects: int) -> list[dict]:
             for key, sc in zip(ious, (None, scale)):
                 out = segment_object_in_volume(predictor, im, z, [[x, y]], [1], method="head", scale=sc)
                 ious[key].append(iou3d(np.asarray(out), obj))
-        rows.append({"crop": name, "z sampling": what, "slices": len(im), "objects": len(ids),
-                     **{k: f"{np.mean(v):.3f}" for k, v in ious.items()}})
+        rows.append(
+            {
+                "crop": name,
+                "z sampling": what,
+                "slices": len(im),
+                "objects": len(ids),
+                **{k: f"{np.mean(v):.3f}" for k, v in ious.items()},
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -151,23 +161,32 @@ def main() -> None:
     ap.add_argument("--noisy", type=int, default=2, help="noisy stand-in stacks")
     ap.add_argument("--snr", type=float, default=3.0, help="signal-to-noise ratio of the noisy stand-ins")
     ap.add_argument("--blur", type=float, default=1.0, help="blur of the noisy stand-ins (pixels in the plane)")
-    ap.add_argument("--shrink", type=float, default=1.0,
-                    help="noisy stand-ins from fields shrunk by this factor (0.5: nuclei half as wide)")
+    ap.add_argument(
+        "--shrink",
+        type=float,
+        default=1.0,
+        help="noisy stand-ins from fields shrunk by this factor (0.5: nuclei half as wide)",
+    )
     ap.add_argument("--max-objects", type=int, default=40, help="objects per volume (random, seeded)")
     ap.add_argument("--cold", type=int, default=3, help="objects per volume timed on a cold cache")
     ap.add_argument("--only", default="", help="only volumes whose name contains this")
     ap.add_argument("--methods", default="head,decoder", help="propagation methods to compare, comma-separated")
     ap.add_argument("--no-upper-bound", action="store_true", help="skip the click-on-every-slice bound")
-    ap.add_argument("--anisotropy", action="store_true",
-                    help="only the GoNuclear crops resampled in z, without and with their voxel size")
+    ap.add_argument(
+        "--anisotropy",
+        action="store_true",
+        help="only the GoNuclear crops resampled in z, without and with their voxel size",
+    )
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     torch.set_grad_enabled(False)
     model = load_model(args.model)
     if args.anisotropy:
         rows = anisotropy_rows(model, args.data, args.max_objects)
-        print(f"\nmodel {args.model} ({model.precision}), {cpu_name()}, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads; one click per object, head method\n")
+        print(
+            f"\nmodel {args.model} ({model.precision}), {cpu_name()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; one click per object, head method\n"
+        )
         print_table(rows, list(rows[0]))
         return
     rng = np.random.default_rng(0)
@@ -175,15 +194,16 @@ def main() -> None:
     for name, stack, labels in volumes(args.data, args.split, args.noisy, args.snr, args.blur, args.shrink):
         if args.only and args.only not in name:
             continue
-        row = run_volume(model, name, stack, labels, args.max_objects, args.cold, rng, methods,
-                         not args.no_upper_bound)
+        row = run_volume(model, name, stack, labels, args.max_objects, args.cold, rng, methods, not args.no_upper_bound)
         for key in [k for k in row if k.startswith("_")]:
             every.setdefault(key[1:], []).extend(row.pop(key))
         rows.append(row)
         print(row, flush=True)
     overall = ", ".join(f"{k} {np.mean(v):.3f}" for k, v in every.items())
-    print(f"\nmodel {args.model} ({model.precision}), {cpu_name()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; all objects, 3D IoU: {overall}\n")
+    print(
+        f"\nmodel {args.model} ({model.precision}), {cpu_name()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; all objects, 3D IoU: {overall}\n"
+    )
     print_table(rows, list(rows[0]))
 
 

@@ -43,7 +43,9 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=1, help="use every N-th field")
     ap.add_argument("--feedback", action="store_true", help="compare corrective clicks with and without mask input")
     ap.add_argument("--by-size", action="store_true", help="scores by nucleus area (pixels)")
-    ap.add_argument("--zoom", action="store_true", help="also with the annotator's magnified second look at small objects")
+    ap.add_argument(
+        "--zoom", action="store_true", help="also with the annotator's magnified second look at small objects"
+    )
     ap.add_argument("--zoom-target", type=float, default=Zoom.target_area, help="Zoom.target_area")
     ap.add_argument("--zoom-max", type=float, default=Zoom.max_zoom, help="Zoom.max_zoom")
     ap.add_argument("--threads", type=int, default=2)
@@ -63,9 +65,18 @@ def main() -> None:
         runs.append((name, _zoom_label(zoom), res, time.perf_counter() - t0))
     print(f"BBBC039 {args.split}, {len(samples)} fields")
     print_table(
-        [{"model": name, "small objects": label, "click mIoU": f"{res['click']:.4f}", "box mIoU": f"{res['box']:.4f}",
-          "3 corrective clicks mIoU": f"{res['click3']:.4f}", "objects": res["objects"], "seconds": f"{sec:.0f}"}
-         for name, label, res, sec in runs],
+        [
+            {
+                "model": name,
+                "small objects": label,
+                "click mIoU": f"{res['click']:.4f}",
+                "box mIoU": f"{res['box']:.4f}",
+                "3 corrective clicks mIoU": f"{res['click3']:.4f}",
+                "objects": res["objects"],
+                "seconds": f"{sec:.0f}",
+            }
+            for name, label, res, sec in runs
+        ],
         ["model", "small objects", "click mIoU", "box mIoU", "3 corrective clicks mIoU", "objects", "seconds"],
     )
     if args.by_size:
@@ -82,8 +93,11 @@ def feedback_table(args, samples) -> None:
         model = load_model(name)
         for feedback in (True, False):
             res = evaluate_prompts(model, samples, max_objects=args.max_objects, mask_feedback=feedback)
-            row = {"model": name, "corrective clicks": "previous mask as input" if feedback else "from scratch",
-                   "click": f"{res['click']:.4f}"}
+            row = {
+                "model": name,
+                "corrective clicks": "previous mask as input" if feedback else "from scratch",
+                "click": f"{res['click']:.4f}",
+            }
             row.update({f"+{k + 1}": f"{v:.4f}" for k, v in enumerate(res["corrective"])})
             rows.append(row)
     print(f"BBBC039 {args.split}, {len(samples)} fields, {res['objects']} objects")
@@ -96,17 +110,21 @@ def size_table(runs) -> None:
         d = {k: np.asarray(v, dtype=float) for k, v in res["objects_detail"].items()}
         loss = (1 - d["click3"]).sum()
         for area, m in area_bins(d["area"]):
-            rows.append({
-                "model": name,
-                "small objects": label,
-                "area (px)": area,
-                "objects": int(m.sum()),
-                "click": f"{d['click'][m].mean():.4f}",
-                "box": f"{d['box'][m].mean():.4f}",
-                "click + 3": f"{d['click3'][m].mean():.4f}",
-                "share of 3-click loss": f"{(1 - d['click3'][m]).sum() / loss:.2f}",
-            })
-    print_table(rows, ["model", "small objects", "area (px)", "objects", "click", "box", "click + 3", "share of 3-click loss"])
+            rows.append(
+                {
+                    "model": name,
+                    "small objects": label,
+                    "area (px)": area,
+                    "objects": int(m.sum()),
+                    "click": f"{d['click'][m].mean():.4f}",
+                    "box": f"{d['box'][m].mean():.4f}",
+                    "click + 3": f"{d['click3'][m].mean():.4f}",
+                    "share of 3-click loss": f"{(1 - d['click3'][m]).sum() / loss:.2f}",
+                }
+            )
+    print_table(
+        rows, ["model", "small objects", "area (px)", "objects", "click", "box", "click + 3", "share of 3-click loss"]
+    )
 
 
 if __name__ == "__main__":

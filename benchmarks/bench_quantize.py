@@ -67,10 +67,15 @@ def speed_rows(float_model, int8_model, image: np.ndarray, repeats: int) -> list
         pred.set_image(image)
         click[name] = median_ms(lambda p=pred: p.predict(point_coords=point, point_labels=[1]), repeats * 4)
     for name in ("float32", "int8"):
-        rows.append({"model": name, "embedding ms": f"{enc[name]:.1f}",
-                     "encoder speedup": f"{enc['float32'] / enc[name]:.2f}x",
-                     "click ms": f"{click[name]:.1f}",
-                     "click ratio": f"{click['float32'] / click[name]:.2f}x"})
+        rows.append(
+            {
+                "model": name,
+                "embedding ms": f"{enc[name]:.1f}",
+                "encoder speedup": f"{enc['float32'] / enc[name]:.2f}x",
+                "click ms": f"{click[name]:.1f}",
+                "click ratio": f"{click['float32'] / click[name]:.2f}x",
+            }
+        )
     return rows
 
 
@@ -79,7 +84,9 @@ TWIN_LABELS = {"all": "twin uniform (paper)", "auto": "twin on matmul inputs", "
 
 def _row(activations: str, distance: str, run: str, res: dict, seconds: str) -> dict:
     return {
-        "post-softmax/GELU": activations, "distance": distance, "run": run,
+        "post-softmax/GELU": activations,
+        "distance": distance,
+        "run": run,
         "mask IoU vs float (click)": f"{res['agree_click']:.3f}",
         "mask IoU vs float (box)": f"{res['agree_box']:.3f}",
         "click mIoU": f"{res['click']:.3f} ({res['click'] - res['ref_click']:+.3f})",
@@ -115,10 +122,26 @@ def main() -> None:
         int8 = load_model(args.int8)
         res = compare_models(int8, model, val, max_objects=args.val_objects)
         print(f"\nAccuracy of {args.int8}: BBBC039 val, {len(val)} fields, {res['objects']} objects")
-        print_table([_row(TWIN_LABELS[int8.quantization["twin"]], int8.quantization["distance"],
-                          "int8 kernels" if int8.quantization.get("int8_kernels") else "simulated", res, "")],
-                    ["post-softmax/GELU", "distance", "run",
-                    "mask IoU vs float (click)", "mask IoU vs float (box)", "click mIoU", "box mIoU"])
+        print_table(
+            [
+                _row(
+                    TWIN_LABELS[int8.quantization["twin"]],
+                    int8.quantization["distance"],
+                    "int8 kernels" if int8.quantization.get("int8_kernels") else "simulated",
+                    res,
+                    "",
+                )
+            ],
+            [
+                "post-softmax/GELU",
+                "distance",
+                "run",
+                "mask IoU vs float (click)",
+                "mask IoU vs float (box)",
+                "click mIoU",
+                "box mIoU",
+            ],
+        )
         report_speed_and_size(model, int8, Path(args.int8), val[0].image, args)
         return
     rows, deployable = [], {}
@@ -149,38 +172,56 @@ def main() -> None:
         # which layer types cost accuracy: keep one type quantized, the rest float (an unset
         # scale passes values through)
         best = max(deployable.values(), key=lambda v: v[0])[1]
-        for label, types in (("linear layers only", (QLinear,)), ("convolutions only", (QConv,)),
-                             ("matrix products only", (QMatMul,)), ("image encoder only", None),
-                             ("prompt encoder + mask decoder only", "decoder")):
+        for label, types in (
+            ("linear layers only", (QLinear,)),
+            ("convolutions only", (QConv,)),
+            ("matrix products only", (QMatMul,)),
+            ("image encoder only", None),
+            ("prompt encoder + mask decoder only", "decoder"),
+        ):
             qm = prepare(model, twin=best.quantization["twin"])  # float weights, no scales
             calibrated = dict(quant_layers(best))
             for name, layer in quant_layers(qm):
-                keep = (isinstance(layer, types) if isinstance(types, tuple)
-                        else name.startswith("image_encoder") == (types is None))
+                keep = (
+                    isinstance(layer, types)
+                    if isinstance(types, tuple)
+                    else name.startswith("image_encoder") == (types is None)
+                )
                 if keep:  # this layer's calibrated scales
                     src = dict(calibrated[name].named_buffers())
                     for buf_name, buf in layer.named_buffers():
                         buf.copy_(src[buf_name])
             res = compare_models(qm, model, val, max_objects=args.val_objects)
             rows.append(_row(TWIN_LABELS["auto"], best.quantization["distance"], f"simulated, {label}", res, ""))
-    print(f"\nAccuracy: BBBC039 val, {len(val)} fields, {ref['objects']} objects; float model click "
-          f"mIoU {ref['ref_click']:.3f}, box {ref['ref_box']:.3f}; calibration on {len(calib)} train fields")
+    print(
+        f"\nAccuracy: BBBC039 val, {len(val)} fields, {ref['objects']} objects; float model click "
+        f"mIoU {ref['ref_click']:.3f}, box {ref['ref_box']:.3f}; calibration on {len(calib)} train fields"
+    )
     print_table(rows, list(rows[0]))
 
     best = max(deployable.values(), key=lambda v: v[0])[1]
-    print(f"deployable variant (chosen on {len(select)} train fields outside calibration): "
-          f"{best.quantization['distance']} distance")
+    print(
+        f"deployable variant (chosen on {len(select)} train fields outside calibration): "
+        f"{best.quantization['distance']} distance"
+    )
     if args.save:
-        meta = {**model.meta, "quantized_from": args.model, "calibration": [s.name for s in calib],
-                "distance": best.quantization["distance"], "twin": "auto",
-                "date": time.strftime("%Y-%m-%d")}
+        meta = {
+            **model.meta,
+            "quantized_from": args.model,
+            "calibration": [s.name for s in calib],
+            "distance": best.quantization["distance"],
+            "twin": "auto",
+            "date": time.strftime("%Y-%m-%d"),
+        }
         save_quantized(best, args.save, meta=meta)
         print(f"\nwrote {args.save}")
     int8 = use_int8_kernels(copy.deepcopy(best))  # the deployable execution, built once
     if args.everything_fields:
         print(f"\nEverything mode, hierarchical, BBBC039 val, {args.everything_fields} fields")
-        print_table(everything_rows({"float32": model, "int8": int8}, val[: args.everything_fields]),
-                    ["model", "F1 @ IoU 0.5", "objects", "true objects", "agreement with float"])
+        print_table(
+            everything_rows({"float32": model, "int8": int8}, val[: args.everything_fields]),
+            ["model", "F1 @ IoU 0.5", "objects", "true objects", "agreement with float"],
+        )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.save) if args.save else Path(tmp) / "int8.pt"
         if not args.save:
@@ -192,36 +233,52 @@ def everything_rows(models: dict, fields: list) -> list[dict]:
     """Everything mode (hierarchical, each model's tuned thresholds) on val fields: F1 at
     IoU 0.5 against the ground truth, objects found, and agreement of each model's label
     image with the float model's (mean best-match IoU of the float model's objects)."""
-    labels = {name: [segment_everything(m, f.image, mode="hierarchical", **recommended_thresholds(m))
-                     for f in fields] for name, m in models.items()}
+    labels = {
+        name: [segment_everything(m, f.image, mode="hierarchical", **recommended_thresholds(m)) for f in fields]
+        for name, m in models.items()
+    }
     ref = labels["float32"]
     rows = []
     for name, labs in labels.items():
         scores = [match_instances(lab, f.labels) for lab, f in zip(labs, fields)]
-        rows.append({"model": name, "F1 @ IoU 0.5": f"{np.mean([s['f1'] for s in scores]):.3f}",
-                     "objects": sum(s["n_pred"] for s in scores),
-                     "true objects": sum(s["n_true"] for s in scores),
-                     "agreement with float": f"{np.mean([best_match_iou(r, lab) for r, lab in zip(ref, labs)]):.3f}"})
+        rows.append(
+            {
+                "model": name,
+                "F1 @ IoU 0.5": f"{np.mean([s['f1'] for s in scores]):.3f}",
+                "objects": sum(s["n_pred"] for s in scores),
+                "true objects": sum(s["n_true"] for s in scores),
+                "agreement with float": f"{np.mean([best_match_iou(r, lab) for r, lab in zip(ref, labs)]):.3f}",
+            }
+        )
     return rows
 
 
 def report_speed_and_size(model, int8_model, int8_path: Path, image, args) -> None:
     n_int8 = len(int8_model.quantization.get("int8_kernels", []))
     why = int8_kernels_unavailable()
-    print(f"\nSpeed: one {image.shape[1]}x{image.shape[0]} field, {args.threads} threads, "
-          f"medians of {args.repeats} (clicks: {args.repeats * 4}); {n_int8} layers run in int8 kernels, "
-          f"the other quantized layers simulated" + (f" ({why})" if why else ""))
-    print_table(speed_rows(model, int8_model, image, args.repeats),
-                ["model", "embedding ms", "encoder speedup", "click ms", "click ratio"])
+    print(
+        f"\nSpeed: one {image.shape[1]}x{image.shape[0]} field, {args.threads} threads, "
+        f"medians of {args.repeats} (clicks: {args.repeats * 4}); {n_int8} layers run in int8 kernels, "
+        f"the other quantized layers simulated" + (f" ({why})" if why else "")
+    )
+    print_table(
+        speed_rows(model, int8_model, image, args.repeats),
+        ["model", "embedding ms", "encoder speedup", "click ms", "click ratio"],
+    )
     with tempfile.TemporaryDirectory() as tmp:
         f32, f16 = Path(tmp) / "f32.pt", Path(tmp) / "f16.pt"
         save_checkpoint(model, f32)
         save_checkpoint(model, f16, half=True)
-        sizes = [("float32", f32.stat().st_size), ("float16 (bundled default)", f16.stat().st_size),
-                 ("int8 (W8A8)", int8_path.stat().st_size)]
+        sizes = [
+            ("float32", f32.stat().st_size),
+            ("float16 (bundled default)", f16.stat().st_size),
+            ("int8 (W8A8)", int8_path.stat().st_size),
+        ]
     print("\nSize")
-    print_table([{"checkpoint": n, "MB": f"{s / 2**20:.1f}", "vs float32": f"{s / sizes[0][1]:.0%}"}
-                 for n, s in sizes], ["checkpoint", "MB", "vs float32"])
+    print_table(
+        [{"checkpoint": n, "MB": f"{s / 2**20:.1f}", "vs float32": f"{s / sizes[0][1]:.0%}"} for n, s in sizes],
+        ["checkpoint", "MB", "vs float32"],
+    )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,11 @@ from napari_tinysam.predictor import SamPredictor
 def whole_objects(labels: np.ndarray) -> list[int]:
     """Ids of the objects that do not touch the image's border."""
     h, w = labels.shape
-    return [i for i, s in enumerate(ndimage.find_objects(labels), 1)
-            if s is not None and s[0].start > 0 and s[1].start > 0 and s[0].stop < h and s[1].stop < w]
+    return [
+        i
+        for i, s in enumerate(ndimage.find_objects(labels), 1)
+        if s is not None and s[0].start > 0 and s[1].start > 0 and s[0].stop < h and s[1].stop < w
+    ]
 
 
 def clicks(model, images: list[tuple[np.ndarray, np.ndarray]], rescale: bool) -> dict:
@@ -53,17 +56,26 @@ def clicks(model, images: list[tuple[np.ndarray, np.ndarray]], rescale: bool) ->
             factors.append(res.factor)
         seconds += time.perf_counter() - t0
         embeddings += predictor.encoder_calls
-    return {"objects": len(ious), "mIoU": float(np.mean(ious)) if ious else float("nan"),
-            "rescaled": float(np.mean(np.array(factors) < 1)) if factors else 0.0,
-            "embeddings/image": embeddings / max(1, len(images)), "s/image": seconds / max(1, len(images))}
+    return {
+        "objects": len(ious),
+        "mIoU": float(np.mean(ious)) if ious else float("nan"),
+        "rescaled": float(np.mean(np.array(factors) < 1)) if factors else 0.0,
+        "embeddings/image": embeddings / max(1, len(images)),
+        "s/image": seconds / max(1, len(images)),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=os.environ.get("TINYSAM_DATA_DIR", "../shared/data"))
     ap.add_argument("--model", default="default")
-    ap.add_argument("--crops", type=int, nargs="*", default=[128, 192, 256, 384, 0],
-                    help="crop sizes of the BBBC039 val fields (0: whole fields)")
+    ap.add_argument(
+        "--crops",
+        type=int,
+        nargs="*",
+        default=[128, 192, 256, 384, 0],
+        help="crop sizes of the BBBC039 val fields (0: whole fields)",
+    )
     ap.add_argument("--max-crops", type=int, default=2, help="crops per field (from its top-left, side by side)")
     ap.add_argument("--dsb", action="store_true", help="also the DSB2018 val images")
     ap.add_argument("--threads", type=int, default=2)
@@ -76,8 +88,12 @@ def main() -> None:
         if size == 0:
             sets.append(("BBBC039 val, whole 520x696 fields", [(f.image, f.labels) for f in fields]))
             continue
-        crops = [(f.image[:size, x:x + size], f.labels[:size, x:x + size])
-                 for f in fields for x in range(0, size * args.max_crops, size) if x + size <= f.image.shape[1]]
+        crops = [
+            (f.image[:size, x : x + size], f.labels[:size, x : x + size])
+            for f in fields
+            for x in range(0, size * args.max_crops, size)
+            if x + size <= f.image.shape[1]
+        ]
         sets.append((f"BBBC039 val, {size}x{size} crops", crops))
     if args.dsb:
         dsb = load_folder(Path(args.data) / "dsb2018" / "val" / "images")
@@ -87,14 +103,23 @@ def main() -> None:
         scale = np.median([min(model.img_size / max(im.shape[:2]), model.max_upscale or np.inf) for im, _ in images])
         base = clicks(model, images, rescale=False)
         res = clicks(model, images, rescale=True)
-        rows.append({"images": f"{name} ({len(images)})", "model's scale (median)": f"{scale:.2f}x",
-                     "objects": base["objects"], "click mIoU": f"{base['mIoU']:.3f}",
-                     "with rescale": f"**{res['mIoU']:.3f}**", "objects rescaled": f"{res['rescaled']:.0%}",
-                     "embeddings / image": f"{base['embeddings/image']:.1f} -> {res['embeddings/image']:.1f}",
-                     "s / image": f"{base['s/image']:.2f} -> {res['s/image']:.2f}"})
+        rows.append(
+            {
+                "images": f"{name} ({len(images)})",
+                "model's scale (median)": f"{scale:.2f}x",
+                "objects": base["objects"],
+                "click mIoU": f"{base['mIoU']:.3f}",
+                "with rescale": f"**{res['mIoU']:.3f}**",
+                "objects rescaled": f"{res['rescaled']:.0%}",
+                "embeddings / image": f"{base['embeddings/image']:.1f} -> {res['embeddings/image']:.1f}",
+                "s / image": f"{base['s/image']:.2f} -> {res['s/image']:.2f}",
+            }
+        )
         print(rows[-1], flush=True)
-    print(f"CPU: {cpu_name()}; model {args.model!r} at precision {model.arithmetic}, {args.threads} threads; "
-          "one click per whole object at its innermost point, the annotator's magnified look on")
+    print(
+        f"CPU: {cpu_name()}; model {args.model!r} at precision {model.arithmetic}, {args.threads} threads; "
+        "one click per whole object at its innermost point, the annotator's magnified look on"
+    )
     print_table(rows, list(rows[0]))
 
 

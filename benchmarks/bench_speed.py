@@ -62,9 +62,10 @@ def _memory_child(model: str, precision: str, what: str, compiled: str = "eager"
 
 def peak_memory(model: str, precision: str, what: str, compiled: bool = False) -> float:
     out = subprocess.run(
-        [sys.executable, __file__, "--memory-child", model, precision, what,
-         "compiled" if compiled else "eager"],
-        capture_output=True, text=True, check=True,
+        [sys.executable, __file__, "--memory-child", model, precision, what, "compiled" if compiled else "eager"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
@@ -72,8 +73,11 @@ def peak_memory(model: str, precision: str, what: str, compiled: bool = False) -
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reference", help="a checkout of github.com/xinghaochen/TinySAM (baseline rows)")
-    ap.add_argument("--weights", default="../shared/conformance/vit_t_perturbed_fp16.pt",
-                    help="official vit_t-layout weights (both implementations load them)")
+    ap.add_argument(
+        "--weights",
+        default="../shared/conformance/vit_t_perturbed_fp16.pt",
+        help="official vit_t-layout weights (both implementations load them)",
+    )
     ap.add_argument("--model", default="default", help="model of the memory rows")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
@@ -98,8 +102,10 @@ def main() -> None:
     h, w = rgb.shape[:2]
     pt, lab = np.array([[w * 0.4, h * 0.6]]), np.array([1])
     cpu = cpu_name()
-    print(f"{cpu}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"native bf16: {native_bf16()}; precision='auto' -> {resolve_precision('auto')}")
+    print(
+        f"{cpu}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"native bf16: {native_bf16()}; precision='auto' -> {resolve_precision('auto')}"
+    )
 
     timings: dict[str, tuple[float, float]] = {}
     if args.reference:
@@ -126,8 +132,13 @@ def main() -> None:
         timings[f"ours, {precision}{', compiled encoder' if compiled else ''}"] = (t_emb, t_click)
     base = timings.get("public reference (fp32)", timings["ours, fp32"])
     rows = [
-        {"implementation": name, "embedding 1024 ms": f"{e * 1e3:.0f}", "vs baseline": f"{base[0] / e:.2f}x",
-         f"click {h}x{w} ms": f"{c * 1e3:.1f}", "click vs baseline": f"{base[1] / c:.2f}x"}
+        {
+            "implementation": name,
+            "embedding 1024 ms": f"{e * 1e3:.0f}",
+            "vs baseline": f"{base[0] / e:.2f}x",
+            f"click {h}x{w} ms": f"{c * 1e3:.1f}",
+            "click vs baseline": f"{base[1] / c:.2f}x",
+        }
         for name, (e, c) in timings.items()
     ]
     print()
@@ -135,9 +146,13 @@ def main() -> None:
     if not args.no_memory:
         mem = []
         for precision, compiled in runs:
-            mem.append({"precision": precision + (", compiled encoder" if compiled else ""),
-                        "embedding peak MB": f"{peak_memory(args.model, precision, 'embedding', compiled):.0f}",
-                        "everything peak MB": f"{peak_memory(args.model, precision, 'everything', compiled):.0f}"})
+            mem.append(
+                {
+                    "precision": precision + (", compiled encoder" if compiled else ""),
+                    "embedding peak MB": f"{peak_memory(args.model, precision, 'embedding', compiled):.0f}",
+                    "everything peak MB": f"{peak_memory(args.model, precision, 'everything', compiled):.0f}",
+                }
+            )
         print(f"\npeak memory above the loaded model ({args.model}, one 520x696 field, default mode)")
         print_table(mem, list(mem[0]))
 

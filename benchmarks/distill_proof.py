@@ -45,12 +45,20 @@ def main() -> None:
     ap.add_argument("--val-fields", type=int, default=20)
     ap.add_argument("--val-objects", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", action="append", choices=["kd", "gt", "kd-no-hard"],
-                    help="run only these variants (repeatable; default: all three)")
+    ap.add_argument(
+        "--only",
+        action="append",
+        choices=["kd", "gt", "kd-no-hard"],
+        help="run only these variants (repeatable; default: all three)",
+    )
     defaults = TrainConfig(train_images="", out_dir="")
     for term in KD_TERMS:
-        ap.add_argument(f"--w-{term}", type=float, default=getattr(defaults, f"w_{term}"),
-                        help=f"weight of the {term} distillation term (default: the trainer's)")
+        ap.add_argument(
+            f"--w-{term}",
+            type=float,
+            default=getattr(defaults, f"w_{term}"),
+            help=f"weight of the {term} distillation term (default: the trainer's)",
+        )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     teacher = load_model(args.teacher)
@@ -71,27 +79,51 @@ def main() -> None:
     torch.manual_seed(0)
     student = build_sam(half_width_student(teacher.img_size))
     own, src = student.state_dict(), teacher.state_dict()
-    copied = {k: src[k] for k in own if k in src and src[k].shape == own[k].shape
-              and not k.startswith("image_encoder.layers") and not k.startswith("image_encoder.patch_embed")}
+    copied = {
+        k: src[k]
+        for k in own
+        if k in src
+        and src[k].shape == own[k].shape
+        and not k.startswith("image_encoder.layers")
+        and not k.startswith("image_encoder.patch_embed")
+    }
     student.load_state_dict({**own, **copied})
     save_checkpoint(student.eval(), init)
-    print(f"student init: {len(copied)} of {len(own)} tensors from the teacher (prompt encoder, "
-          "mask decoder, neck); the TinyViT stages random")
+    print(
+        f"student init: {len(copied)} of {len(own)} tensors from the teacher (prompt encoder, "
+        "mask decoder, neck); the TinyViT stages random"
+    )
     rows = []
     for name, v in variants.items():
         out = Path(args.out) / name.replace(" ", "_").replace(",", "").replace("+", "plus")
         cfg = TrainConfig(
-            train_images=train, out_dir=str(out), student=str(init),
-            teacher=None if v["teacher"] is None else args.teacher, img_size=teacher.img_size,
-            scale=teacher.img_size / 696, max_rounds=2, hard_prompts=v["hard_prompts"], steps=args.steps,
-            lr=5e-4, warmup=min(100, args.steps // 5), val_every=10**9, teacher_store=str(Path(args.out) / "teacher_store"),
-            threads=args.threads, **weights,
+            train_images=train,
+            out_dir=str(out),
+            student=str(init),
+            teacher=None if v["teacher"] is None else args.teacher,
+            img_size=teacher.img_size,
+            scale=teacher.img_size / 696,
+            max_rounds=2,
+            hard_prompts=v["hard_prompts"],
+            steps=args.steps,
+            lr=5e-4,
+            warmup=min(100, args.steps // 5),
+            val_every=10**9,
+            teacher_store=str(Path(args.out) / "teacher_store"),
+            threads=args.threads,
+            **weights,
         )
         model = Trainer(cfg, teacher=v["teacher"]).run()
         res = evaluate_prompts(model.eval(), val, max_objects=args.val_objects, corrective_clicks=3)
-        rows.append({"student (half widths)": name, "steps": args.steps,
-                     "val click mIoU": f"{res['click']:.3f}", "val box mIoU": f"{res['box']:.3f}",
-                     "click + 3 corrective": f"{res['click3']:.3f}"})
+        rows.append(
+            {
+                "student (half widths)": name,
+                "steps": args.steps,
+                "val click mIoU": f"{res['click']:.3f}",
+                "val box mIoU": f"{res['box']:.3f}",
+                "click + 3 corrective": f"{res['click3']:.3f}",
+            }
+        )
     print_table(rows, ["student (half widths)", "steps", "val click mIoU", "val box mIoU", "click + 3 corrective"])
 
 

@@ -63,7 +63,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     samples = [s for s in load_folder(Path(args.data) / "bbbc039" / args.split / "images") if s.labels is not None]
-    objects = [(k, i + 1) for k, s in enumerate(samples) for i, sl in enumerate(ndimage.find_objects(s.labels)) if sl is not None]
+    objects = [
+        (k, i + 1)
+        for k, s in enumerate(samples)
+        for i, sl in enumerate(ndimage.find_objects(s.labels))
+        if sl is not None
+    ]
     areas = np.array([(samples[k].labels == i).sum() for k, i in objects])
     rng = np.random.default_rng(args.seed)
     fit_pick: set[int] = set()
@@ -82,7 +87,8 @@ def main() -> None:
             gt = torch.from_numpy(labels == i).float()
             canvas = torch.zeros(1, 1, size, size)
             canvas[..., : input_size[0], : input_size[1]] = F.interpolate(
-                gt[None, None], size=input_size, mode="bilinear", align_corners=False)
+                gt[None, None], size=input_size, mode="bilinear", align_corners=False
+            )
             cells = F.avg_pool2d(canvas, 4)
             with torch.no_grad():
                 smooth = model.postprocess_masks(cells, input_size, (h0, w0))[0, 0] > 0.5
@@ -90,15 +96,24 @@ def main() -> None:
             if n in fit_pick:
                 fitted[n] = float(mask_iou(_fit(model, gt, (cells - 0.5) * 20, input_size, args.fit_steps), gt))
         for label, m in area_bins(areas):
-            rows.append({
+            rows.append(
+                {
+                    "input": size,
+                    "area (px)": label,
+                    "objects": int(m.sum()),
+                    "area-averaged mIoU": f"{averaged[m].mean():.4f}",
+                    "fitted logits mIoU": f"{np.nanmean(fitted[m]):.4f} ({int(np.isfinite(fitted[m]).sum())})",
+                }
+            )
+        rows.append(
+            {
                 "input": size,
-                "area (px)": label,
-                "objects": int(m.sum()),
-                "area-averaged mIoU": f"{averaged[m].mean():.4f}",
-                "fitted logits mIoU": f"{np.nanmean(fitted[m]):.4f} ({int(np.isfinite(fitted[m]).sum())})",
-            })
-        rows.append({"input": size, "area (px)": "all", "objects": len(objects),
-                     "area-averaged mIoU": f"{averaged.mean():.4f}", "fitted logits mIoU": ""})
+                "area (px)": "all",
+                "objects": len(objects),
+                "area-averaged mIoU": f"{averaged.mean():.4f}",
+                "fitted logits mIoU": "",
+            }
+        )
     print(f"BBBC039 {args.split}, {len(samples)} fields, ground truth through the low-resolution grid")
     print_table(rows, ["input", "area (px)", "objects", "area-averaged mIoU", "fitted logits mIoU"])
 

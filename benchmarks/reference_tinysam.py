@@ -42,8 +42,9 @@ def _install_shims() -> None:
         models.layers, models.registry = layers, registry
         timm = types.ModuleType("timm")
         timm.models = models
-        sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers,
-                            "timm.models.registry": registry})
+        sys.modules.update(
+            {"timm": timm, "timm.models": models, "timm.models.layers": layers, "timm.models.registry": registry}
+        )
     if "torchvision" not in sys.modules:
         functional = types.ModuleType("torchvision.transforms.functional")
         functional.to_pil_image = Image.fromarray
@@ -62,9 +63,15 @@ def _install_shims() -> None:
         ops.boxes = boxes
         tv = types.ModuleType("torchvision")
         tv.transforms, tv.ops = transforms, ops
-        sys.modules.update({"torchvision": tv, "torchvision.transforms": transforms,
-                            "torchvision.transforms.functional": functional,
-                            "torchvision.ops": ops, "torchvision.ops.boxes": boxes})
+        sys.modules.update(
+            {
+                "torchvision": tv,
+                "torchvision.transforms": transforms,
+                "torchvision.transforms.functional": functional,
+                "torchvision.ops": ops,
+                "torchvision.ops.boxes": boxes,
+            }
+        )
 
 
 def load_reference(checkout: str | Path, weights: str | Path):

@@ -59,16 +59,25 @@ def tune_grid_modes(model, data: Path, n: int, ious, stabs) -> dict:
     preds = [SamPredictor(model) for _ in fields]
     rows = []
     for iou, stab in itertools.product(ious, stabs):
-        f1 = [match_instances(segment_everything(p, s.image, mode="hierarchical", pred_iou_thresh=iou,
-                                                 stability_score_thresh=stab), s.labels)["f1"]
-              for p, s in zip(preds, fields)]
+        f1 = [
+            match_instances(
+                segment_everything(p, s.image, mode="hierarchical", pred_iou_thresh=iou, stability_score_thresh=stab),
+                s.labels,
+            )["f1"]
+            for p, s in zip(preds, fields)
+        ]
         rows.append({"pred_iou_thresh": iou, "stability_score_thresh": stab, "train F1@0.5": float(np.mean(f1))})
     rows.sort(key=lambda r: -r["train F1@0.5"])
-    print_table([{**r, "train F1@0.5": f"{r['train F1@0.5']:.3f}"} for r in rows[:8]],
-                ["pred_iou_thresh", "stability_score_thresh", "train F1@0.5"])
+    print_table(
+        [{**r, "train F1@0.5": f"{r['train F1@0.5']:.3f}"} for r in rows[:8]],
+        ["pred_iou_thresh", "stability_score_thresh", "train F1@0.5"],
+    )
     best = rows[0]
-    return {"pred_iou_thresh": best["pred_iou_thresh"], "stability_score_thresh": best["stability_score_thresh"],
-            "tuned_on": f"{n} BBBC039 train fields, hierarchical mode, F1@0.5"}
+    return {
+        "pred_iou_thresh": best["pred_iou_thresh"],
+        "stability_score_thresh": best["stability_score_thresh"],
+        "tuned_on": f"{n} BBBC039 train fields, hierarchical mode, F1@0.5",
+    }
 
 
 def auto_sources(data: Path, n: int) -> dict[str, list]:
@@ -100,24 +109,63 @@ def tune_auto(model, data: Path, n: int) -> dict:
     grid = itertools.product((0.4, 0.5, 0.6, 0.7), (0.4, 0.5, 0.6), (0.4, 0.5, 0.6), (0.5, 1.0, 2.0, 3.0))
     rows = []
     for fg, c, b, ms in grid:
-        per = {name: [match_instances(labels_from_maps(maps, fg, c, b, ms * cell), s.labels)["f1"]
-                      for _, maps, cell, s in items] for name, items in cached.items()}
-        rows.append({"foreground_thresh": fg, "center_thresh": c, "boundary_thresh": b, "min_size": ms,
-                     **{k: float(np.mean(v)) for k, v in per.items()}, "score": _score(per)})
+        per = {
+            name: [
+                match_instances(labels_from_maps(maps, fg, c, b, ms * cell), s.labels)["f1"]
+                for _, maps, cell, s in items
+            ]
+            for name, items in cached.items()
+        }
+        rows.append(
+            {
+                "foreground_thresh": fg,
+                "center_thresh": c,
+                "boundary_thresh": b,
+                "min_size": ms,
+                **{k: float(np.mean(v)) for k, v in per.items()},
+                "score": _score(per),
+            }
+        )
     rows.sort(key=lambda r: -r["score"])
     cols = ["foreground_thresh", "center_thresh", "boundary_thresh", "min_size", *sources, "score"]
     print("\nhead only (train):")
-    print_table([{k: (f"{v:.3f}" if isinstance(v, float) and k not in cols[:4] else v) for k, v in r.items()}
-                 for r in rows[:6]], cols)
+    print_table(
+        [
+            {k: (f"{v:.3f}" if isinstance(v, float) and k not in cols[:4] else v) for k, v in r.items()}
+            for r in rows[:6]
+        ],
+        cols,
+    )
     head = {k: rows[0][k] for k in cols[:4]}
     rows2 = []
     for iou, agree, contrast in itertools.product((0.0, 0.6), (0.0, 0.3), (0.0, 0.1, 0.2, 0.3)):
-        per = {name: [match_instances(segment_everything(p, s.image, pred_iou_thresh=iou, min_agreement=agree,
-                                                         min_contrast=contrast, input_size=size, **head),
-                                      s.labels)["f1"]
-                      for p, _, _, s in items] for name, items in cached.items()}
-        rows2.append({"pred_iou_thresh": iou, "min_agreement": agree, "min_contrast": contrast,
-                      **{k: float(np.mean(v)) for k, v in per.items()}, "score": _score(per)})
+        per = {
+            name: [
+                match_instances(
+                    segment_everything(
+                        p,
+                        s.image,
+                        pred_iou_thresh=iou,
+                        min_agreement=agree,
+                        min_contrast=contrast,
+                        input_size=size,
+                        **head,
+                    ),
+                    s.labels,
+                )["f1"]
+                for p, _, _, s in items
+            ]
+            for name, items in cached.items()
+        }
+        rows2.append(
+            {
+                "pred_iou_thresh": iou,
+                "min_agreement": agree,
+                "min_contrast": contrast,
+                **{k: float(np.mean(v)) for k, v in per.items()},
+                "score": _score(per),
+            }
+        )
     rows2.sort(key=lambda r: -r["score"])
     cols2 = ["pred_iou_thresh", "min_agreement", "min_contrast", *sources, "score"]
     print("\nauto, head thresholds above (train):")
@@ -125,9 +173,15 @@ def tune_auto(model, data: Path, n: int) -> dict:
     best = {k: rows2[0][k] for k in cols2[:3]}
     rows3 = []
     for blob in (0.0, 0.3, 0.5, 0.7):
-        per = {name: [match_instances(segment_everything(p, s.image, blob_contrast=blob, input_size=size, **best,
-                                                         **head), s.labels)["f1"]
-                      for p, _, _, s in items] for name, items in cached.items()}
+        per = {
+            name: [
+                match_instances(
+                    segment_everything(p, s.image, blob_contrast=blob, input_size=size, **best, **head), s.labels
+                )["f1"]
+                for p, _, _, s in items
+            ]
+            for name, items in cached.items()
+        }
         rows3.append({"blob_contrast": blob, **{k: float(np.mean(v)) for k, v in per.items()}, "score": _score(per)})
     rows3.sort(key=lambda r: -r["score"])
     cols3 = ["blob_contrast", *sources, "score"]
@@ -136,15 +190,24 @@ def tune_auto(model, data: Path, n: int) -> dict:
     best["blob_contrast"] = rows3[0]["blob_contrast"]
     rows4 = []
     for side in sorted({size, *INPUT_SIZES}):
-        per = {name: [match_instances(segment_everything(p, s.image, input_size=side, **best, **head),
-                                      s.labels)["f1"] for p, _, _, s in items] for name, items in cached.items()}
+        per = {
+            name: [
+                match_instances(segment_everything(p, s.image, input_size=side, **best, **head), s.labels)["f1"]
+                for p, _, _, s in items
+            ]
+            for name, items in cached.items()
+        }
         rows4.append({"input_size": side, **{k: float(np.mean(v)) for k, v in per.items()}, "score": _score(per)})
     rows4.sort(key=lambda r: -r["score"])
     cols4 = ["input_size", *sources, "score"]
     print("\nauto, input size of images that fill the model's input, settings above (train):")
     print_scores(rows4, cols4, sources)
-    return {**head, **best, "input_size": rows4[0]["input_size"],
-            "tuned_on": f"train: {', '.join(f'{len(v)} {k}' for k, v in sources.items())}; mean F1@0.5"}
+    return {
+        **head,
+        **best,
+        "input_size": rows4[0]["input_size"],
+        "tuned_on": f"train: {', '.join(f'{len(v)} {k}' for k, v in sources.items())}; mean F1@0.5",
+    }
 
 
 def tune_volume(model, data: Path, n: int) -> dict:
@@ -157,21 +220,35 @@ def tune_volume(model, data: Path, n: int) -> dict:
     fields = load_folder(data / "bbbc039" / "train" / "images")[:n]
     sources = {
         "stand-in (train)": [noisy_stack(s.image, s.labels, seed=i) for i, s in enumerate(fields)],
-        "half-size stand-in (train)": [noisy_stack(s.image, s.labels, seed=i, shrink=0.5) for i, s in enumerate(fields)],
+        "half-size stand-in (train)": [
+            noisy_stack(s.image, s.labels, seed=i, shrink=0.5) for i, s in enumerate(fields)
+        ],
         "gonuclear 1135+1136": [(img, lab) for name, img, lab in gonuclear(data) if name in ("1135", "1136")],
     }
-    maps = {sigma: {name: [(volume_head_maps(SamPredictor(model), img,
-                                             volume_contrast_limits(img, denoise_sigma=sigma), denoise_sigma=sigma),
-                            lab) for img, lab in vols]
-                    for name, vols in sources.items()}
-            for sigma in (0.0, 0.5, 1.0)}
+    maps = {
+        sigma: {
+            name: [
+                (
+                    volume_head_maps(
+                        SamPredictor(model), img, volume_contrast_limits(img, denoise_sigma=sigma), denoise_sigma=sigma
+                    ),
+                    lab,
+                )
+                for img, lab in vols
+            ]
+            for name, vols in sources.items()
+        }
+        for sigma in (0.0, 0.5, 1.0)
+    }
 
     def sweep(grid, title: str) -> dict:
         rows = []
         for prm in grid:
             shape = {k: v for k, v in prm.items() if k != "denoise_sigma"}
-            per = {name: [match_instances(volume_from_maps(m, **shape), lab)["f1"] for m, lab in items]
-                   for name, items in maps[prm["denoise_sigma"]].items()}
+            per = {
+                name: [match_instances(volume_from_maps(m, **shape), lab)["f1"] for m, lab in items]
+                for name, items in maps[prm["denoise_sigma"]].items()
+            }
             rows.append({**prm, **{k: float(np.mean(v)) for k, v in per.items()}, "score": _score(per)})
         rows.sort(key=lambda r: -r["score"])
         cols = [*VOLUME_THRESHOLDS, *sources, "score"]
@@ -183,23 +260,42 @@ def tune_volume(model, data: Path, n: int) -> dict:
     # over the same maps), then how much less the maps that give the objects' extent are
     # smoothed, and seed splitting
     min_volume = VOLUME_THRESHOLDS["min_volume"]
-    best = sweep([dict(foreground_thresh=fg, center_thresh=c, boundary_thresh=b, z_sigma=z, xy_sigma=xy,
-                       extent_z_sigma=z, extent_xy_sigma=xy, seed_depth=0.0, min_volume=min_volume, denoise_sigma=d)
-                  for d, z, xy, fg, c, b in itertools.product(maps, (1.0, 2.0), (0.0, 1.0), (0.3, 0.4, 0.5), (0.5, 0.6),
-                                                              (0.5, 0.6))],
-                 "denoising and seeds")
-    grid = [{**best, "extent_z_sigma": ez, "extent_xy_sigma": exy, "seed_depth": d}
-            for ez, exy in sorted({(ez, exy) for ez in (0.5, 1.0, best["z_sigma"])
-                                   for exy in (0.0, 0.5, best["xy_sigma"])})
-            for d in (0.0, 0.05, 0.1)]
+    best = sweep(
+        [
+            dict(
+                foreground_thresh=fg,
+                center_thresh=c,
+                boundary_thresh=b,
+                z_sigma=z,
+                xy_sigma=xy,
+                extent_z_sigma=z,
+                extent_xy_sigma=xy,
+                seed_depth=0.0,
+                min_volume=min_volume,
+                denoise_sigma=d,
+            )
+            for d, z, xy, fg, c, b in itertools.product(
+                maps, (1.0, 2.0), (0.0, 1.0), (0.3, 0.4, 0.5), (0.5, 0.6), (0.5, 0.6)
+            )
+        ],
+        "denoising and seeds",
+    )
+    grid = [
+        {**best, "extent_z_sigma": ez, "extent_xy_sigma": exy, "seed_depth": d}
+        for ez, exy in sorted({(ez, exy) for ez in (0.5, 1.0, best["z_sigma"]) for exy in (0.0, 0.5, best["xy_sigma"])})
+        for d in (0.0, 0.05, 0.1)
+    ]
     # the model's own settings compete in the last sweep: the two stages search greedily
     # and can end below them, so a run with --write never makes the model worse
     current = {k: float(v) for k, v in volume_thresholds(model).items() if k in VOLUME_THRESHOLDS}
     if current["denoise_sigma"] in maps and current not in grid:
         grid.append(current)
     best = sweep(grid, "extent and seed depth, and the model's current settings")
-    return {**best, "tuned_on": f"train: {n} noisy stand-in stacks from BBBC039 train, {n} with nuclei half as wide, "
-                                "GoNuclear 1135 and 1136; mean 3D F1@0.5"}
+    return {
+        **best,
+        "tuned_on": f"train: {n} noisy stand-in stacks from BBBC039 train, {n} with nuclei half as wide, "
+        "GoNuclear 1135 and 1136; mean 3D F1@0.5",
+    }
 
 
 def main() -> None:

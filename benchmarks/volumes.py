@@ -36,8 +36,10 @@ def resampled_in_z(image: np.ndarray, labels: np.ndarray, factor: float) -> tupl
     if factor < 1.0:
         step = round(1 / factor)
         return image[::step], labels[::step]
-    return (ndimage.zoom(image.astype(np.float32), (factor, 1, 1), order=1),
-            ndimage.zoom(labels, (factor, 1, 1), order=0))
+    return (
+        ndimage.zoom(image.astype(np.float32), (factor, 1, 1), order=1),
+        ndimage.zoom(labels, (factor, 1, 1), order=0),
+    )
 
 
 def resampled_gonuclear(data: Path):
@@ -62,8 +64,14 @@ def shrunk(image: np.ndarray, labels: np.ndarray, factor: float) -> tuple[np.nda
 
 
 def noisy_stack(
-    image: np.ndarray, labels: np.ndarray, depth: int = 24, size: int = 128, snr: float = 3.0, seed: int = 0,
-    blur: float = 1.0, shrink: float = 1.0,
+    image: np.ndarray,
+    labels: np.ndarray,
+    depth: int = 24,
+    size: int = 128,
+    snr: float = 3.0,
+    seed: int = 0,
+    blur: float = 1.0,
+    shrink: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A (depth, size, size) noisy stack and its instance labels from a 2D field: every
     nucleus of a random crop gets a z centre and half-extent (3-7 slices) and, in each

@@ -107,5 +107,8 @@ def _report_alive_at_exit() -> None:
             f"{type(w).__name__}[{', '.join(sorted({type(c).__name__ for c in w.children()}))}]"
             for w in (app.topLevelWidgets() if app else [])
         )
-        print(f"Qt: {sum(widgets.values())} top-level widgets {dict(widgets)}, thread pool active "
-              f"{QThreadPool.globalInstance().activeThreadCount()}", file=sys.stderr)
+        print(
+            f"Qt: {sum(widgets.values())} top-level widgets {dict(widgets)}, thread pool active "
+            f"{QThreadPool.globalInstance().activeThreadCount()}",
+            file=sys.stderr,
+        )

@@ -79,7 +79,9 @@ def test_each_point_refines_the_chosen_mask_with_one_decoder_pass(field):
     assert first.masks.shape[0] == 3 and first.chosen == first.best
     # the second click is decoded with the first click's chosen logits as mask input
     masks, scores, _ = predictor.predict(
-        point_coords=pts[:2], point_labels=lab[:2], mask_input=first.low_res[first.chosen][None],
+        point_coords=pts[:2],
+        point_labels=lab[:2],
+        mask_input=first.low_res[first.chosen][None],
         multimask_output=False,
     )
     assert np.array_equal(results[1].masks, masks) and np.allclose(results[1].scores, scores)
@@ -167,7 +169,9 @@ def test_zoom_segments_small_objects_in_a_magnified_window(field):
     y0, x0, h, w = res.window
     assert res.masks.shape == (3, *labels.shape) and not res.masks[:, :y0].any() and not res.masks[:, y0 + h :].any()
     # the slice's aspect ratio, magnified at most max_zoom times, holding the object
-    assert h / w == pytest.approx(labels.shape[0] / labels.shape[1], rel=0.02) and h >= labels.shape[0] / zoom.max_zoom - 1
+    assert (
+        h / w == pytest.approx(labels.shape[0] / labels.shape[1], rel=0.02) and h >= labels.shape[0] / zoom.max_zoom - 1
+    )
     rows, cols = np.nonzero(small)
     assert y0 <= rows.min() and rows.max() < y0 + h and x0 <= cols.min() and cols.max() < x0 + w
     # exactly the masks of the same click on the window alone, pasted at the slice's size
@@ -254,7 +258,8 @@ def test_zoom_improves_small_objects(data_dir):
 
 def test_split_objects_gives_each_positive_point_its_nearest_negatives():
     prompts = Prompts(
-        np.array([[10, 10], [100, 100], [12, 14], [95, 90], [70, 72]]), np.array([1, 1, 0, 0, 0]),
+        np.array([[10, 10], [100, 100], [12, 14], [95, 90], [70, 72]]),
+        np.array([1, 1, 0, 0, 0]),
         box=np.array([0, 0, 5, 5]),
     )
     objects = split_objects(prompts)

@@ -46,62 +46,223 @@ def test_segment_folder_zarr_and_refusals(files, model_file, tmp_path, capsys):
     assert "objects" in capsys.readouterr().out
     # never overwrite unless asked
     before = (out / "a_labels.tif").stat().st_mtime_ns
-    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(out / "a_labels.tif"), "--model", model_file, *ARGS]) == 2
+    assert (
+        main(["segment", str(files / "in" / "a.tif"), "-o", str(out / "a_labels.tif"), "--model", model_file, *ARGS])
+        == 2
+    )
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "a_labels.tif").stat().st_mtime_ns == before
-    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(out / "a_labels.tif"), "--model", model_file,
-                 "--overwrite", *ARGS]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(files / "in" / "a.tif"),
+                "-o",
+                str(out / "a_labels.tif"),
+                "--model",
+                model_file,
+                "--overwrite",
+                *ARGS,
+            ]
+        )
+        == 0
+    )
     # 3D Zarr in, Zarr out
-    assert main(["segment", str(files / "stack.zarr"), "-o", str(out / "stack_labels.zarr"), "--model", model_file, *ARGS]) == 0
+    assert (
+        main(["segment", str(files / "stack.zarr"), "-o", str(out / "stack_labels.zarr"), "--model", model_file, *ARGS])
+        == 0
+    )
     assert read_image(out / "stack_labels.zarr").shape == (3, 32, 32)
     # a voxel size for stacks (a 2D image in the same run goes on without it)
     # (a new output folder is made, as mkdir makes one: its parent exists)
-    assert main(["segment", str(files / "stack.zarr"), str(files / "in" / "a.tif"), "-o", str(out / "scaled"),
-                 "--model", model_file, "--scale", "0.5", "0.1", "0.1", *ARGS]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(files / "stack.zarr"),
+                str(files / "in" / "a.tif"),
+                "-o",
+                str(out / "scaled"),
+                "--model",
+                model_file,
+                "--scale",
+                "0.5",
+                "0.1",
+                "0.1",
+                *ARGS,
+            ]
+        )
+        == 0
+    )
     assert read_image(out / "scaled" / "stack_labels.tif").shape == (3, 32, 32)
-    assert main(["segment", str(files / "stack.zarr"), "-o", str(out / "s.zarr"), "--model", model_file,
-                 "--scale", "0", "1", "1", *ARGS]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                str(files / "stack.zarr"),
+                "-o",
+                str(out / "s.zarr"),
+                "--model",
+                model_file,
+                "--scale",
+                "0",
+                "1",
+                "1",
+                *ARGS,
+            ]
+        )
+        == 2
+    )
     assert "voxel size" in capsys.readouterr().err and not (out / "s.zarr").exists()
     # bad input: clear messages, exit code 2
     (files / "notes.txt").write_text("x")
     assert main(["segment", str(files / "notes.txt"), "-o", str(out), "--model", model_file]) == 2
     assert "unsupported file type" in capsys.readouterr().err
-    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(tmp_path / "new" / "x.tif"),
-                 "--model", model_file, *ARGS]) == 0  # a new folder in an existing one is made
+    assert (
+        main(
+            [
+                "segment",
+                str(files / "in" / "a.tif"),
+                "-o",
+                str(tmp_path / "new" / "x.tif"),
+                "--model",
+                model_file,
+                *ARGS,
+            ]
+        )
+        == 0
+    )  # a new folder in an existing one is made
     assert (tmp_path / "new" / "x.tif").is_file()
     capsys.readouterr()
-    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(tmp_path / "no" / "such" / "x.tif"),
-                 "--model", model_file]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                str(files / "in" / "a.tif"),
+                "-o",
+                str(tmp_path / "no" / "such" / "x.tif"),
+                "--model",
+                model_file,
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "no").exists()
-    assert main(["segment", str(files / "in" / "a.tif"), str(files / "in" / "b.png"), "-o",
-                 str(tmp_path / "no" / "such"), "--model", model_file]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                str(files / "in" / "a.tif"),
+                str(files / "in" / "b.png"),
+                "-o",
+                str(tmp_path / "no" / "such"),
+                "--model",
+                model_file,
+            ]
+        )
+        == 2
+    )
     assert "cannot be made" in capsys.readouterr().err and not (tmp_path / "no").exists()
-    assert main(["segment", str(files / "in" / "a.tif"), str(files / "in" / "b.png"), "-o",
-                 str(files / "notes.txt"), "--model", model_file]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                str(files / "in" / "a.tif"),
+                str(files / "in" / "b.png"),
+                "-o",
+                str(files / "notes.txt"),
+                "--model",
+                model_file,
+            ]
+        )
+        == 2
+    )
     assert "it is a file, not a folder" in capsys.readouterr().err
     assert main(["segment", str(files / "in" / "a.tif"), "-o", str(out / "a.png"), "--model", model_file]) == 2
     assert "cannot write labels to" in capsys.readouterr().err and not (out / "a.png").exists()
     np.save(files / "t.npy", np.zeros((2, 2, 8, 8), np.uint16))
     assert main(["segment", str(files / "t.npy"), "-o", str(out / "t.npy"), "--model", model_file, *ARGS]) == 2
     assert "--index" in capsys.readouterr().err
-    assert main(["segment", str(files / "t.npy"), "-o", str(out / "t.npy"), "--model", model_file, "--index", "0", *ARGS]) == 0
+    assert (
+        main(["segment", str(files / "t.npy"), "-o", str(out / "t.npy"), "--model", model_file, "--index", "0", *ARGS])
+        == 0
+    )
     # axes of one element need no --index: an OME file's T and C, a trailing channel
     np.save(files / "tczyx.npy", np.zeros((1, 1, 3, 8, 8), np.uint16))
     np.save(files / "yxc.npy", np.zeros((8, 9, 1), np.uint16))
-    assert main(["segment", str(files / "tczyx.npy"), str(files / "yxc.npy"), "-o", str(out / "squeezed"),
-                 "--model", model_file, *ARGS]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(files / "tczyx.npy"),
+                str(files / "yxc.npy"),
+                "-o",
+                str(out / "squeezed"),
+                "--model",
+                model_file,
+                *ARGS,
+            ]
+        )
+        == 0
+    )
     assert read_image(out / "squeezed" / "tczyx_labels.tif").shape == (3, 8, 8)
     assert read_image(out / "squeezed" / "yxc_labels.tif").shape == (8, 9)
     # auto mode needs an instance head: the message names the modes this model supports
-    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(out / "auto.tif"), "--model", model_file,
-                 "--mode", "auto"]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                str(files / "in" / "a.tif"),
+                "-o",
+                str(out / "auto.tif"),
+                "--model",
+                model_file,
+                "--mode",
+                "auto",
+            ]
+        )
+        == 2
+    )
     assert "'hierarchical'" in capsys.readouterr().err and not (out / "auto.tif").exists()
     # tiles on request; a halo alone is refused
-    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(out / "tiled.tif"), "--model", model_file,
-                 "--tile-shape", "32", "32", "--halo", "8", "8", *ARGS]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(files / "in" / "a.tif"),
+                "-o",
+                str(out / "tiled.tif"),
+                "--model",
+                model_file,
+                "--tile-shape",
+                "32",
+                "32",
+                "--halo",
+                "8",
+                "8",
+                *ARGS,
+            ]
+        )
+        == 0
+    )
     assert read_image(out / "tiled.tif").shape == (40, 50)
-    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(out / "halo.tif"), "--model", model_file,
-                 "--halo", "8", "8", *ARGS]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                str(files / "in" / "a.tif"),
+                "-o",
+                str(out / "halo.tif"),
+                "--model",
+                model_file,
+                "--halo",
+                "8",
+                "8",
+                *ARGS,
+            ]
+        )
+        == 2
+    )
     assert "--tile-shape" in capsys.readouterr().err and not (out / "halo.tif").exists()
 
 
@@ -117,16 +278,44 @@ def test_segment_goes_on_past_an_unreadable_input(files, model_file, tmp_path, c
     assert sorted(p.name for p in out.iterdir()) == ["a_labels.tif", "b_labels.tif"]
     assert read_image(out / "a_labels.tif").shape == (40, 50)
     # nothing readable: nothing written, and the folder the run made is gone
-    assert main(["segment", str(files / "in" / "0_broken.tif"), "-o", str(tmp_path / "none"),
-                 "--model", model_file, *ARGS]) == 2
+    assert (
+        main(
+            ["segment", str(files / "in" / "0_broken.tif"), "-o", str(tmp_path / "none"), "--model", model_file, *ARGS]
+        )
+        == 2
+    )
     assert "nothing was written" in capsys.readouterr().err and not (tmp_path / "none").exists()
     # a run that fails before any input (a model that does not load) leaves no folder either
-    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(tmp_path / "none"),
-                 "--model", str(files / "in" / "a.tif")]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                str(files / "in" / "a.tif"),
+                "-o",
+                str(tmp_path / "none"),
+                "--model",
+                str(files / "in" / "a.tif"),
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "none").exists()
     # arguments are all checked before a folder is made
-    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(tmp_path / "none"), "--workers", "1",
-                 "--model", model_file]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                str(files / "in" / "a.tif"),
+                "-o",
+                str(tmp_path / "none"),
+                "--workers",
+                "1",
+                "--model",
+                model_file,
+            ]
+        )
+        == 2
+    )
     assert ".zarr" in capsys.readouterr().err and not (tmp_path / "none").exists()
 
 
@@ -136,20 +325,45 @@ def test_voxel_size_read_from_imagej_and_ome_files(tmp_path):
     from napari_tinysam.io import read_voxel_size
 
     stack = np.zeros((4, 16, 16), np.uint8)
-    tifffile.imwrite(tmp_path / "ij.tif", stack, imagej=True, resolution=(10, 10),
-                     metadata={"spacing": 0.5, "unit": "um", "axes": "ZYX"})
+    tifffile.imwrite(
+        tmp_path / "ij.tif",
+        stack,
+        imagej=True,
+        resolution=(10, 10),
+        metadata={"spacing": 0.5, "unit": "um", "axes": "ZYX"},
+    )
     assert read_voxel_size(tmp_path / "ij.tif") == pytest.approx((0.5, 0.1, 0.1))
-    tifffile.imwrite(tmp_path / "a.ome.tif", stack, ome=True,
-                     metadata={"axes": "ZYX", "PhysicalSizeX": 0.1, "PhysicalSizeY": 0.2, "PhysicalSizeZ": 0.7})
+    tifffile.imwrite(
+        tmp_path / "a.ome.tif",
+        stack,
+        ome=True,
+        metadata={"axes": "ZYX", "PhysicalSizeX": 0.1, "PhysicalSizeY": 0.2, "PhysicalSizeZ": 0.7},
+    )
     assert read_voxel_size(tmp_path / "a.ome.tif") == pytest.approx((0.7, 0.2, 0.1))
-    tifffile.imwrite(tmp_path / "nm.ome.tif", stack, ome=True, metadata={
-        "axes": "ZYX", "PhysicalSizeX": 100, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 100,
-        "PhysicalSizeYUnit": "nm", "PhysicalSizeZ": 0.5, "PhysicalSizeZUnit": "µm"})
+    tifffile.imwrite(
+        tmp_path / "nm.ome.tif",
+        stack,
+        ome=True,
+        metadata={
+            "axes": "ZYX",
+            "PhysicalSizeX": 100,
+            "PhysicalSizeXUnit": "nm",
+            "PhysicalSizeY": 100,
+            "PhysicalSizeYUnit": "nm",
+            "PhysicalSizeZ": 0.5,
+            "PhysicalSizeZUnit": "µm",
+        },
+    )
     assert read_voxel_size(tmp_path / "nm.ome.tif") == pytest.approx((0.5, 0.1, 0.1))  # one unit
     group = zarr.open_group(str(tmp_path / "a.zarr"), mode="w")
     group.create_array("0", shape=stack.shape, dtype="uint8")[...] = stack
-    group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": n} for n in "zyx"], "datasets": [
-        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [2.0, 0.3, 0.3]}]}]}]
+    group.attrs["multiscales"] = [
+        {
+            "version": "0.4",
+            "axes": [{"name": n} for n in "zyx"],
+            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [2.0, 0.3, 0.3]}]}],
+        }
+    ]
     assert read_voxel_size(tmp_path / "a.zarr") == pytest.approx((2.0, 0.3, 0.3))
     # nothing recorded, only the pixel size, or a spacing of 0: no voxel size
     tifffile.imwrite(tmp_path / "plain.tif", stack)
@@ -166,8 +380,25 @@ def test_segment_uses_the_voxel_size_a_stack_records(files, model_file, tmp_path
     out = tmp_path / "ij_labels.tif"
     assert main(["segment", str(files / "ij.tif"), "-o", str(out), "--model", model_file, *ARGS]) == 0
     assert "0.5 x 0.1 x 0.1" in capsys.readouterr().out and read_image(out).shape == (3, 32, 32)
-    assert main(["segment", str(files / "ij.tif"), "-o", str(out), "--model", model_file, "--overwrite",
-                 "--scale", "2", "1", "1", *ARGS]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(files / "ij.tif"),
+                "-o",
+                str(out),
+                "--model",
+                model_file,
+                "--overwrite",
+                "--scale",
+                "2",
+                "1",
+                "1",
+                *ARGS,
+            ]
+        )
+        == 0
+    )
     assert "2 x 1 x 1" in capsys.readouterr().out
 
 
@@ -205,8 +436,10 @@ def test_embed_store_created_reused_and_refused(files, model_file, tmp_path, cap
     assert "3 computed now" in capsys.readouterr().out
     assert main(["embed", str(files / "stack.zarr"), "-o", store, "--model", model_file]) == 0
     assert "0 computed now, 3 reused" in capsys.readouterr().out
-    assert main(["embed", str(files / "stack.zarr"), "-o", store, "--model", model_file,
-                 "--contrast-limits", "0", "5"]) == 2
+    assert (
+        main(["embed", str(files / "stack.zarr"), "-o", store, "--model", model_file, "--contrast-limits", "0", "5"])
+        == 2
+    )
     assert "does not match" in capsys.readouterr().err
 
 

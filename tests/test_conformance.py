@@ -79,7 +79,9 @@ def test_conformance_case(case_file, conformance_dir, models):
             sparse, dense = model.prompt_encoder(pts, box, mask_in)
             low, iou = model.decode(stored.get_image_embedding(), pts, box, mask_in)
         np.testing.assert_allclose(sparse.detach().numpy(), data[f"{name}/sparse_embeddings"], atol=1e-4)
-        np.testing.assert_allclose(dense.detach().mean((2, 3)).numpy(), data[f"{name}/dense_embeddings_mean"], atol=1e-4)
+        np.testing.assert_allclose(
+            dense.detach().mean((2, 3)).numpy(), data[f"{name}/dense_embeddings_mean"], atol=1e-4
+        )
         assert np.abs(low.numpy() - data[f"{name}/lowres_logits_all4"]).max() <= 1e-3, name
         assert np.abs(iou.numpy() - data[f"{name}/iou_all4"]).max() <= 1e-3, name
 

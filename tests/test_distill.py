@@ -29,7 +29,9 @@ def test_hard_mask_weight_known_values():
     expected = torch.sigmoid(torch.tensor([0.0, 1.0, -1.0]))
     assert torch.allclose(h, expected)
     # a student far worse than the teacher weighs more than one that matches it
-    assert hard_mask_weight(torch.tensor(0.9), torch.tensor(0.1)) > hard_mask_weight(torch.tensor(0.9), torch.tensor(0.9))
+    assert hard_mask_weight(torch.tensor(0.9), torch.tensor(0.1)) > hard_mask_weight(
+        torch.tensor(0.9), torch.tensor(0.9)
+    )
 
 
 def test_losses_on_hand_made_tensors():
@@ -99,15 +101,35 @@ def tiny_folder(tmp_path):
 
 def _tiny_config(folder, out, steps):
     student = {
-        "image_encoder": {"type": "tiny_vit", "embed_dims": [8, 16, 24, 32], "depths": [1, 1, 1, 1],
-                          "num_heads": [1, 1, 2, 2], "window_sizes": [7, 7, 7, 7], "num_classes": 0},
-        "img_size": 64, "prompt_embed_dim": 256,
+        "image_encoder": {
+            "type": "tiny_vit",
+            "embed_dims": [8, 16, 24, 32],
+            "depths": [1, 1, 1, 1],
+            "num_heads": [1, 1, 2, 2],
+            "window_sizes": [7, 7, 7, 7],
+            "num_classes": 0,
+        },
+        "img_size": 64,
+        "prompt_embed_dim": 256,
         "mask_decoder": {"depth": 1, "mlp_dim": 64},
     }
-    return TrainConfig(train_images=str(folder / "images"), out_dir=str(out), val_images=str(folder / "images"),
-                       student=student, img_size=64, crop=64, batch_crops=2, objects_per_crop=4,
-                       max_rounds=1, steps=steps, lr=1e-3, warmup=2, val_every=1000, val_fields=1,
-                       checkpoint_minutes=1000)
+    return TrainConfig(
+        train_images=str(folder / "images"),
+        out_dir=str(out),
+        val_images=str(folder / "images"),
+        student=student,
+        img_size=64,
+        crop=64,
+        batch_crops=2,
+        objects_per_crop=4,
+        max_rounds=1,
+        steps=steps,
+        lr=1e-3,
+        warmup=2,
+        val_every=1000,
+        val_fields=1,
+        checkpoint_minutes=1000,
+    )
 
 
 def test_tiny_training_lowers_loss_and_resumes(tiny_folder, tmp_path):
@@ -188,9 +210,34 @@ def test_cli_distill_passes_loss_weights_and_keeps_the_checkpoint_size(tiny_fold
     torch.manual_seed(4)
     save_checkpoint(build_sam(_tiny_config(tiny_folder, tmp_path, 1).student).eval(), tmp_path / "s.pt")
     out = tmp_path / "run"
-    rc = main(["distill", str(tiny_folder / "images"), "-o", str(out), "--student", str(tmp_path / "s.pt"),
-               "--crop", "64", "--batch", "1", "--objects", "2", "--max-rounds", "0", "--steps", "2",
-               "--warmup", "1", "--threads", "1", "--w-focal", "5", "--w-logits", "0.5"])
+    rc = main(
+        [
+            "distill",
+            str(tiny_folder / "images"),
+            "-o",
+            str(out),
+            "--student",
+            str(tmp_path / "s.pt"),
+            "--crop",
+            "64",
+            "--batch",
+            "1",
+            "--objects",
+            "2",
+            "--max-rounds",
+            "0",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--w-focal",
+            "5",
+            "--w-logits",
+            "0.5",
+        ]
+    )
     assert rc == 0
     model = load_model(out / "final.pt")
     recipe = model.meta["recipe"]

@@ -37,22 +37,38 @@ def test_two_workers_match_single_process(client, tiny_model, tmp_path):
     stack = rng.integers(0, 3000, (5, 32, 40), dtype=np.uint16)
     reference = segment_volume(load_model(path), stack, mode="grid", **PARAMS)
     calls = []
-    out = segment_volume_distributed(str(path), stack, tmp_path / "out.zarr", client, mode="grid",
-                                     contrast_limits=None, progress=lambda d, t: calls.append(d), **PARAMS)
+    out = segment_volume_distributed(
+        str(path),
+        stack,
+        tmp_path / "out.zarr",
+        client,
+        mode="grid",
+        contrast_limits=None,
+        progress=lambda d, t: calls.append(d),
+        **PARAMS,
+    )
     np.testing.assert_array_equal(np.asarray(out[...]), reference)
     assert sorted(calls) == [1, 2, 3, 4, 5]
     # a dask array stored in chunks of several slices (as Zarr stores often are)
     import dask.array as da
 
-    chunked = segment_volume_distributed(str(path), da.from_array(stack, chunks=(2, 16, 40)), tmp_path / "c.zarr",
-                                         client, mode="grid", **PARAMS)
+    chunked = segment_volume_distributed(
+        str(path), da.from_array(stack, chunks=(2, 16, 40)), tmp_path / "c.zarr", client, mode="grid", **PARAMS
+    )
     np.testing.assert_array_equal(np.asarray(chunked[...]), reference)
     with pytest.raises(FileExistsError):
         segment_volume_distributed(str(path), stack, tmp_path / "out.zarr", client, **PARAMS)
     # a run that fails on the workers leaves the old labels as they were, and nothing else
     with pytest.raises(ValueError, match="points_per_side"):
-        segment_volume_distributed(str(path), stack, tmp_path / "out.zarr", client, mode="grid", overwrite=True,
-                                   **{**PARAMS, "points_per_side": -1})
+        segment_volume_distributed(
+            str(path),
+            stack,
+            tmp_path / "out.zarr",
+            client,
+            mode="grid",
+            overwrite=True,
+            **{**PARAMS, "points_per_side": -1},
+        )
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "out.zarr"))[...], reference)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr", "out.zarr", "tiny.pt"]
 
@@ -74,12 +90,14 @@ def test_3d_auto_on_dask_gives_segment_volumes_objects(client, tmp_path):
     reference = segment_volume(load_model("default"), stack)
     assert reference.max() >= 10
     calls = []
-    whole = segment_volume_distributed("default", stack, tmp_path / "whole.zarr", client,
-                                       progress=lambda d, t: calls.append((d, t)))
+    whole = segment_volume_distributed(
+        "default", stack, tmp_path / "whole.zarr", client, progress=lambda d, t: calls.append((d, t))
+    )
     np.testing.assert_array_equal(np.asarray(whole[...]), reference)
     assert calls[-1] == (22, 22) and len(calls) == 22  # 20 slices, one block, one relabelling
-    blocks = np.asarray(segment_volume_distributed("default", stack, tmp_path / "blocks.zarr", client,
-                                                   block_depth=6)[...])
+    blocks = np.asarray(
+        segment_volume_distributed("default", stack, tmp_path / "blocks.zarr", client, block_depth=6)[...]
+    )
     crossing = [i for i in np.unique(reference[5:7]) if i and (reference[:6] == i).any() and (reference[6:] == i).any()]
     assert crossing  # objects that cross the first border
     assert same_objects(blocks, reference)
@@ -99,8 +117,9 @@ def test_stacks_with_large_slices_are_tiled_on_dask_as_in_one_process(client, tm
     stack = np.stack([mosaic, np.roll(mosaic, 3, 1)])
     reference = segment_volume(load_model("default"), stack)
     calls = []
-    out = segment_volume_distributed("default", stack, tmp_path / "big.zarr", client,
-                                     progress=lambda d, t: calls.append((d, t)))
+    out = segment_volume_distributed(
+        "default", stack, tmp_path / "big.zarr", client, progress=lambda d, t: calls.append((d, t))
+    )
     np.testing.assert_array_equal(np.asarray(out[...]), reference)
     assert reference.max() > 400 and calls[-1][0] == calls[-1][1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.zarr"]  # every tile's store removed
@@ -116,8 +135,9 @@ def test_a_part_of_a_zarr_store_is_read_lazily(tmp_path):
 
     from napari_tinysam.batch import read_input
 
-    z = zarr.open_array(str(tmp_path / "t.zarr"), mode="w", shape=(2, 1, 4, 8, 8), chunks=(1, 1, 1, 8, 8),
-                        dtype="uint16")
+    z = zarr.open_array(
+        str(tmp_path / "t.zarr"), mode="w", shape=(2, 1, 4, 8, 8), chunks=(1, 1, 1, 8, 8), dtype="uint16"
+    )
     z[1, 0, 2] = 7
     part = read_input(tmp_path / "t.zarr", (1,), lazy=True)
     assert isinstance(part, da.Array) and part.shape == (4, 8, 8)
@@ -182,8 +202,20 @@ def test_cli_workers_and_bad_scheduler(tiny_model, tmp_path, capsys):
     single = tmp_path / "single.zarr"
     assert main(["segment", str(tmp_path / "in.zarr"), "-o", str(single), *args]) == 0
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "out.zarr"))[...], zarr.open_array(str(single))[...])
-    assert main(["segment", str(tmp_path / "in.zarr"), "-o", str(tmp_path / "x.zarr"), "--scheduler",
-                 "tcp://127.0.0.1:9", *args]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                str(tmp_path / "in.zarr"),
+                "-o",
+                str(tmp_path / "x.zarr"),
+                "--scheduler",
+                "tcp://127.0.0.1:9",
+                *args,
+            ]
+        )
+        == 2
+    )
     assert "does not answer" in capsys.readouterr().err
 
 

@@ -81,8 +81,9 @@ def test_everything_mode_leaves_no_sliver_of_a_mask_as_an_object(monkeypatch):
 
     monkeypatch.setattr(fake, "decode", with_a_wider_duplicate)
     image = (truth > 0).astype(np.uint8) * 200 + 10
-    labels, records = segment_everything(SamPredictor(fake), image, mode="grid", points_per_side=16,
-                                         box_nms_thresh=0.99, return_records=True)
+    labels, records = segment_everything(
+        SamPredictor(fake), image, mode="grid", points_per_side=16, box_nms_thresh=0.99, return_records=True
+    )
     assert labels.max() == 4 and len(records) == 4
     for rec in records:
         assert (labels == rec["label"]).sum() >= ev.MIN_KEPT * rec["area"]
@@ -94,8 +95,9 @@ def test_everything_mode_leaves_no_sliver_of_a_mask_as_an_object(monkeypatch):
 def test_fake_scene_every_object_once(mode):
     truth = _scene()
     fake = FakeSam(truth)
-    labels, records = segment_everything(SamPredictor(fake), (truth > 0).astype(np.uint8) * 200 + 10,
-                                         mode=mode, points_per_side=16, return_records=True)
+    labels, records = segment_everything(
+        SamPredictor(fake), (truth > 0).astype(np.uint8) * 200 + 10, mode=mode, points_per_side=16, return_records=True
+    )
     assert labels.dtype == np.int32 and labels.shape == truth.shape
     assert labels.max() == 4 and len(records) == 4
     for k in range(1, 5):
@@ -156,8 +158,7 @@ def test_min_mask_region_area_removes_islands():
     labels_island[60:62, 60:62] = 1  # a tiny island belonging to object 1
     fake = FakeSam(labels_island)
     image = (labels_island > 0).astype(np.uint8) * 200 + 10
-    kept = segment_everything(SamPredictor(fake), image, mode="grid", points_per_side=16,
-                              min_mask_region_area=50)
+    kept = segment_everything(SamPredictor(fake), image, mode="grid", points_per_side=16, min_mask_region_area=50)
     assert not (kept[58:64, 58:64] > 0).any()
 
 
@@ -201,12 +202,17 @@ def test_segment_volume_stitches_and_reports_progress(monkeypatch):
 
     def fake_everything(predictor, image, **kw):
         z = next(z_of)
-        return segment_everything(SamPredictor(FakeSam(vol[z])), (vol[z] > 0).astype(np.uint8) * 200 + 10,
-                                  points_per_side=16, mode=kw.get("mode", "hierarchical"))
+        return segment_everything(
+            SamPredictor(FakeSam(vol[z])),
+            (vol[z] > 0).astype(np.uint8) * 200 + 10,
+            points_per_side=16,
+            mode=kw.get("mode", "hierarchical"),
+        )
 
     monkeypatch.setattr(ev, "segment_everything", fake_everything)
-    out = segment_volume(SamPredictor(FakeSam(vol[0])), (vol > 0).astype(np.uint16),
-                         progress=lambda d, t: calls.append((d, t)))
+    out = segment_volume(
+        SamPredictor(FakeSam(vol[0])), (vol > 0).astype(np.uint16), progress=lambda d, t: calls.append((d, t))
+    )
     assert calls[-1] == (10, 10) and len(calls) == 10
     ids_3 = {int(out[z][46, 40]) for z in range(3, 8)}
     assert len(ids_3) == 1 and 0 not in ids_3  # one id across slices 3..7
@@ -220,8 +226,12 @@ def test_segment_volume_cancel_returns_nothing():
     vol = _volume()
     seen = []
     with pytest.raises(Cancelled):
-        segment_volume(SamPredictor(FakeSam(vol[0])), (vol > 0).astype(np.uint16),
-                       progress=lambda d, t: seen.append(d), cancel=lambda: len(seen) >= 2)
+        segment_volume(
+            SamPredictor(FakeSam(vol[0])),
+            (vol > 0).astype(np.uint16),
+            progress=lambda d, t: seen.append(d),
+            cancel=lambda: len(seen) >= 2,
+        )
     assert seen == [1, 2]
 
 
@@ -308,8 +318,15 @@ def test_a_tiled_image_can_be_cancelled_between_tiles(monkeypatch):
     monkeypatch.setattr(ev, "_segment_masks", _ids_as_masks)
     seen = []
     with pytest.raises(Cancelled, match="before tile 3 of 6"):
-        segment_everything(SamPredictor(fake), image, mode="grid", tile_shape=64, halo=8,
-                           progress=lambda d, t: seen.append(d), cancel=lambda: len(seen) >= 2)
+        segment_everything(
+            SamPredictor(fake),
+            image,
+            mode="grid",
+            tile_shape=64,
+            halo=8,
+            progress=lambda d, t: seen.append(d),
+            cancel=lambda: len(seen) >= 2,
+        )
     assert seen == [1, 2]
     with pytest.raises(Cancelled, match="before the image"):
         segment_everything(SamPredictor(fake), image, mode="grid", cancel=lambda: True)
@@ -335,13 +352,20 @@ def test_stacks_with_large_slices_are_tiled_in_the_plane_every_object_once_and_w
             k += 1
             truth[(zz - 2) ** 2 * 4 + (yy - cy) ** 2 + (xx - cx) ** 2 <= 100] = k
     monkeypatch.setattr(ev, "volume_params", lambda model, kwargs, scale: {"denoise_sigma": 0.0})
-    monkeypatch.setattr(ev, "volume_head_maps", lambda predictor, sub, limits, step, cancel, sigma: (
-        [step(i + 1, len(sub)) for i in range(len(sub)) if step], sub)[1])
+    monkeypatch.setattr(
+        ev,
+        "volume_head_maps",
+        lambda predictor, sub, limits, step, cancel, sigma: (
+            [step(i + 1, len(sub)) for i in range(len(sub)) if step],
+            sub,
+        )[1],
+    )
     monkeypatch.setattr(ev, "volume_from_maps", lambda maps, **params: _relabelled(maps))
     seen = []
     predictor = SamPredictor(FakeSam(np.zeros((128, 128), np.int32)))
-    out = ev._volume_auto(predictor, truth, (0, 1), {"tile_shape": 64, "halo": 16}, lambda d, t: seen.append((d, t)),
-                          None)
+    out = ev._volume_auto(
+        predictor, truth, (0, 1), {"tile_shape": 64, "halo": 16}, lambda d, t: seen.append((d, t)), None
+    )
     assert seen[-1] == (5 * 3 * 4, 5 * 3 * 4) and len(seen) == 5 * 3 * 4
     assert out.max() == k
     for i in range(1, k + 1):
@@ -361,8 +385,12 @@ def test_a_stack_with_large_slices_and_small_nuclei_is_tiled_automatically():
     model = load_model("default")
     field, truth = samples.nuclei_2d(), samples.nuclei_2d_labels()
     mosaic = np.block([[field, field[:, ::-1]], [field[::-1], field[::-1, ::-1]]])
-    lab = np.block([[truth, truth[:, ::-1] + 1000 * (truth[:, ::-1] > 0)],
-                    [truth[::-1] + 2000 * (truth[::-1] > 0), truth[::-1, ::-1] + 3000 * (truth[::-1, ::-1] > 0)]])
+    lab = np.block(
+        [
+            [truth, truth[:, ::-1] + 1000 * (truth[:, ::-1] > 0)],
+            [truth[::-1] + 2000 * (truth[::-1] > 0), truth[::-1, ::-1] + 3000 * (truth[::-1, ::-1] > 0)],
+        ]
+    )
     stack = np.stack([mosaic, mosaic])
     predictor = SamPredictor(model)
     assert ev.volume_tiles(predictor, stack[:, :520, :696], (0, 1000), 1.0) is None

@@ -47,7 +47,9 @@ def _discs(side: int = 128, spec=((24, 24, 14), (30, 90, 18), (90, 40, 20), (95,
 def _best_iou(labels: np.ndarray, obj: np.ndarray) -> float:
     ids = np.unique(labels[obj])
     ids = ids[ids > 0]
-    return max((np.logical_and(labels == i, obj).sum() / np.logical_or(labels == i, obj).sum() for i in ids), default=0.0)
+    return max(
+        (np.logical_and(labels == i, obj).sum() / np.logical_or(labels == i, obj).sum() for i in ids), default=0.0
+    )
 
 
 def test_targets_are_zero_at_centres_and_one_in_background():
@@ -186,8 +188,10 @@ def test_auto_mode_embeds_images_that_fill_the_input_at_the_models_auto_input_si
     labels = segment_everything(predictor, field)
     assert sizes == [896] and len(predictor.cache) == 1
     assert match_instances(labels, truth)["f1"] > 0.9
-    assert np.array_equal(segment_everything(predictor, field, head_only=True), segment_everything(
-        model.at_input_size(896), field, head_only=True, input_size=896))
+    assert np.array_equal(
+        segment_everything(predictor, field, head_only=True),
+        segment_everything(model.at_input_size(896), field, head_only=True, input_size=896),
+    )
     assert len(predictor.cache) == 1  # the 896 embedding was reused
     segment_everything(predictor, field, input_size=768, head_only=True)
     segment_everything(predictor, field[:150, :180], head_only=True)  # 4x the slice is 720 < 768
@@ -218,6 +222,7 @@ def test_hierarchical_with_head_skips_background_points():
         labels = segment_everything(SamPredictor(fake), image, mode="hierarchical", points_per_side=16)
         assert labels.max() == 4
         counts[head] = fake.prompts_seen
+
     def background(n):
         return sum(truth[int(y), int(x)] == 0 for x, y in build_point_grid(n) * 128)
 
@@ -444,8 +449,9 @@ def test_windowed_decoding_on_the_whole_grid_equals_full_decoding():
     pe = model.prompt_encoder.get_dense_pe()
     with torch.no_grad():
         for i, (y, x) in enumerate([(2, 4), (8, 0)]):
-            sparse, dense = model.prompt_encoder(points=(pts[0][i : i + 1], pts[1][i : i + 1]),
-                                                 boxes=boxes[i : i + 1], masks=None, dense_size=(8, 8))
+            sparse, dense = model.prompt_encoder(
+                points=(pts[0][i : i + 1], pts[1][i : i + 1]), boxes=boxes[i : i + 1], masks=None, dense_size=(8, 8)
+            )
             own = model.mask_decoder(emb[..., y : y + 8, x : x + 8], pe[..., y : y + 8, x : x + 8], sparse, dense)
             torch.testing.assert_close(part[0][i : i + 1], own[0], rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(part[1][i : i + 1], own[1], rtol=1e-4, atol=1e-4)
@@ -491,8 +497,18 @@ def test_augmentations_keep_labels_aligned():
     rng = np.random.default_rng(0)
     labels = _discs(spec=((30, 30, 10), (60, 90, 14), (100, 40, 12)))
     image = (100 + 1000 * (labels > 0)).astype(np.uint16)
-    aug = Augment(fit=128, max_upscale=4, scale_jitter=0.5, dim=1.0, illumination=0.5, blur=1.5,
-                  shot_noise=1.0, snr_min=6.0, gamma_jitter=0.2, noise=0.0)
+    aug = Augment(
+        fit=128,
+        max_upscale=4,
+        scale_jitter=0.5,
+        dim=1.0,
+        illumination=0.5,
+        blur=1.5,
+        shot_noise=1.0,
+        snr_min=6.0,
+        gamma_jitter=0.2,
+        noise=0.0,
+    )
     for _ in range(10):
         rgb, lab = augment_crop(Sample("s", image, labels), 128, aug, rng, pad=False)
         assert rgb.shape[:2] == lab.shape and rgb.dtype == np.uint8
@@ -521,8 +537,15 @@ def test_head_training_lowers_loss_and_resumes(tmp_path, data_dir, monkeypatch):
     from napari_tinysam.distill import instance
 
     cfg = instance.HeadConfig(
-        sources=[str(data_dir / "bbbc039" / "train")], out_dir=str(tmp_path / "run"), views=6,
-        steps=40, batch=4, lr=3e-3, warmup=5, val_every=40, head={"channels": [32, 16, 8]},
+        sources=[str(data_dir / "bbbc039" / "train")],
+        out_dir=str(tmp_path / "run"),
+        views=6,
+        steps=40,
+        batch=4,
+        lr=3e-3,
+        warmup=5,
+        val_every=40,
+        head={"channels": [32, 16, 8]},
     )
     losses = []
     real = instance.head_loss
@@ -552,8 +575,9 @@ def test_head_training_lowers_loss_and_resumes(tmp_path, data_dir, monkeypatch):
     assert store.done.all() and store.encoder_calls == 0
     # a new run can start from a trained head (here with a zero learning rate: it stays as it was)
     start = sam_from_checkpoint(path).instance_head.state_dict()
-    warm = instance.HeadConfig(**{**vars(cfg), "out_dir": str(tmp_path / "warm"), "steps": 2, "lr": 0.0,
-                                  "init": str(path), "val": []})
+    warm = instance.HeadConfig(
+        **{**vars(cfg), "out_dir": str(tmp_path / "warm"), "steps": 2, "lr": 0.0, "init": str(path), "val": []}
+    )
     again = sam_from_checkpoint(instance.train_head(warm)).instance_head.state_dict()
     assert all(torch.equal(start[k], again[k]) for k in start)
     with pytest.raises(ValueError, match="differs"):

@@ -144,7 +144,9 @@ def test_bad_checkpoints(tmp_path, conformance_dir):
     sd["extra.weight"] = torch.zeros(1)
     broken = tmp_path / "broken.pt"
     torch.save(sd, broken)
-    with pytest.raises(CheckpointError, match=r"missing keys: mask_decoder\.iou_token\.weight.*unexpected keys: extra\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"missing keys: mask_decoder\.iou_token\.weight.*unexpected keys: extra\.weight"
+    ):
         sam_from_checkpoint(broken)
     # not a SAM at all
     other = tmp_path / "other.pt"
@@ -230,8 +232,10 @@ def test_dense_positional_encoding_is_cached_until_the_weights_change(tiny_model
         torch.testing.assert_close(pe_enc.get_dense_pe(), first)
 
 
-@pytest.mark.parametrize("input_size, original", [((192, 256), (520, 696)), ((256, 171), (3000, 2000)),
-                                                  ((256, 256), (64, 64)), ((100, 256), (37, 95))])
+@pytest.mark.parametrize(
+    "input_size, original",
+    [((192, 256), (520, 696)), ((256, 171), (3000, 2000)), ((256, 256), (64, 64)), ((100, 256), (37, 95))],
+)
 def test_mask_upscaling_equals_the_references_two_resizes(tiny_model, input_size, original):
     """Masks reach the image through SAM's two bilinear resizes (to the padded input,
     crop, to the original size); the composed matrices give the same logits."""

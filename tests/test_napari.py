@@ -221,8 +221,10 @@ def test_a_refined_3d_object_that_loses_slices_says_which():
         return UndoRecord((z,), (0, 0), np.full((1, 1), 7, np.int32), 7, np.zeros((1, 1), np.int32))
 
     line = _committed("cells", [record(z) for z in (0, 1, 5, 9, 10)], 7, [0, 1, 9, 10])
-    assert line == ("label 7 of 'cells' replaced; removed from 4 slices (0-1, 9-10), which the propagated "
-                    f"object does not reach; {KEYS['undo']} undoes it")
+    assert line == (
+        "label 7 of 'cells' replaced; removed from 4 slices (0-1, 9-10), which the propagated "
+        f"object does not reach; {KEYS['undo']} undoes it"
+    )
     assert "removed from slice 3, which" in _committed("cells", [record(3), record(4)], 7, [3])
     assert _committed("cells", [record(5)], 7, []) == f"label 7 of 'cells' replaced; {KEYS['undo']} undoes it"
 
@@ -370,8 +372,12 @@ def test_annotator_segments_a_multiscale_image_at_full_resolution(make_napari_vi
     assert w.preview_layer.data.shape == image.shape and _iou(w.preview_layer.data > 0, truth == a) > 0.5
     w.commit()
     assert _iou(viewer.layers["TinySAM labels"].data == 1, truth == a) > 0.5
-    huge = Image([da.zeros((12000, 12000), np.uint8), np.zeros((1500, 1500), np.uint8)], multiscale=True,
-                 contrast_limits=(0, 1), name="slide")
+    huge = Image(
+        [da.zeros((12000, 12000), np.uint8), np.zeros((1500, 1500), np.uint8)],
+        multiscale=True,
+        contrast_limits=(0, 1),
+        name="slide",
+    )
     with pytest.raises(ValueError, match="12000 x 12000 pixels, too large.*crop"):
         image_data(huge)
     _wait(qtbot, w)
@@ -514,8 +520,9 @@ def test_annotator_reuses_matching_embedding_store(make_napari_viewer, qtbot, tm
     assert w.open_store(str(tmp_path / "e.zarr"))
     embedded = []
     compute = annotator_module.compute_embedding
-    monkeypatch.setattr(annotator_module, "compute_embedding",
-                        lambda model, rgb: embedded.append(rgb.shape[:2]) or compute(model, rgb))
+    monkeypatch.setattr(
+        annotator_module, "compute_embedding", lambda model, rgb: embedded.append(rgb.shape[:2]) or compute(model, rgb)
+    )
     w.points_layer.add([2, 30, 30])
     # served from the store at once, and the prefetched neighbours too: no slice is
     # embedded (only, for an unconfident object, the slice seen smaller)
@@ -572,7 +579,9 @@ def test_annotator_propagates_commits_and_undoes_a_3d_object(make_napari_viewer,
     w.propagate()
     _wait(qtbot, w)
     assert sorted(w.preview_volumes[0]) == list(range(2, 9))  # the instance head's object
-    assert (w.preview_layer.data > 0).reshape(len(stack), -1).any(1).tolist() == [2 <= z <= 8 for z in range(len(stack))]
+    assert (w.preview_layer.data > 0).reshape(len(stack), -1).any(1).tolist() == [
+        2 <= z <= 8 for z in range(len(stack))
+    ]
     assert "slices 2-8" in w.status.value and "least confident" in w.status.value
     # what is painted is the preview as it is: a refresh now changes nothing on screen
     shown = viewer.screenshot(canvas_only=True, flash=False)

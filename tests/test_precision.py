@@ -69,7 +69,10 @@ def test_precision_change_invalidates_cached_embeddings():
 
 def test_bf16_agrees_with_fp32_on_clicks():
     image, truth = samples.nuclei_2d(), samples.nuclei_2d_labels()
-    f32, b16 = SamPredictor(load_model("default", precision="fp32")), SamPredictor(load_model("default", precision="bf16"))
+    f32, b16 = (
+        SamPredictor(load_model("default", precision="fp32")),
+        SamPredictor(load_model("default", precision="bf16")),
+    )
     for p in (f32, b16):
         p.set_image(image)
     from napari_tinysam.evaluation import innermost_point

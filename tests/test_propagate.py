@@ -34,8 +34,9 @@ def _iou(a, b):
 def test_one_click_recovers_the_object_and_stops_at_its_ends(predictor):
     stack, truth = disc_stack()
     seen = []
-    res = segment_object_in_volume(predictor, stack, 5, [[50, 48]], [1], progress=lambda z, m, s: seen.append(z),
-                                   method="decoder")
+    res = segment_object_in_volume(
+        predictor, stack, 5, [[50, 48]], [1], progress=lambda z, m, s: seen.append(z), method="decoder"
+    )
     assert res.method == "decoder" and res.shape == stack.shape and res.dtype == bool
     assert res.z_range == (2, 8)
     assert _iou(np.asarray(res), truth) > 0.8
@@ -52,8 +53,13 @@ def test_one_click_recovers_the_object_and_stops_at_its_ends(predictor):
 def test_the_head_grows_the_clicked_object_in_3d_from_the_slices_around_it(predictor):
     stack, truth = disc_stack()
     # 20 empty slices above and below: only the slices around the object are embedded
-    pad = np.full((20, *stack.shape[1:]), 100, np.uint16) + np.random.default_rng(1).normal(0, 20, (20, *stack.shape[1:])).astype(np.uint16)
-    tall, tall_truth = np.concatenate([pad, stack, pad]), np.concatenate([np.zeros_like(pad, bool), truth, np.zeros_like(pad, bool)])
+    pad = np.full((20, *stack.shape[1:]), 100, np.uint16) + np.random.default_rng(1).normal(
+        0, 20, (20, *stack.shape[1:])
+    ).astype(np.uint16)
+    tall, tall_truth = (
+        np.concatenate([pad, stack, pad]),
+        np.concatenate([np.zeros_like(pad, bool), truth, np.zeros_like(pad, bool)]),
+    )
     seen = []
     res = segment_object_in_volume(predictor, tall, 25, [[50, 48]], [1], progress=lambda z, m, s: seen.append(z))
     assert res.method == "head"  # the default for a model with a head and clicks only
@@ -137,8 +143,9 @@ def test_the_method_follows_the_prompts():
 
 def test_fills_between_two_prompted_slices(predictor):
     stack, truth = disc_stack()
-    res = segment_object_in_volume(predictor, stack, [3, 7], [[[50, 48]], [[50, 48]]], [[1], [1]], z_range=(3, 7),
-                                   method="decoder")
+    res = segment_object_in_volume(
+        predictor, stack, [3, 7], [[[50, 48]], [[50, 48]]], [[1], [1]], z_range=(3, 7), method="decoder"
+    )
     assert res.z_range == (3, 7)
     for z in range(3, 8):
         assert _iou(res[z], truth[z]) > 0.7, z

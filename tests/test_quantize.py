@@ -113,7 +113,16 @@ def test_grid_search_finds_the_grid_minimum():
     found = float((layer(x) - y).square().sum())
     wmax, amax = lin.weight.abs().max(), x.abs().max()
     best = min(
-        float((torch.nn.functional.linear(fake_quant(x, a * amax / 128), fake_quant(lin.weight, w * wmax / 128), lin.bias) - y).square().sum())
+        float(
+            (
+                torch.nn.functional.linear(
+                    fake_quant(x, a * amax / 128), fake_quant(lin.weight, w * wmax / 128), lin.bias
+                )
+                - y
+            )
+            .square()
+            .sum()
+        )
         for w, a in itertools.product(alphas, alphas)
     )
     assert found <= best * 1.0001
@@ -163,7 +172,11 @@ def test_quantized_fixture_stays_close_to_float(quantized_fixture, vit_t_model, 
         h, w = img.shape[:2]
         mf, _, lf = pf.predict(point_coords=[[w / 3, h / 2]], point_labels=[1])
         mq, _, lq = pq.predict(point_coords=[[w / 3, h / 2]], point_labels=[1])
-        sign = float(((lf > 0) == (lq > 0)).float().mean()) if torch.is_tensor(lf) else float(((lf > 0) == (lq > 0)).mean())
+        sign = (
+            float(((lf > 0) == (lq > 0)).float().mean())
+            if torch.is_tensor(lf)
+            else float(((lf > 0) == (lq > 0)).mean())
+        )
         assert sign > 0.95, f"image {i}: low-res mask pixels agreeing {sign:.3f}"
         assert "one_point/masks_multimask" in data  # the case file is the one we think
 
@@ -236,8 +249,11 @@ def test_int8_kernels_match_simulation(tiny_model, blobs_image):
 
         return hook
 
-    hooks = [m.register_forward_hook(keep_first_input(n))
-             for n, m in q.named_modules() if n in k.quantization["int8_kernels"]]
+    hooks = [
+        m.register_forward_hook(keep_first_input(n))
+        for n, m in q.named_modules()
+        if n in k.quantization["int8_kernels"]
+    ]
     with torch.no_grad():
         q.embed(torch.rand(1, 3, 256, 256) * 255)
         pred = SamPredictor(q)
@@ -299,8 +315,9 @@ def test_calibration_samples_do_not_keep_whole_feature_maps(tiny_model):
     finally:
         rec.remove()
     conv_names = {name for name, m in quant_layers(q) if isinstance(m, QConv)}
-    held = [t for name in conv_names for cap in [rec.captures[name]]
-            for t in [*itertools.chain(*cap.inputs), *cap.outputs]]
+    held = [
+        t for name in conv_names for cap in [rec.captures[name]] for t in [*itertools.chain(*cap.inputs), *cap.outputs]
+    ]
     assert held
     for t in held:
         assert t.untyped_storage().nbytes() <= t.numel() * t.element_size()

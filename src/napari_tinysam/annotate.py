@@ -226,7 +226,9 @@ def zoom_window(
     max_scale = predictor.model.max_upscale or math.inf
     if prompts.box is not None:
         x0, y0, x1, y1 = (float(v) for v in prompts.box)
-        window = zoom.window(shape, (x0, y0, x1, y1), (x1 - x0 + 1) * (y1 - y0 + 1) * math.pi / 4, input_scale, max_scale)
+        window = zoom.window(
+            shape, (x0, y0, x1, y1), (x1 - x0 + 1) * (y1 - y0 + 1) * math.pi / 4, input_scale, max_scale
+        )
     else:
         assert first_mask is not None, "a click's window is sized by its first mask"
         rows, cols = np.flatnonzero(first_mask.any(1)), np.flatnonzero(first_mask.any(0))

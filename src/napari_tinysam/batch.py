@@ -51,14 +51,13 @@ def output_paths(inputs: list[Path], output: str) -> list[Path]:
         raise ValueError(f"{len(inputs)} inputs need an output folder, not the file {out}")
     if not out.is_dir():
         if len(inputs) == 1 and out.suffix:
-            raise ValueError(
-                f"cannot write labels to {out}: name a {', '.join(WRITABLE)} file, or a folder"
-            )
+            raise ValueError(f"cannot write labels to {out}: name a {', '.join(WRITABLE)} file, or a folder")
         if out.exists():
             raise ValueError(f"cannot write labels into {out}: it is a file, not a folder")
         if not out.parent.is_dir():
-            raise FileNotFoundError(f"output folder {out} does not exist and cannot be made (is {out.parent} "
-                                    "an existing folder?)")
+            raise FileNotFoundError(
+                f"output folder {out} does not exist and cannot be made (is {out.parent} an existing folder?)"
+            )
     return [out / f"{p.stem}_labels.tif" for p in inputs]
 
 
@@ -160,8 +159,9 @@ def segment_file(
     t0 = time.perf_counter()
     rgb = data.ndim >= 3 and data.shape[-1] in (3, 4)
     if data.ndim == 2 or (data.ndim == 3 and rgb):
-        labels = segment_everything(model, data, progress=progress,
-                                    **{k: v for k, v in kwargs.items() if k not in ("stitch", "scale")})
+        labels = segment_everything(
+            model, data, progress=progress, **{k: v for k, v in kwargs.items() if k not in ("stitch", "scale")}
+        )
         slices = 1
     else:
         check_volume(data)

@@ -77,10 +77,16 @@ def core_benchmark(
     finally:
         TwoWayAttention.reassociate = True
     t_click, _ = median_time(lambda: pred.predict(pt, lab), repeats * 4)
-    rows.append({"measure": f"click {h}x{w}, textbook decoder attention (baseline, same run)",
-                 "median_ms": f"{t_ref * 1e3:.1f}", "ratio": "1.00x"})
-    rows.append({"measure": f"click {h}x{w}, ours", "median_ms": f"{t_click * 1e3:.1f}",
-                 "ratio": f"{t_ref / t_click:.2f}x"})
+    rows.append(
+        {
+            "measure": f"click {h}x{w}, textbook decoder attention (baseline, same run)",
+            "median_ms": f"{t_ref * 1e3:.1f}",
+            "ratio": "1.00x",
+        }
+    )
+    rows.append(
+        {"measure": f"click {h}x{w}, ours", "median_ms": f"{t_click * 1e3:.1f}", "ratio": f"{t_ref / t_click:.2f}x"}
+    )
     if default_model is not None:
         pred_d = SamPredictor(default_model)
         t_emb, _ = median_time(lambda: compute_embedding(default_model, rgb), repeats)

@@ -26,11 +26,18 @@ LOSS_TERMS = {
 def _add_precision(parser: argparse.ArgumentParser) -> None:
     from .precision import PRECISIONS
 
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="auto: bfloat16 where the CPU/GPU runs it natively, else float32")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile the image encoder with torch.compile: the first image takes "
-                             "tens of seconds longer, every later one less (for folders and stacks)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: bfloat16 where the CPU/GPU runs it natively, else float32",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the image encoder with torch.compile: the first image takes "
+        "tens of seconds longer, every later one less (for folders and stacks)",
+    )
 
 
 def _threads(n: int | None) -> None:
@@ -48,8 +55,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _threads(args.threads)
     torch.set_grad_enabled(False)
-    run_demo(args.model, Path(args.output), image=samples.nuclei_2d(), labels=samples.nuclei_2d_labels(),
-             precision=args.precision)
+    run_demo(
+        args.model,
+        Path(args.output),
+        image=samples.nuclei_2d(),
+        labels=samples.nuclei_2d_labels(),
+        precision=args.precision,
+    )
     return 0
 
 
@@ -62,13 +74,15 @@ def cmd_models(args: argparse.Namespace) -> int:
         rows = []
         for name, info in REGISTRY.items():
             path = model_path(name)
-            rows.append({
-                "name": name,
-                "description": info.description,
-                "local": "yes" if path.is_file() else "no",
-                "hash": info.hash or "-",
-                "source": "bundled" if info.bundled else info.url,
-            })
+            rows.append(
+                {
+                    "name": name,
+                    "description": info.description,
+                    "local": "yes" if path.is_file() else "no",
+                    "hash": info.hash or "-",
+                    "source": "bundled" if info.bundled else info.url,
+                }
+            )
         print_table(rows, ["name", "local", "description", "hash", "source"])
         return 0
     if args.action == "download":
@@ -105,8 +119,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except Exception as exc:  # the core numbers do not need the default model
         print(f"(skipping default-model rows: {exc})")
     if default is not None:
-        print(f"default model: {default.arithmetic} (--precision {args.precision})"
-              f"{', compiled encoder' if default.compiled else ''}")
+        print(
+            f"default model: {default.arithmetic} (--precision {args.precision})"
+            f"{', compiled encoder' if default.compiled else ''}"
+        )
     rows = core_benchmark(samples.nuclei_2d(), model_1024, default, repeats=args.repeats)
     print()
     print_table(rows, ["measure", "median_ms", "ratio"])
@@ -168,7 +184,7 @@ THRESHOLD_OPTIONS = {
     "boundary_thresh": "head boundary-distance seed threshold (auto)",
     "min_contrast": "drop objects fainter than this fraction of the median object's contrast (auto, 2D)",
     "blob_contrast": "add small objects the head misses, this fraction of the median object's contrast above "
-                     "the background (auto, 2D; 0: off)",
+    "the background (auto, 2D; 0: off)",
 }
 
 
@@ -177,9 +193,20 @@ def cmd_train_head(args: argparse.Namespace) -> int:
 
     _threads(args.threads)
     cfg = HeadConfig(
-        sources=args.data, out_dir=args.out, model=args.model, val=args.val or [], views=args.views,
-        z_step=args.z_step, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-        val_every=args.val_every, val_limit=args.val_limit, minutes=args.minutes, init=args.init,
+        sources=args.data,
+        out_dir=args.out,
+        model=args.model,
+        val=args.val or [],
+        views=args.views,
+        z_step=args.z_step,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        val_every=args.val_every,
+        val_limit=args.val_limit,
+        minutes=args.minutes,
+        init=args.init,
         precision=args.precision,
     )
     path = train_head(cfg)
@@ -199,8 +226,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it (nothing was written)")
     distributed = bool(args.workers or args.scheduler)
     if args.block_depth is not None and not distributed:
-        raise ValueError("--block-depth applies to runs on Dask (--workers / --scheduler); a run in one process "
-                         "reads the whole stack")
+        raise ValueError(
+            "--block-depth applies to runs on Dask (--workers / --scheduler); a run in one process "
+            "reads the whole stack"
+        )
     if args.halo and not args.tile_shape:
         raise ValueError("--halo needs --tile-shape")
     if distributed:
@@ -234,17 +263,30 @@ def _segment_local(args: argparse.Namespace, inputs, outputs) -> int:
     for path, out in zip(inputs, outputs):
         bar = tqdm(total=0, desc=path.name, unit="slice")
         try:
-            res = segment_file(model, path, out, overwrite=args.overwrite,
-                               index=tuple(args.index) if args.index else None,
-                               progress=partial(_show_progress, bar), **params)
+            res = segment_file(
+                model,
+                path,
+                out,
+                overwrite=args.overwrite,
+                index=tuple(args.index) if args.index else None,
+                progress=partial(_show_progress, bar),
+                **params,
+            )
         except UnreadableInput as exc:
             skipped.append(_skip(exc))
             continue
         finally:
             bar.close()
-        rows.append({"input": str(path), "output": str(out), "shape": "x".join(map(str, res.shape)),
-                     "voxel (z, y, x)": _voxel(res.voxel_size), "objects": res.objects,
-                     "s/slice": f"{res.seconds / res.slices:.2f}"})
+        rows.append(
+            {
+                "input": str(path),
+                "output": str(out),
+                "shape": "x".join(map(str, res.shape)),
+                "voxel (z, y, x)": _voxel(res.voxel_size),
+                "objects": res.objects,
+                "s/slice": f"{res.seconds / res.slices:.2f}",
+            }
+        )
     return _report(rows, skipped, len(inputs))
 
 
@@ -307,20 +349,35 @@ def _segment_distributed(args: argparse.Namespace, inputs, outputs) -> int:
             bar = tqdm(total=data.shape[0], desc=path.name, unit="task")
             t0 = time.perf_counter()
             labels = segment_volume_distributed(
-                args.model, data, out, client, mode=args.mode, stitch=not args.no_stitch,
+                args.model,
+                data,
+                out,
+                client,
+                mode=args.mode,
+                stitch=not args.no_stitch,
                 contrast_limits=tuple(args.contrast_limits) if args.contrast_limits else None,
-                progress=partial(_show_progress, bar), overwrite=args.overwrite, precision=args.precision,
+                progress=partial(_show_progress, bar),
+                overwrite=args.overwrite,
+                precision=args.precision,
                 scale=scale,
                 **({"block_depth": args.block_depth} if args.block_depth else {}),
-                points_per_side=args.points_per_side, min_mask_region_area=args.min_area,
+                points_per_side=args.points_per_side,
+                min_mask_region_area=args.min_area,
                 **_thresholds(args),
             )
             bar.close()
             seconds = time.perf_counter() - t0
             objects = len(np.unique(np.concatenate([np.unique(labels[i]) for i in range(labels.shape[0])]))) - 1
-            rows.append({"input": str(path), "output": str(out), "shape": "x".join(map(str, labels.shape)),
-                         "voxel (z, y, x)": _voxel(scale), "objects": objects,
-                         "s/slice": f"{seconds / labels.shape[0]:.2f}"})
+            rows.append(
+                {
+                    "input": str(path),
+                    "output": str(out),
+                    "shape": "x".join(map(str, labels.shape)),
+                    "voxel (z, y, x)": _voxel(scale),
+                    "objects": objects,
+                    "s/slice": f"{seconds / labels.shape[0]:.2f}",
+                }
+            )
     finally:
         client.close()
     return _report(rows, skipped, len(inputs))
@@ -372,16 +429,30 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         bar.update(1)
 
     t0 = time.perf_counter()
-    q = quantize_model(model, [s.image for s in samples], [s.labels for s in samples],
-                       distance=args.distance, twin=args.twin, prompts_per_image=args.prompts,
-                       seed=args.seed, progress=progress)
+    q = quantize_model(
+        model,
+        [s.image for s in samples],
+        [s.labels for s in samples],
+        distance=args.distance,
+        twin=args.twin,
+        prompts_per_image=args.prompts,
+        seed=args.seed,
+        progress=progress,
+    )
     bar.close()
-    meta = {"quantized_from": str(args.model), "calibration": [s.name for s in samples],
-            "distance": args.distance, "twin": args.twin, "date": time.strftime("%Y-%m-%d")}
+    meta = {
+        "quantized_from": str(args.model),
+        "calibration": [s.name for s in samples],
+        "distance": args.distance,
+        "twin": args.twin,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     save_quantized(q, out, meta=meta)
-    print(f"{out}: W8A8 ({args.distance} distance, twin-uniform: {args.twin}), "
-          f"{len(samples)} calibration images, {time.perf_counter() - t0:.0f} s, "
-          f"{out.stat().st_size / 2**20:.1f} MB")
+    print(
+        f"{out}: W8A8 ({args.distance} distance, twin-uniform: {args.twin}), "
+        f"{len(samples)} calibration images, {time.perf_counter() - t0:.0f} s, "
+        f"{out.stat().st_size / 2**20:.1f} MB"
+    )
     return 0
 
 
@@ -403,8 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="embedding and click latency table")
     b.add_argument("--model", default="default")
-    b.add_argument("--weights-1024", default=None,
-                   help="vit_t checkpoint for the 1024 rows (default: random vit_t weights; speed does not depend on values)")
+    b.add_argument(
+        "--weights-1024",
+        default=None,
+        help="vit_t checkpoint for the 1024 rows (default: random vit_t weights; speed does not depend on values)",
+    )
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--threads", type=int, default=2)
     _add_precision(b)
@@ -412,38 +486,74 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("segment", help="everything mode on files (TIFF, Zarr, NumPy; 2D, 3D, RGB)")
     g.add_argument("inputs", nargs="+", help="files, folders or glob patterns")
-    g.add_argument("-o", "--output", required=True,
-                   help="output file (.tif/.zarr/.npy) for one input, else a folder (made if new)")
+    g.add_argument(
+        "-o", "--output", required=True, help="output file (.tif/.zarr/.npy) for one input, else a folder (made if new)"
+    )
     g.add_argument("--model", default="default", help="registry name or checkpoint path")
-    g.add_argument("--mode", choices=["auto", "hierarchical", "grid"], default=None,
-                   help="default: auto for models with an instance head (the bundled default), else hierarchical")
-    g.add_argument("--head-only", action="store_true",
-                   help="auto mode: instances of the head alone, without the prompt decoder (faster)")
-    g.add_argument("--points-per-side", type=int, default=32,
-                   help="hierarchical / grid modes: points per side of the prompt grid (default 32)")
+    g.add_argument(
+        "--mode",
+        choices=["auto", "hierarchical", "grid"],
+        default=None,
+        help="default: auto for models with an instance head (the bundled default), else hierarchical",
+    )
+    g.add_argument(
+        "--head-only",
+        action="store_true",
+        help="auto mode: instances of the head alone, without the prompt decoder (faster)",
+    )
+    g.add_argument(
+        "--points-per-side",
+        type=int,
+        default=32,
+        help="hierarchical / grid modes: points per side of the prompt grid (default 32)",
+    )
     for key, what in THRESHOLD_OPTIONS.items():
-        g.add_argument("--" + key.replace("_", "-"), type=float, default=None,
-                       help=f"{what} (default: the model's tuned value for the mode)")
+        g.add_argument(
+            "--" + key.replace("_", "-"),
+            type=float,
+            default=None,
+            help=f"{what} (default: the model's tuned value for the mode)",
+        )
     g.add_argument("--min-area", type=int, default=0, help="remove islands/holes below this area")
-    g.add_argument("--contrast-limits", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                   help="intensity range mapped to 0..255 (default: 0.5 / 99.5 percentiles)")
-    g.add_argument("--tile-shape", type=int, nargs=2, metavar=("H", "W"),
-                   help="2D: segment in tiles of this size (default in auto mode: tiles only when the "
-                        "objects are too small at the whole-image scale, sized from them)")
+    g.add_argument(
+        "--contrast-limits",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="intensity range mapped to 0..255 (default: 0.5 / 99.5 percentiles)",
+    )
+    g.add_argument(
+        "--tile-shape",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="2D: segment in tiles of this size (default in auto mode: tiles only when the "
+        "objects are too small at the whole-image scale, sized from them)",
+    )
     g.add_argument("--halo", type=int, nargs=2, metavar=("H", "W"), help="overlap added around each tile")
     g.add_argument("--index", type=int, nargs="+", help="leading indices for 4D+ data (e.g. a time point)")
     g.add_argument("--no-stitch", action="store_true", help="do not link objects across slices")
-    g.add_argument("--scale", type=float, nargs=3, metavar=("Z", "Y", "X"),
-                   help="3D stacks: voxel size in any one unit (e.g. 0.5 0.1 0.1 um; default: the one "
-                        "an ImageJ / OME-TIFF or OME-Zarr file records); the smoothing across slices "
-                        "is converted to this stack's z spacing")
+    g.add_argument(
+        "--scale",
+        type=float,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        help="3D stacks: voxel size in any one unit (e.g. 0.5 0.1 0.1 um; default: the one "
+        "an ImageJ / OME-TIFF or OME-Zarr file records); the smoothing across slices "
+        "is converted to this stack's z spacing",
+    )
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     g.add_argument("--workers", type=int, default=None, help="run on a local Dask cluster with N worker processes")
     g.add_argument("--scheduler", default=None, help="run on the Dask cluster at this address (tcp://host:port)")
-    g.add_argument("--block-depth", type=int, default=None, metavar="N",
-                   help="on Dask, 3D stacks are segmented in blocks of N slices (default 32), each read with "
-                        "16 more on either side: lower it if a worker runs out of memory (a block needs about "
-                        "60 bytes per voxel it reads)")
+    g.add_argument(
+        "--block-depth",
+        type=int,
+        default=None,
+        metavar="N",
+        help="on Dask, 3D stacks are segmented in blocks of N slices (default 32), each read with "
+        "16 more on either side: lower it if a worker runs out of memory (a block needs about "
+        "60 bytes per voxel it reads)",
+    )
     g.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     _add_precision(g)
     g.set_defaults(func=cmd_segment)
@@ -452,8 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("input", help="a 2D/3D TIFF, Zarr or .npy")
     e.add_argument("-o", "--output", required=True, help="store path, e.g. stack_embeddings.zarr")
     e.add_argument("--model", default="default")
-    e.add_argument("--contrast-limits", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                   help="default: the stack's 0.5 / 99.5 percentiles")
+    e.add_argument(
+        "--contrast-limits",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="default: the stack's 0.5 / 99.5 percentiles",
+    )
     e.add_argument("--index", type=int, nargs="+", help="leading indices for 4D+ data")
     e.add_argument("--threads", type=int, default=2)
     _add_precision(e)
@@ -465,22 +580,43 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val", default=None, help="folder of validation images with labels")
     t.add_argument("--teacher", default="none", help="teacher model name/path, or 'none' (ground truth only)")
     t.add_argument("--student", default="vit_t", help="architecture name or checkpoint to start from")
-    t.add_argument("--img-size", type=int, default=None, help="student input size (default: the teacher's, else the student checkpoint's, else 512)")
+    t.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="student input size (default: the teacher's, else the student checkpoint's, else 512)",
+    )
     t.add_argument("--teacher-views", type=int, default=2000, help="fixed views with stored teacher embeddings")
-    t.add_argument("--teacher-store", default=None, help="folder of the teacher embedding store (default: OUT/teacher_store)")
+    t.add_argument(
+        "--teacher-store", default=None, help="folder of the teacher embedding store (default: OUT/teacher_store)"
+    )
     t.add_argument("--crop", type=int, default=256)
     t.add_argument("--scale", type=float, default=1.0, help="resize factor applied to training images")
     t.add_argument("--batch", type=int, default=4, help="crops per step")
     t.add_argument("--objects", type=int, default=12, help="objects per crop")
     t.add_argument("--max-rounds", type=int, default=9, help="hard-prompt rounds drawn from 0..N")
-    t.add_argument("--center-clicks", type=float, default=0.0, metavar="FRACTION",
-                   help="share of hard-prompt points placed at the innermost point of the largest error "
-                        "region (the quality benchmark's corrective click) instead of uniformly in it")
-    t.add_argument("--small-boost", type=float, default=1.0, metavar="FACTOR",
-                   help="draw objects smaller than --small-area this many times as often (when a crop "
-                        "holds more than --objects)")
-    t.add_argument("--small-area", type=int, default=180, metavar="PIXELS",
-                   help="area under which an object counts as small, in crop pixels at the model's scale")
+    t.add_argument(
+        "--center-clicks",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="share of hard-prompt points placed at the innermost point of the largest error "
+        "region (the quality benchmark's corrective click) instead of uniformly in it",
+    )
+    t.add_argument(
+        "--small-boost",
+        type=float,
+        default=1.0,
+        metavar="FACTOR",
+        help="draw objects smaller than --small-area this many times as often (when a crop holds more than --objects)",
+    )
+    t.add_argument(
+        "--small-area",
+        type=int,
+        default=180,
+        metavar="PIXELS",
+        help="area under which an object counts as small, in crop pixels at the model's scale",
+    )
     t.add_argument("--no-hard-prompts", action="store_true")
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--lr", type=float, default=4e-4)
@@ -493,24 +629,46 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-minutes", type=float, default=3.0)
     t.add_argument("--device", default="cpu", help="torch device to train on (e.g. cuda)")
     t.add_argument("--amp", action="store_true", help="bfloat16 autocast for the forward passes")
-    t.add_argument("--workers", type=int, default=0, help="processes that make augmented crops ahead of each step (ground-truth training; distillation reads its stored views)")
-    t.add_argument("--minutes", type=float, default=None,
-                   help="time budget of a fresh run: --steps is replaced by the count that fits, measured after 25 steps")
+    t.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes that make augmented crops ahead of each step (ground-truth training; distillation reads its stored views)",
+    )
+    t.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="time budget of a fresh run: --steps is replaced by the count that fits, measured after 25 steps",
+    )
     for term, what in LOSS_TERMS.items():
         t.add_argument(f"--w-{term}", type=float, default=None, help=f"weight of the {what} (default: TrainConfig's)")
     t.set_defaults(func=cmd_distill)
 
     h = sub.add_parser("train-head", help="train the instance head (auto everything mode) on labelled images")
-    h.add_argument("--data", action="append", required=True, metavar="PATH[:WEIGHT]",
-                   help="a folder with images/ and labels/, or a 3D stack NAME_raw.tif with NAME_labels.tif "
-                        "beside it (sliced along every axis), with its share of the draws; repeatable")
-    h.add_argument("--val", action="append", metavar="PATH",
-                   help="held-out folder or stack, reported separately; the best mean F1 is kept; repeatable")
+    h.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="PATH[:WEIGHT]",
+        help="a folder with images/ and labels/, or a 3D stack NAME_raw.tif with NAME_labels.tif "
+        "beside it (sliced along every axis), with its share of the draws; repeatable",
+    )
+    h.add_argument(
+        "--val",
+        action="append",
+        metavar="PATH",
+        help="held-out folder or stack, reported separately; the best mean F1 is kept; repeatable",
+    )
     h.add_argument("-o", "--out", required=True, help="run folder (views, checkpoints; resumes if present)")
     h.add_argument("--model", default="default", help="the (float) model whose frozen encoder feeds the head")
     h.add_argument("--views", type=int, default=2400, help="augmented views embedded once and stored")
-    h.add_argument("--z-step", type=float, default=1.0,
-                   help="z spacing over xy spacing of 3D stacks (their side views are stretched by it)")
+    h.add_argument(
+        "--z-step",
+        type=float,
+        default=1.0,
+        help="z spacing over xy spacing of 3D stacks (their side views are stretched by it)",
+    )
     h.add_argument("--steps", type=int, default=6000)
     h.add_argument("--batch", type=int, default=8)
     h.add_argument("--lr", type=float, default=2e-3)
@@ -518,11 +676,19 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--val-every", type=int, default=500)
     h.add_argument("--val-limit", type=int, default=30, help="images (or slices) per validation source")
     h.add_argument("--minutes", type=float, default=None, help="time budget: fewer steps when they would not fit")
-    h.add_argument("--init", default=None, metavar="MODEL",
-                   help="start from the instance head of this model (registry name or checkpoint) instead of at random")
-    h.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="the head's arithmetic while training (weights stay float32); auto: bfloat16 where the CPU "
-                        "runs it natively")
+    h.add_argument(
+        "--init",
+        default=None,
+        metavar="MODEL",
+        help="start from the instance head of this model (registry name or checkpoint) instead of at random",
+    )
+    h.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="the head's arithmetic while training (weights stay float32); auto: bfloat16 where the CPU "
+        "runs it natively",
+    )
     h.add_argument("--threads", type=int, default=2)
     h.set_defaults(func=cmd_train_head)
 
@@ -533,14 +699,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--labels", default=None, help="folder of instance labels for prompt sampling")
     q.add_argument("--images-count", type=int, default=8, help="calibration images to use (default 8)")
     q.add_argument("--prompts", type=int, default=16, help="prompts per calibration image")
-    q.add_argument("--distance", choices=["l2", "hessian"], default="l2",
-                   help="scale-search distance: plain squared error of each layer's output (default; "
-                        "the better of the two on our nuclei, see README) or Hessian-guided")
-    q.add_argument("--twin", choices=["auto", "all", "none"], default="auto",
-                   help="twin-uniform post-softmax/post-GELU quantizers: 'auto' (default) on the "
-                        "inputs of matrix products and transposed convolutions, which run simulated "
-                        "anyway; 'all' (the paper's scheme: linear layers and convolutions after a "
-                        "GELU then run simulated, not in int8 kernels); or 'none'")
+    q.add_argument(
+        "--distance",
+        choices=["l2", "hessian"],
+        default="l2",
+        help="scale-search distance: plain squared error of each layer's output (default; "
+        "the better of the two on our nuclei, see README) or Hessian-guided",
+    )
+    q.add_argument(
+        "--twin",
+        choices=["auto", "all", "none"],
+        default="auto",
+        help="twin-uniform post-softmax/post-GELU quantizers: 'auto' (default) on the "
+        "inputs of matrix products and transposed convolutions, which run simulated "
+        "anyway; 'all' (the paper's scheme: linear layers and convolutions after a "
+        "GELU then run simulated, not in int8 kernels); or 'none'",
+    )
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--threads", type=int, default=2)
@@ -563,8 +737,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, ValueError, KeyError,
-            ConnectionError) as exc:
+    except (
+        CheckpointError,
+        FileNotFoundError,
+        FileExistsError,
+        PermissionError,
+        ValueError,
+        KeyError,
+        ConnectionError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -32,11 +32,18 @@ def run_demo(model_name: str, out_dir: Path, image: np.ndarray, labels: np.ndarr
     timings = []
     t0 = time.perf_counter()
     model = load_model(model_name, precision=precision)
-    timings.append({"step": f"load model {model_name!r} (img_size {model.img_size}, {model.precision})", "ms": f"{(time.perf_counter() - t0) * 1e3:.0f}"})
+    timings.append(
+        {
+            "step": f"load model {model_name!r} (img_size {model.img_size}, {model.precision})",
+            "ms": f"{(time.perf_counter() - t0) * 1e3:.0f}",
+        }
+    )
     pred = SamPredictor(model)
     t0 = time.perf_counter()
     pred.set_image(image)
-    timings.append({"step": f"embed {image.shape[0]}x{image.shape[1]} image", "ms": f"{(time.perf_counter() - t0) * 1e3:.0f}"})
+    timings.append(
+        {"step": f"embed {image.shape[0]}x{image.shape[1]} image", "ms": f"{(time.perf_counter() - t0) * 1e3:.0f}"}
+    )
     # click at the innermost point of the largest nucleus of the sample
     ids, counts = np.unique(labels[labels > 0], return_counts=True)
     target = labels == ids[np.argmax(counts)]
@@ -54,7 +61,9 @@ def run_demo(model_name: str, out_dir: Path, image: np.ndarray, labels: np.ndarr
     t0 = time.perf_counter()
     lab = segment_everything(pred, image)  # the model's default mode and tuned thresholds
     mode = default_mode(model)
-    timings.append({"step": f"everything mode ({mode}, embedding cached)", "ms": f"{(time.perf_counter() - t0) * 1e3:.0f}"})
+    timings.append(
+        {"step": f"everything mode ({mode}, embedding cached)", "ms": f"{(time.perf_counter() - t0) * 1e3:.0f}"}
+    )
     Image.fromarray(overlay(rgb, lab)).save(out_dir / "everything.png")
     result["everything_objects"] = int(lab.max())
     f = match_instances(lab, labels)
@@ -63,7 +72,9 @@ def run_demo(model_name: str, out_dir: Path, image: np.ndarray, labels: np.ndarr
     print()
     for k, v in result.items():
         print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
-    print("(the sample is a BBBC039 training field of the bundled model: these scores show that it "
-          "works, not how well it generalises; held-out numbers are in docs/benchmarks.md)")
+    print(
+        "(the sample is a BBBC039 training field of the bundled model: these scores show that it "
+        "works, not how well it generalises; held-out numbers are in docs/benchmarks.md)"
+    )
     print(f"wrote {out_dir}/click.png and {out_dir}/everything.png")
     return result

@@ -81,12 +81,13 @@ def _worker_threads() -> None:
     torch.set_num_threads(int(os.environ.get("TINYSAM_WORKER_THREADS", "1")))
 
 
-def _segment_slice(z: int, plane, out_path: str, model_name: str, params: dict, limits,
-                   precision: str = "auto") -> int:
+def _segment_slice(z: int, plane, out_path: str, model_name: str, params: dict, limits, precision: str = "auto") -> int:
     import zarr
 
     _worker_threads()
-    labels = segment_everything(worker_model(model_name, precision), np.asarray(plane)[0], contrast_limits=limits, **params)
+    labels = segment_everything(
+        worker_model(model_name, precision), np.asarray(plane)[0], contrast_limits=limits, **params
+    )
     zarr.open_array(out_path, mode="r+")[z] = labels
     return int(labels.max())
 
@@ -158,11 +159,13 @@ def segment_volume_distributed(
     work = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
     try:
         if auto:
-            _distributed_tiles(model_name, stack, work, client, contrast_limits, progress, precision, scale,
-                               block_depth, halo, params)
+            _distributed_tiles(
+                model_name, stack, work, client, contrast_limits, progress, precision, scale, block_depth, halo, params
+            )
         else:
-            _distributed_slices(model_name, stack, work, client, mode, stitch, stitch_iou, contrast_limits,
-                                progress, precision, params)
+            _distributed_slices(
+                model_name, stack, work, client, mode, stitch, stitch_iou, contrast_limits, progress, precision, params
+            )
         if out_path.exists():
             shutil.rmtree(out_path) if out_path.is_dir() else out_path.unlink()
         os.replace(work / "labels.zarr", out_path)
@@ -171,8 +174,9 @@ def segment_volume_distributed(
     return zarr_array(out_path, "r")
 
 
-def _distributed_slices(model_name, stack, work: Path, client, mode, stitch, stitch_iou, contrast_limits, progress,
-                        precision, params) -> None:
+def _distributed_slices(
+    model_name, stack, work: Path, client, mode, stitch, stitch_iou, contrast_limits, progress, precision, params
+) -> None:
     if contrast_limits is None:  # the rule of segment_volume, reading a few slices only
         contrast_limits = volume_contrast_limits(stack)
     z, h, w = stack.shape[:3]
@@ -180,8 +184,9 @@ def _distributed_slices(model_name, stack, work: Path, client, mode, stitch, sti
     _new_labels(out_path, (z, h, w))
     params = slice_keywords({"mode": mode, **params})
     futures = [
-        client.submit(_segment_slice, i, plane, str(out_path), model_name, params, tuple(contrast_limits), precision,
-                      pure=False)
+        client.submit(
+            _segment_slice, i, plane, str(out_path), model_name, params, tuple(contrast_limits), precision, pure=False
+        )
         for i, plane in enumerate(_planes(client, stack))
     ]
     _wait(futures, progress, z)
@@ -240,27 +245,29 @@ def plan_blocks(depth: int, block_depth: int, halo: int) -> list[tuple[int, int,
 def _slice_maps(z: int, plane, maps_path: str, model_name: str, limits, sigma: float, precision: str) -> None:
     _worker_threads()
     predictor = SamPredictor(worker_model(model_name, precision))
-    zarr_array(maps_path, "r+")[:, z:z + 1] = volume_head_maps(predictor, np.asarray(plane), limits,
-                                                               denoise_sigma=sigma)
+    zarr_array(maps_path, "r+")[:, z : z + 1] = volume_head_maps(
+        predictor, np.asarray(plane), limits, denoise_sigma=sigma
+    )
 
 
-def _block_labels(block: tuple[int, int, int, int], maps_path: str, out_path: str, side_path: str,
-                  params: dict, match: int) -> int:
+def _block_labels(
+    block: tuple[int, int, int, int], maps_path: str, out_path: str, side_path: str, params: dict, match: int
+) -> int:
     """3D instances of one block from the maps of the slices it reads; writes those of its
     own slices (ids 1..n, the objects with a voxel there) to the output and its view of
     the ``match`` slices beyond each of its borders to the side store; returns n."""
     z0, z1, e0, e1 = block
     labels = volume_from_maps(np.asarray(zarr_array(maps_path, "r")[:, e0:e1]), **params)
-    own = labels[z0 - e0:z1 - e0]
+    own = labels[z0 - e0 : z1 - e0]
     keep = np.zeros(int(labels.max()) + 1, bool)
     keep[np.unique(own)] = True
     labels = keep_objects(labels, keep)
-    zarr_array(out_path, "r+")[z0:z1] = labels[z0 - e0:z1 - e0]
+    zarr_array(out_path, "r+")[z0:z1] = labels[z0 - e0 : z1 - e0]
     side = zarr_array(side_path, "r+")
     if z0 > e0:
-        side[z0 - match:z0] = labels[z0 - match - e0:z0 - e0]
+        side[z0 - match : z0] = labels[z0 - match - e0 : z0 - e0]
     if e1 > z1:
-        side[z1:z1 + match] = labels[z1 - e0:z1 + match - e0]
+        side[z1 : z1 + match] = labels[z1 - e0 : z1 + match - e0]
     return int(keep.sum()) - int(keep[0])
 
 
@@ -301,12 +308,14 @@ def join_blocks(counts: list[int], matches: list[list[tuple[int, int]]]) -> list
             parent[max(ra, rb)] = min(ra, rb)
     roots = np.array([root(i) for i in range(len(parent))])
     _, final = np.unique(roots, return_inverse=True)  # background (0) stays 0; the rest 1..N in order
-    return [np.concatenate([[0], final[offsets[b] + 1:offsets[b] + n + 1]]).astype(np.int32)
-            for b, n in enumerate(counts)]
+    return [
+        np.concatenate([[0], final[offsets[b] + 1 : offsets[b] + n + 1]]).astype(np.int32) for b, n in enumerate(counts)
+    ]
 
 
-def _distributed_tiles(model_name, stack, work: Path, client, contrast_limits, progress, precision, scale,
-                       block_depth, halo, kwargs) -> None:
+def _distributed_tiles(
+    model_name, stack, work: Path, client, contrast_limits, progress, precision, scale, block_depth, halo, kwargs
+) -> None:
     """The 3D path, tiled in the plane where ``segment_volume`` tiles the stack (slices
     larger than the model's input with objects too small at the whole-slice scale,
     :func:`~napari_tinysam.everything.volume_tiles`): each tile (with its halo, through
@@ -315,15 +324,18 @@ def _distributed_tiles(model_name, stack, work: Path, client, contrast_limits, p
     import dask.array as da
 
     if kwargs.get("tile_shape") is not None:
-        raise ValueError("tile_shape is not available on Dask: slices are tiled as segment_volume tiles them "
-                         "when their objects are small (halo here is the context in slices between blocks)")
+        raise ValueError(
+            "tile_shape is not available on Dask: slices are tiled as segment_volume tiles them "
+            "when their objects are small (halo here is the context in slices between blocks)"
+        )
     model = worker_model(model_name, precision)
     sigma = volume_params(model, kwargs, scale)["denoise_sigma"]
     limits = contrast_limits or volume_contrast_limits(stack, denoise_sigma=sigma)
     tiles = volume_tiles(SamPredictor(model), stack, limits, sigma)
     if tiles is None:
-        _distributed_auto(model_name, stack, work, client, limits, progress, precision, scale, block_depth, halo,
-                          kwargs)
+        _distributed_auto(
+            model_name, stack, work, client, limits, progress, precision, scale, block_depth, halo, kwargs
+        )
         return
     lazy = stack if isinstance(stack, da.Array) else da.from_array(stack, chunks=(1, *stack.shape[1:]))
     starts = _tile_starts(stack.shape[1:3], *tiles)
@@ -333,11 +345,13 @@ def _distributed_tiles(model_name, stack, work: Path, client, contrast_limits, p
         part = work / f"tile{k}"
         part.mkdir()
         step = None if progress is None else (lambda d, t, k=k: progress(k * t + d, len(starts) * t))
-        _distributed_auto(model_name, lazy[:, y0:y1, x0:x1], part, client, limits, step, precision, scale,
-                          block_depth, halo, kwargs)
+        _distributed_auto(
+            model_name, lazy[:, y0:y1, x0:x1], part, client, limits, step, precision, scale, block_depth, halo, kwargs
+        )
         region = np.asarray(out[:, y0:y1, x0:x1])
-        next_id = _place_tile(region, np.asarray(zarr_array(part / "labels.zarr", "r")[...]), (0, 0),
-                              (y - y0, x - x0, *tiles[0]), next_id)
+        next_id = _place_tile(
+            region, np.asarray(zarr_array(part / "labels.zarr", "r")[...]), (0, 0), (y - y0, x - x0, *tiles[0]), next_id
+        )
         out[:, y0:y1, x0:x1] = region
         shutil.rmtree(part)
     # ids of objects that lost every pixel to earlier tiles' objects are dropped: 1..N, slice by slice
@@ -348,8 +362,9 @@ def _distributed_tiles(model_name, stack, work: Path, client, contrast_limits, p
         out[i] = keep_objects(np.asarray(out[i]), counts > 0)
 
 
-def _distributed_auto(model_name, stack, work: Path, client, contrast_limits, progress, precision, scale,
-                      block_depth, halo, kwargs) -> None:
+def _distributed_auto(
+    model_name, stack, work: Path, client, contrast_limits, progress, precision, scale, block_depth, halo, kwargs
+) -> None:
     import zarr
 
     params = volume_params(worker_model(model_name, precision), kwargs, scale)
@@ -367,12 +382,14 @@ def _distributed_auto(model_name, stack, work: Path, client, contrast_limits, pr
     zarr.open_array(maps_path, mode="w", shape=(3, z, h, w), chunks=(3, 1, h, w), dtype="float16")
     zarr.open_array(side_path, mode="w", shape=(z, h, w), chunks=(1, h, w), dtype="int32")
     _new_labels(out_path, (z, h, w))
-    futures = [client.submit(_slice_maps, i, plane, maps_path, model_name, tuple(limits), sigma, precision,
-                             pure=False)
-               for i, plane in enumerate(_planes(client, stack))]
+    futures = [
+        client.submit(_slice_maps, i, plane, maps_path, model_name, tuple(limits), sigma, precision, pure=False)
+        for i, plane in enumerate(_planes(client, stack))
+    ]
     _wait(futures, progress, total)
-    futures = [client.submit(_block_labels, b, maps_path, str(out_path), side_path, params, match, pure=False)
-               for b in blocks]
+    futures = [
+        client.submit(_block_labels, b, maps_path, str(out_path), side_path, params, match, pure=False) for b in blocks
+    ]
     counts = _wait(futures, progress, total, z)
     out, side = zarr_array(out_path, "r"), zarr_array(side_path, "r")
     matches = []
@@ -382,6 +399,7 @@ def _distributed_auto(model_name, stack, work: Path, client, contrast_limits, pr
         above = np.concatenate([side[lo], out[hi]])  # the upper block's view
         matches.append(border_matches(below, above))
     luts = join_blocks(counts, matches)
-    futures = [client.submit(_relabel, z0, z1, str(out_path), lut, pure=False)
-               for (z0, z1, _, _), lut in zip(blocks, luts)]
+    futures = [
+        client.submit(_relabel, z0, z1, str(out_path), lut, pure=False) for (z0, z1, _, _), lut in zip(blocks, luts)
+    ]
     _wait(futures, progress, total, z + len(blocks))

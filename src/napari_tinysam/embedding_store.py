@@ -133,4 +133,6 @@ class EmbeddingStore:
             raise KeyError(f"slice {z} is not in the embedding store yet; run `napari-tinysam embed` again")
         h, w = self.signature["shape"][1:3]
         features = torch.from_numpy(np.asarray(self.group["features"][z]))[None]
-        return ImageEmbedding(features, (h, w), preprocess_shape(h, w, self.signature["img_size"], self.signature.get("max_upscale")))
+        return ImageEmbedding(
+            features, (h, w), preprocess_shape(h, w, self.signature["img_size"], self.signature.get("max_upscale"))
+        )

@@ -100,7 +100,11 @@ def _click_and_box(model: Sam, predictor: SamPredictor, pts: np.ndarray, boxes: 
 
 @torch.no_grad()
 def compare_models(
-    model: Sam, reference: Sam, samples: Iterable, max_objects: int | None = None, seed: int = 0,
+    model: Sam,
+    reference: Sam,
+    samples: Iterable,
+    max_objects: int | None = None,
+    seed: int = 0,
     chunk: int = 32,
 ) -> dict[str, float]:
     """The same click and box prompts on two models (e.g. quantized and float): mean IoU of
@@ -108,7 +112,9 @@ def compare_models(
     between their masks (``agree_click``, ``agree_box``)."""
     pa, pb = SamPredictor(model), SamPredictor(reference)
     rng = np.random.default_rng(seed)
-    scores: dict[str, list[float]] = {k: [] for k in ("click", "box", "ref_click", "ref_box", "agree_click", "agree_box")}
+    scores: dict[str, list[float]] = {
+        k: [] for k in ("click", "box", "ref_click", "ref_box", "agree_click", "agree_box")
+    }
     for sample in samples:
         if sample.labels is None:
             continue
@@ -192,8 +198,16 @@ def evaluate_prompts(
     """
     with model.interactive_decoding():
         return _evaluate_prompts(
-            model, samples, max_objects, corrective_clicks, seed, chunk, predictor, mask_feedback,
-            per_object, zoom,
+            model,
+            samples,
+            max_objects,
+            corrective_clicks,
+            seed,
+            chunk,
+            predictor,
+            mask_feedback,
+            per_object,
+            zoom,
         )
 
 
@@ -235,7 +249,9 @@ def _evaluate_prompts(
                             point_lists[j].append(nxt[0])
                             label_lists[j].append(nxt[1])
                     lowc, iouc = predict_batch(
-                        predictor, np.array(point_lists), np.array(label_lists),
+                        predictor,
+                        np.array(point_lists),
+                        np.array(label_lists),
                         mask_input=cur_low if mask_feedback else None,
                     )
                     cur_low, _ = model.select_masks(lowc, iouc, False)

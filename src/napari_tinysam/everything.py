@@ -374,11 +374,15 @@ def _auto_masks(predictor: SamPredictor, params: dict[str, Any], gray: np.ndarra
     model, emb = predictor.model, predictor._embedding
     maps = head_maps(model, emb)
     head = labels_from_maps(
-        maps, params["foreground_thresh"], params["center_thresh"], params["boundary_thresh"],
+        maps,
+        params["foreground_thresh"],
+        params["center_thresh"],
+        params["boundary_thresh"],
         params["min_size"] * grid_cell_area(emb),
     )
-    head = adjust_by_contrast(head, gray, params["min_contrast"], params["blob_contrast"],
-                              BLOB_MIN_CELLS * grid_cell_area(emb))
+    head = adjust_by_contrast(
+        head, gray, params["min_contrast"], params["blob_contrast"], BLOB_MIN_CELLS * grid_cell_area(emb)
+    )
     ids, points, boxes = object_prompts(head)
     decoded = [None] * len(ids) if params["head_only"] else decode_objects(predictor, points, boxes)
     out = _Masks()
@@ -499,9 +503,7 @@ def segment_everything(
         with segmentation (H, W) bool (the mask before overlaps were resolved), area,
         bbox (XYWH), predicted_iou, stability_score, point_coords and label.
     """
-    predictor = (
-        model_or_predictor if isinstance(model_or_predictor, SamPredictor) else SamPredictor(model_or_predictor)
-    )
+    predictor = model_or_predictor if isinstance(model_or_predictor, SamPredictor) else SamPredictor(model_or_predictor)
     model = predictor.model
     mode = mode or default_mode(model)
     given = dict(
@@ -574,8 +576,9 @@ def auto_input_size(model: Sam) -> int:
     return int(meta.get("auto", {}).get("input_size", model.img_size))
 
 
-def _sized_predictor(predictor: SamPredictor, shape: tuple[int, int], mode: str,
-                     input_size: int | None) -> SamPredictor:
+def _sized_predictor(
+    predictor: SamPredictor, shape: tuple[int, int], mode: str, input_size: int | None
+) -> SamPredictor:
     """The predictor that segments an image or a tile of ``shape``: at ``input_size`` (None:
     :func:`auto_input_size` in auto mode) when the image fills the model's input (its
     longest side brought to ``img_size``, not held back by ``max_upscale``), sharing the
@@ -721,12 +724,16 @@ def _tile_starts(shape: tuple[int, int], tile: tuple[int, int], halo: tuple[int,
     """Each tile of a plane of ``shape``: its inner part (y, x) and its extent with the
     halo (y0, x0, y1, x1)."""
     (h, w), (th, tw), (hy, hx) = shape, tile, halo
-    return [((y, x), (max(0, y - hy), max(0, x - hx), min(h, y + th + hy), min(w, x + tw + hx)))
-            for y in range(0, h, th) for x in range(0, w, tw)]
+    return [
+        ((y, x), (max(0, y - hy), max(0, x - hx), min(h, y + th + hy), min(w, x + tw + hx)))
+        for y in range(0, h, th)
+        for x in range(0, w, tw)
+    ]
 
 
-def _place_tile(out: np.ndarray, labels: np.ndarray, origin: tuple[int, int], inner: tuple[int, int, int, int],
-                next_id: int) -> int:
+def _place_tile(
+    out: np.ndarray, labels: np.ndarray, origin: tuple[int, int], inner: tuple[int, int, int, int], next_id: int
+) -> int:
     """Paint into ``out`` (2D, or 3D with the tiles in its last two axes) the objects of
     one tile's ``labels`` (ids 1..n; the tile with its halo starts at ``origin`` in the
     plane) whose centroid lies in the tile's inner part (y, x, height, width), under new
@@ -742,7 +749,7 @@ def _place_tile(out: np.ndarray, labels: np.ndarray, origin: tuple[int, int], in
     lut = np.zeros(n + 1, np.int32)
     lut[1:][own] = np.arange(next_id, next_id + int(own.sum()))
     next_id += int(own.sum())
-    region = out[..., y0:y0 + labels.shape[-2], x0:x0 + labels.shape[-1]]
+    region = out[..., y0 : y0 + labels.shape[-2], x0 : x0 + labels.shape[-1]]
     new = lut[labels]
     free = (new > 0) & (region == 0)
     # as within a tile: an object mostly under earlier tiles' objects is dropped
@@ -906,8 +913,9 @@ def segment_volume(
     return out
 
 
-def _volume_auto(predictor: SamPredictor, stack: np.ndarray, contrast_limits, kwargs: dict, progress,
-                 cancel, scale=None) -> np.ndarray:
+def _volume_auto(
+    predictor: SamPredictor, stack: np.ndarray, contrast_limits, kwargs: dict, progress, cancel, scale=None
+) -> np.ndarray:
     kwargs = dict(kwargs)
     tiles = _check_tiling(kwargs.pop("tile_shape", None), kwargs.pop("halo", None), False)
     params = volume_params(predictor.model, kwargs, scale)
@@ -957,13 +965,22 @@ def volume_params(model: Sam, kwargs: dict[str, Any], scale=None) -> dict[str, f
     # set of settings serves both scopes, but the 3D path does not use them
     unknown = set(kwargs) - set(VOLUME_THRESHOLDS) - set(inspect.signature(segment_everything).parameters)
     if unknown:
-        raise TypeError(f"segment_volume got unexpected keyword arguments {sorted(unknown)} for mode='auto'; "
-                        f"it takes {sorted(VOLUME_THRESHOLDS)} (or per_slice=True for segment_everything's)")
+        raise TypeError(
+            f"segment_volume got unexpected keyword arguments {sorted(unknown)} for mode='auto'; "
+            f"it takes {sorted(VOLUME_THRESHOLDS)} (or per_slice=True for segment_everything's)"
+        )
     params = volume_thresholds(model, scale)
     params.update({k: float(v) for k, v in kwargs.items() if k in VOLUME_THRESHOLDS and v is not None})
     check_seed_thresholds(params)
-    for name in ("z_sigma", "xy_sigma", "extent_z_sigma", "extent_xy_sigma", "seed_depth", "min_volume",
-                 "denoise_sigma"):
+    for name in (
+        "z_sigma",
+        "xy_sigma",
+        "extent_z_sigma",
+        "extent_xy_sigma",
+        "seed_depth",
+        "min_volume",
+        "denoise_sigma",
+    ):
         if params[name] < 0:
             raise ValueError(f"{name} must be >= 0, got {params[name]}")
     return params
@@ -1012,9 +1029,15 @@ def volume_instances(maps: np.ndarray, params: dict[str, Any]) -> tuple[np.ndarr
     exy = params.get("extent_xy_sigma")
     ez, exy = z_sigma if ez is None else ez, xy_sigma if exy is None else exy
     extent = seed_maps if (ez, exy) == (z_sigma, xy_sigma) else smooth_maps(maps, ez, exy)
-    labels = labels_from_maps(seed_maps, params["foreground_thresh"], params["center_thresh"],
-                              params["boundary_thresh"], params["min_volume"], seed_depth=params.get("seed_depth", 0.0),
-                              extent_maps=None if extent is seed_maps else extent)
+    labels = labels_from_maps(
+        seed_maps,
+        params["foreground_thresh"],
+        params["center_thresh"],
+        params["boundary_thresh"],
+        params["min_volume"],
+        seed_depth=params.get("seed_depth", 0.0),
+        extent_maps=None if extent is seed_maps else extent,
+    )
     return labels, extent
 
 
@@ -1038,8 +1061,16 @@ def volume_from_maps(
     connected region). Objects under ``min_volume`` voxels are dropped; objects are cut
     where their cross-section rises again through z (:func:`split_stacked_objects`: a
     nucleus above or below joined to them by the smoothing) and lose thin tails."""
-    params = dict(foreground_thresh=foreground_thresh, center_thresh=center_thresh, boundary_thresh=boundary_thresh,
-                  z_sigma=z_sigma, xy_sigma=xy_sigma, min_volume=min_volume, extent_z_sigma=extent_z_sigma,
-                  extent_xy_sigma=extent_xy_sigma, seed_depth=seed_depth)
+    params = dict(
+        foreground_thresh=foreground_thresh,
+        center_thresh=center_thresh,
+        boundary_thresh=boundary_thresh,
+        z_sigma=z_sigma,
+        xy_sigma=xy_sigma,
+        min_volume=min_volume,
+        extent_z_sigma=extent_z_sigma,
+        extent_xy_sigma=extent_xy_sigma,
+        seed_depth=seed_depth,
+    )
     labels, _ = volume_instances(maps, params)
     return split_stacked_objects(labels, min_volume)

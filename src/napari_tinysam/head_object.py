@@ -50,8 +50,9 @@ class HeadSlices:
     whose embeddings it computed (``embedded``) and every slice it read (``visited``);
     ``cancel()`` is checked before each slice and a True raises ``Cancelled``."""
 
-    def __init__(self, predictor: SamPredictor, stack, limits, denoise_sigma: float,
-                 cancel: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self, predictor: SamPredictor, stack, limits, denoise_sigma: float, cancel: Callable[[], bool] | None = None
+    ) -> None:
         self.predictor, self.stack, self.limits, self.sigma = predictor, stack, limits, denoise_sigma
         self.cancel = cancel
         self._maps: dict[int, np.ndarray] = {}
@@ -83,7 +84,9 @@ class HeadSlices:
         return np.stack([self[z][:, ys, xs] for z in range(lo, hi + 1)], axis=1).astype(np.float32)
 
 
-def _grow_from_clicks(maps: np.ndarray, clicks: list[tuple[int, int, int]], params: dict) -> tuple[np.ndarray, np.ndarray]:
+def _grow_from_clicks(
+    maps: np.ndarray, clicks: list[tuple[int, int, int]], params: dict
+) -> tuple[np.ndarray, np.ndarray]:
     """The object of the clicks (z, y, x) in a window's maps (3, n, h, w): the union of
     the head's 3D instances under them; a click outside every instance seeds one more
     region, grown over the foreground against the others. Returns the mask and the
@@ -154,10 +157,14 @@ def iter_head_object(
     depth, h, w = stack.shape[:3]
     zmin, zmax = z_range if z_range is not None else (0, depth - 1)
     first, last = min(clicks), max(clicks)
-    pts = {z: np.clip(np.round(np.asarray(p, np.float64).reshape(-1, 2)[:, ::-1]).astype(int), 0, [h - 1, w - 1])
-           for z, p in clicks.items()}
+    pts = {
+        z: np.clip(np.round(np.asarray(p, np.float64).reshape(-1, 2)[:, ::-1]).astype(int), 0, [h - 1, w - 1])
+        for z, p in clicks.items()
+    }
     middle = (first + last) // 2
-    ys0, ys1, xs0, xs1 = _crop_around(slices[middle][0], np.concatenate(list(pts.values())), params["foreground_thresh"])
+    ys0, ys1, xs0, xs1 = _crop_around(
+        slices[middle][0], np.concatenate(list(pts.values())), params["foreground_thresh"]
+    )
 
     def estimate(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         maps = slices.window(lo, hi, slice(ys0, ys1), slice(xs0, xs1), middle)
@@ -173,8 +180,9 @@ def iter_head_object(
             scores[lo + int(i)] = float(fg[i][obj[i]].mean())
         return HeadEstimate(out, scores, final)
 
-    for lo, hi in dict.fromkeys([(first, last), (max(zmin, first - 1), last),
-                                 (max(zmin, first - 1), min(zmax, last + 1))]):
+    for lo, hi in dict.fromkeys(
+        [(first, last), (max(zmin, first - 1), last), (max(zmin, first - 1), min(zmax, last + 1))]
+    ):
         yield sections(lo, *estimate(lo, hi), final=False)
     lo, hi = max(zmin, first - Z_MARGIN - 1), min(zmax, last + Z_MARGIN + 1)
     while True:
@@ -184,8 +192,12 @@ def iter_head_object(
         grow_lo = lo > zmin and zs[0] - Z_MARGIN < 0
         grow_hi = hi < zmax and zs[-1] + Z_MARGIN > hi - lo
         # the object reaches the crop's edge in the plane: widen the crop there
-        wide = [(ys0 > 0 and ys.min() == 0), (ys1 < h and ys.max() == ys1 - ys0 - 1),
-                (xs0 > 0 and xs.min() == 0), (xs1 < w and xs.max() == xs1 - xs0 - 1)]
+        wide = [
+            (ys0 > 0 and ys.min() == 0),
+            (ys1 < h and ys.max() == ys1 - ys0 - 1),
+            (xs0 > 0 and xs.min() == 0),
+            (xs1 < w and xs.max() == xs1 - xs0 - 1),
+        ]
         final = not (grow_lo or grow_hi or any(wide))
         yield sections(lo, obj, fg, final)
         if final:

@@ -140,8 +140,9 @@ DECLINE = 0.9
 MIN_SECTION = 0.2
 
 
-def end_at_next_object(mask: np.ndarray, first: int, last: int,
-                       growth: float = GROWTH, decline: float = DECLINE) -> np.ndarray:
+def end_at_next_object(
+    mask: np.ndarray, first: int, last: int, growth: float = GROWTH, decline: float = DECLINE
+) -> np.ndarray:
     """Cut a (Z, H, W) object where, walking out of slices ``first``..``last`` (kept as
     they are), its cross-section falls below ``MIN_SECTION`` of the largest of those
     slices', grows again after it had declined (see ``GROWTH``) or stops overlapping the
@@ -199,7 +200,9 @@ def split_stacked_objects(labels: np.ndarray, min_volume: float, share: float = 
             part = parts == c
             if part.sum() >= keep:
                 sub[part] = next_id
-                queue.append((next_id, tuple(slice(b.start + s.start, b.start + s.stop) for b, s in zip(box, part_box))))
+                queue.append(
+                    (next_id, tuple(slice(b.start + s.start, b.start + s.stop) for b, s in zip(box, part_box)))
+                )
                 next_id += 1
             else:
                 sub[part] = 0
@@ -219,7 +222,9 @@ def check_head_params(params: dict[str, Any]) -> None:
     if not 0.0 <= params["min_contrast"] <= 1.0:
         raise ValueError(f"min_contrast must be in [0, 1], got {params['min_contrast']}")
     if params["blob_contrast"] < 0:
-        raise ValueError(f"blob_contrast must be >= 0 (0: look for no missed small objects), got {params['blob_contrast']}")
+        raise ValueError(
+            f"blob_contrast must be >= 0 (0: look for no missed small objects), got {params['blob_contrast']}"
+        )
 
 
 def object_contrast(gray: np.ndarray, labels: np.ndarray, occupied: np.ndarray | None = None) -> np.ndarray:
@@ -255,8 +260,9 @@ def _faint(contrast: np.ndarray, min_contrast: float) -> np.ndarray:
     return contrast < min_contrast * typical
 
 
-def adjust_by_contrast(labels: np.ndarray, gray: np.ndarray, min_contrast: float, blob_contrast: float = 0.0,
-                       min_blob_area: float = 0.0) -> np.ndarray:
+def adjust_by_contrast(
+    labels: np.ndarray, gray: np.ndarray, min_contrast: float, blob_contrast: float = 0.0, min_blob_area: float = 0.0
+) -> np.ndarray:
     """The head's objects judged by their local contrast (:func:`object_contrast`, measured
     once): those below ``min_contrast`` times the median object's are removed (faint
     texture in the background that the head takes for objects); with ``blob_contrast`` >
@@ -283,8 +289,14 @@ BLOB_MIN_CELLS = 3.0
 BLOB_SIGMA = 1.0
 
 
-def add_missed_blobs(labels: np.ndarray, gray: np.ndarray, blob_contrast: float, min_area: float,
-                     min_contrast: float, typical: float | None = None) -> np.ndarray:
+def add_missed_blobs(
+    labels: np.ndarray,
+    gray: np.ndarray,
+    blob_contrast: float,
+    min_area: float,
+    min_contrast: float,
+    typical: float | None = None,
+) -> np.ndarray:
     """Objects the head misses, found in the image instead: slivers of nuclei cut by the
     image border (the head does not see their centre) and small nuclei a few cells of its
     grid wide, whose centre and boundary distances never reach the seed thresholds. They
@@ -326,7 +338,10 @@ def head_only_labels(model: Sam, embedding: ImageEmbedding, **params) -> np.ndar
     p = {**HEAD_THRESHOLDS, **{k: v for k, v in params.items() if v is not None}}
     maps = head_maps(model, embedding)
     return labels_from_maps(
-        maps, p["foreground_thresh"], p["center_thresh"], p["boundary_thresh"],
+        maps,
+        p["foreground_thresh"],
+        p["center_thresh"],
+        p["boundary_thresh"],
         p["min_size"] * grid_cell_area(embedding),
     )
 
@@ -344,7 +359,11 @@ def object_prompts(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
         ids.append(i)
         points.append((x + sl[1].start + 0.5, y + sl[0].start + 0.5))
         boxes.append((sl[1].start, sl[0].start, sl[1].stop - 1, sl[0].stop - 1))
-    return np.array(ids, np.int64), np.array(points, np.float64).reshape(-1, 2), np.array(boxes, np.float64).reshape(-1, 4)
+    return (
+        np.array(ids, np.int64),
+        np.array(points, np.float64).reshape(-1, 2),
+        np.array(boxes, np.float64).reshape(-1, 4),
+    )
 
 
 #: Window sides (image tokens) tried for windowed decoding, smallest first.

@@ -52,9 +52,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
                 return np.asarray(im)
     except Exception as exc:
         raise ValueError(f"cannot read {path}: {exc}") from exc
-    raise ValueError(
-        f"unsupported file type {suffix!r} for {path}; use TIFF, PNG, JPEG, .npy or Zarr"
-    )
+    raise ValueError(f"unsupported file type {suffix!r} for {path}; use TIFF, PNG, JPEG, .npy or Zarr")
 
 
 def read_voxel_size(path: str | os.PathLike) -> tuple[float, float, float] | None:
@@ -74,8 +72,16 @@ def read_voxel_size(path: str | os.PathLike) -> tuple[float, float, float] | Non
 
 
 #: Length units of OME metadata, in micrometres.
-_UNITS_UM = {"nm": 1e-3, "nanometer": 1e-3, "µm": 1.0, "um": 1.0, "micron": 1.0, "micrometer": 1.0,
-             "mm": 1e3, "millimeter": 1e3}
+_UNITS_UM = {
+    "nm": 1e-3,
+    "nanometer": 1e-3,
+    "µm": 1.0,
+    "um": 1.0,
+    "micron": 1.0,
+    "micrometer": 1.0,
+    "mm": 1e3,
+    "millimeter": 1e3,
+}
 
 
 def _positive(values, units=("µm",) * 3) -> tuple[float, float, float] | None:
@@ -98,8 +104,9 @@ def _tiff_voxel_size(path: Path) -> tuple[float, float, float] | None:
             sizes = {k: re.search(rf'PhysicalSize{k}="([^"]+)"', tif.ome_metadata) for k in "ZYX"}
             units = {k: re.search(rf'PhysicalSize{k}Unit="([^"]+)"', tif.ome_metadata) for k in "ZYX"}
             if all(sizes.values()):
-                return _positive([sizes[k].group(1) for k in "ZYX"],
-                                 [units[k].group(1) if units[k] else "µm" for k in "ZYX"])
+                return _positive(
+                    [sizes[k].group(1) for k in "ZYX"], [units[k].group(1) if units[k] else "µm" for k in "ZYX"]
+                )
         ij = tif.imagej_metadata or {}
         tags = tif.pages[0].tags
         if "spacing" in ij and "XResolution" in tags and "YResolution" in tags:
@@ -149,8 +156,13 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray, overwrite: bool = 
 
         # one grey page per slice: without the photometric tag a stack of 3 or 4 slices is
         # written as one RGB(A) page, which Fiji and others open as a colour image
-        tifffile.imwrite(tmp, labels, compression="zlib", photometric="minisblack",
-                         metadata={"axes": "ZYX"[-labels.ndim:]} if labels.ndim <= 3 else None)
+        tifffile.imwrite(
+            tmp,
+            labels,
+            compression="zlib",
+            photometric="minisblack",
+            metadata={"axes": "ZYX"[-labels.ndim :]} if labels.ndim <= 3 else None,
+        )
     elif suffix == ".npy":
         with open(tmp, "wb") as fh:
             np.save(fh, labels)

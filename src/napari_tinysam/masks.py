@@ -22,7 +22,9 @@ def stability_score(logits: torch.Tensor, threshold: float, offset: float) -> to
     """IoU between the masks binarised at threshold +/- offset: (..., H, W) -> (...)."""
     inter = (logits > threshold + offset).flatten(-2).sum(-1, dtype=torch.int64)
     union = (logits > threshold - offset).flatten(-2).sum(-1, dtype=torch.int64)
-    return torch.where(union > 0, inter.float() / union.clamp(min=1).float(), torch.zeros_like(inter, dtype=torch.float32))
+    return torch.where(
+        union > 0, inter.float() / union.clamp(min=1).float(), torch.zeros_like(inter, dtype=torch.float32)
+    )
 
 
 def box_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -80,8 +82,13 @@ def shows_enough(kept, area, min_kept: float):
     return (kept > 0) & (kept >= min_kept * area)
 
 
-def paint_labels(masks: list[np.ndarray], boxes: list[tuple[int, int, int, int]], scores: np.ndarray,
-                 shape: tuple[int, int], min_kept: float = 0.0) -> tuple[np.ndarray, list[int]]:
+def paint_labels(
+    masks: list[np.ndarray],
+    boxes: list[tuple[int, int, int, int]],
+    scores: np.ndarray,
+    shape: tuple[int, int],
+    min_kept: float = 0.0,
+) -> tuple[np.ndarray, list[int]]:
     """Paint cropped masks into an int32 label image (0 = background).
 
     ``masks[i]`` is a bool crop placed at ``boxes[i] = (y0, x0, y1, x1)`` (exclusive

@@ -51,9 +51,12 @@ def resolve_precision(precision: str | None, device: str | torch.device = "cpu")
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision 'fp16' runs on CUDA GPUs only; use 'bf16' or 'fp32' on this device")
     if precision == "bf16" and device.type == "cpu" and not native_bf16(device):
-        warnings.warn("this CPU has no native bfloat16 (AVX512_BF16 or AMX): bfloat16 is emulated, "
-                      "many times slower than float32 (an embedding 15x on an AVX2 CPU); "
-                      "precision='auto' picks float32 here", stacklevel=2)
+        warnings.warn(
+            "this CPU has no native bfloat16 (AVX512_BF16 or AMX): bfloat16 is emulated, "
+            "many times slower than float32 (an embedding 15x on an AVX2 CPU); "
+            "precision='auto' picks float32 here",
+            stacklevel=2,
+        )
     return precision
 
 

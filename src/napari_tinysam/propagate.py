@@ -125,8 +125,9 @@ class StopRules:
 def _model_scale(predictor: SamPredictor, shape: tuple[int, int], factor: float = 1.0) -> float:
     """Model-input pixels per slice pixel for slices of ``shape`` resized by ``factor``."""
     h, w = shape
-    ih, iw = preprocess_shape(max(2, round(h * factor)), max(2, round(w * factor)),
-                              predictor.model.img_size, predictor.model.max_upscale)
+    ih, iw = preprocess_shape(
+        max(2, round(h * factor)), max(2, round(w * factor)), predictor.model.img_size, predictor.model.max_upscale
+    )
     return max(ih / h, iw / w)
 
 
@@ -196,7 +197,9 @@ class _Walker:
             _, scores, low = self.predictor.predict(
                 point_coords=scaled.points if len(scaled.points) else None,
                 point_labels=scaled.labels if len(scaled.points) else None,
-                box=scaled.box, mask_input=mask_to_logits(self.predictor, mask), multimask_output=False,
+                box=scaled.box,
+                mask_input=mask_to_logits(self.predictor, mask),
+                multimask_output=False,
             )
             return SliceResult(z, self._full(low[:1]), float(scores[0]), low[:1])
         cands = segment_prompts(self.predictor, self._rgb, scaled)
@@ -209,8 +212,11 @@ class _Walker:
         x, y = innermost_point(previous.mask)
         f = self.factor
         _, scores, low = self.predictor.predict(
-            point_coords=np.array([[x * f, y * f]]), point_labels=np.array([1]),
-            box=mask_box(previous.mask, margin) * f, mask_input=previous.low_res, multimask_output=False,
+            point_coords=np.array([[x * f, y * f]]),
+            point_labels=np.array([1]),
+            box=mask_box(previous.mask, margin) * f,
+            mask_input=previous.low_res,
+            multimask_output=False,
         )
         return SliceResult(z, self._full(low[:1]), float(scores[0]), low[:1])
 
@@ -293,8 +299,9 @@ def iter_propagation(
 METHODS = ("auto", "head", "decoder")
 
 
-def choose_method(model, prompts: Mapping[int, Prompts], masks: Mapping[int, np.ndarray] | None,
-                  method: str = "auto") -> str:
+def choose_method(
+    model, prompts: Mapping[int, Prompts], masks: Mapping[int, np.ndarray] | None, method: str = "auto"
+) -> str:
     """The method that propagates these prompts: ``method``, checked, or for ``"auto"``
     the head where it applies."""
     if method not in METHODS:
@@ -307,8 +314,9 @@ def choose_method(model, prompts: Mapping[int, Prompts], masks: Mapping[int, np.
     if method == "head" and not model.has_instance_head:
         raise ValueError("method='head' needs a model with an instance head; use method='decoder'")
     if method == "head" and not points_only:
-        raise ValueError("method='head' takes positive points only; for boxes, masks or negative points "
-                         "use method='decoder'")
+        raise ValueError(
+            "method='head' takes positive points only; for boxes, masks or negative points use method='decoder'"
+        )
     return method
 
 
@@ -367,8 +375,10 @@ def _as_prompt_sets(z, point_coords, point_labels, box, mask, shape):
             raise ValueError(f"{name} must give one entry per prompted slice ({len(zs)}), got {len(value)}")
         return list(value)
 
-    pts, labs, boxes, masks = (per_slice(v, n) for v, n in (
-        (point_coords, "point_coords"), (point_labels, "point_labels"), (box, "box"), (mask, "mask")))
+    pts, labs, boxes, masks = (
+        per_slice(v, n)
+        for v, n in ((point_coords, "point_coords"), (point_labels, "point_labels"), (box, "box"), (mask, "mask"))
+    )
     prompts: dict[int, Prompts] = {}
     given: dict[int, np.ndarray] = {}
     for zi, p, lab, b, m in zip(zs, pts, labs, boxes, masks):
@@ -384,9 +394,7 @@ def _as_prompt_sets(z, point_coords, point_labels, box, mask, shape):
             raise ValueError(f"{len(points)} points but {len(labels)} point labels on slice z={zi}")
         outside = points_outside(points, h, w)
         if outside.any():
-            raise ValueError(
-                f"point {points[outside][0].tolist()} (x, y) lies outside the slice ({w} x {h} pixels)"
-            )
+            raise ValueError(f"point {points[outside][0].tolist()} (x, y) lies outside the slice ({w} x {h} pixels)")
         if len(labels) and not (labels > 0).any() and b is None and m is None:
             raise ValueError(f"slice z={zi} has only negative points: add a positive point or a box")
         bx = None if b is None else np.asarray(b, np.float64).reshape(4)
@@ -477,8 +485,9 @@ def segment_object_in_volume(
         out.embedded, out.visited = slices.embedded, slices.visited
         out.scale = _model_scale(predictor, shape[1:3])
         try:
-            for res in iter_head_propagation(predictor, stack, prompts, z_range=z_range, slices=slices,
-                                             previews=False, scale=scale):
+            for res in iter_head_propagation(
+                predictor, stack, prompts, z_range=z_range, slices=slices, previews=False, scale=scale
+            ):
                 out[res.z] = res.mask
                 out.scores[res.z] = res.score
                 if progress is not None:
@@ -490,8 +499,14 @@ def segment_object_in_volume(
     walker = _Walker(predictor, stack, limits, None)
     out.embedded, out.visited = walker.embedded, walker.visited
     for res in iter_propagation(
-        predictor, stack, prompts, given, contrast_limits=limits, rules=StopRules(iou_threshold=iou_threshold),
-        z_range=z_range, walker=walker,
+        predictor,
+        stack,
+        prompts,
+        given,
+        contrast_limits=limits,
+        rules=StopRules(iou_threshold=iou_threshold),
+        z_range=z_range,
+        walker=walker,
     ):
         if res.kept:
             out[res.z] = res.mask

@@ -158,9 +158,7 @@ def download_model(name: str, url: str | None = None, progress: bool = True) -> 
     known = info.hash or (recorded.read_text().strip() if recorded.is_file() else None)
     tmp_name = f".{info.filename}.download"
     try:
-        got = pooch.retrieve(
-            url or info.url, known_hash=known, fname=tmp_name, path=path.parent, progressbar=progress
-        )
+        got = pooch.retrieve(url or info.url, known_hash=known, fname=tmp_name, path=path.parent, progressbar=progress)
     except ValueError as exc:  # hash mismatch: pooch has already deleted the file
         raise CheckpointError(f"download of {name!r} failed verification: {exc}") from exc
     except Exception as exc:  # network errors of any kind
@@ -203,16 +201,13 @@ def load_model(
         path = model_path(key)
         if not path.is_file():
             if REGISTRY[key].bundled:
-                raise CheckpointError(
-                    f"the bundled model file {path} is missing: reinstall napari-tinysam"
-                )
+                raise CheckpointError(f"the bundled model file {path} is missing: reinstall napari-tinysam")
             raise CheckpointError(missing_weights_message(key))
     else:
         path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise CheckpointError(
-                f"{name_or_path!r} is neither a registry name ({', '.join(REGISTRY)}) nor an "
-                "existing checkpoint file"
+                f"{name_or_path!r} is neither a registry name ({', '.join(REGISTRY)}) nor an existing checkpoint file"
             )
     model = sam_from_checkpoint(path, device=device)
     model.name = key if key in REGISTRY else str(path)

@@ -48,7 +48,11 @@ _POLARITY_RGBA = transform_color([NEGATIVE_COLOR, POSITIVE_COLOR])  # by the "po
 NEW_LAYER = "(new layer)"
 PREVIEW_NAME = "TinySAM preview"
 KEYS = {
-    "commit": "Shift-C", "clear": "Shift-X", "next": "Shift-M", "polarity": "Shift-N", "undo": "Shift-U",
+    "commit": "Shift-C",
+    "clear": "Shift-X",
+    "next": "Shift-M",
+    "polarity": "Shift-N",
+    "undo": "Shift-U",
     "propagate": "Shift-T",
 }
 
@@ -71,12 +75,16 @@ def _committed(target: str, records: list[UndoRecord], refining: int, emptied: l
     if not records:
         if refining:
             return f"label {refining} of {target!r} unchanged: the new mask is the same"
-        return ("nothing written: every pixel of the object belongs to another object "
-                "(turn on 'overwrite existing objects')")
+        return (
+            "nothing written: every pixel of the object belongs to another object "
+            "(turn on 'overwrite existing objects')"
+        )
     if refining and emptied:
         where = f"slice {emptied[0]}" if len(emptied) == 1 else f"{len(emptied)} slices ({_ranges(emptied)})"
-        return (f"label {refining} of {target!r} replaced; removed from {where}, which the propagated "
-                f"object does not reach; {undo}")
+        return (
+            f"label {refining} of {target!r} replaced; removed from {where}, which the propagated "
+            f"object does not reach; {undo}"
+        )
     if refining:
         return f"label {refining} of {target!r} replaced; {undo}"
     ids = sorted({r.label for r in records})
@@ -138,11 +146,27 @@ class AnnotatorWidget(Container):
         self.undo_btn = PushButton(text=f"Undo ({KEYS['undo']})")
         self.propagate_btn = PushButton(text=f"Propagate through stack ({KEYS['propagate']})")
         self.status = Label(value="")
-        self.extend([
-            self.image_combo, self.model_combo, self.model_file, self.labels_combo,
-            self.overwrite, self.negative, self.zoom, self.each_point, self.refine_id, self.cache_mb, self.store_file, self.commit_btn, self.clear_btn,
-            self.next_btn, self.propagate_btn, self.undo_btn, self.status,
-        ])
+        self.extend(
+            [
+                self.image_combo,
+                self.model_combo,
+                self.model_file,
+                self.labels_combo,
+                self.overwrite,
+                self.negative,
+                self.zoom,
+                self.each_point,
+                self.refine_id,
+                self.cache_mb,
+                self.store_file,
+                self.commit_btn,
+                self.clear_btn,
+                self.next_btn,
+                self.propagate_btn,
+                self.undo_btn,
+                self.status,
+            ]
+        )
         self.predictor: SamPredictor | None = None
         self.cache = EmbeddingCache(self.cache_mb.value * 2**20)
         self.points_layer = None
@@ -208,9 +232,9 @@ class AnnotatorWidget(Container):
         # the preview layer is never a target (also while it is being added, before
         # self.preview_layer is assigned)
         names = [
-            layer.name for layer in self.viewer.layers
-            if isinstance(layer, Labels) and layer is not self.preview_layer
-            and not layer.name.startswith(PREVIEW_NAME)
+            layer.name
+            for layer in self.viewer.layers
+            if isinstance(layer, Labels) and layer is not self.preview_layer and not layer.name.startswith(PREVIEW_NAME)
         ]
         return [NEW_LAYER, *names]  # a new layer unless the user picks one of theirs
 
@@ -264,8 +288,9 @@ class AnnotatorWidget(Container):
             show_error("TinySAM: an embedding store needs a 3D image layer and a loaded model")
             return False
         try:
-            self.store = EmbeddingStore.open(path, self.predictor.model, np.asarray(image_data(image)),
-                                             tuple(image.contrast_limits))
+            self.store = EmbeddingStore.open(
+                path, self.predictor.model, np.asarray(image_data(image)), tuple(image.contrast_limits)
+            )
         except (ValueError, FileNotFoundError) as exc:
             self.store = None
             show_error(f"TinySAM: {exc}")
@@ -291,16 +316,23 @@ class AnnotatorWidget(Container):
                 self.viewer.layers.remove(old)
         geo = {"scale": image.scale, "translate": image.translate}
         shape = image.data.shape[:nd]
-        self.preview_layer = self.viewer.add_labels(
-            np.zeros(shape, np.uint8), name=PREVIEW_NAME, opacity=0.55, **geo
-        )
+        self.preview_layer = self.viewer.add_labels(np.zeros(shape, np.uint8), name=PREVIEW_NAME, opacity=0.55, **geo)
         self.boxes_layer = self.viewer.add_shapes(
-            ndim=nd, name="TinySAM boxes", edge_color="#ffdc00", face_color="transparent",
-            edge_width=2, **geo,
+            ndim=nd,
+            name="TinySAM boxes",
+            edge_color="#ffdc00",
+            face_color="transparent",
+            edge_width=2,
+            **geo,
         )
         self.points_layer = self.viewer.add_points(
-            np.zeros((0, nd)), ndim=nd, name="TinySAM points", features={"positive": np.zeros(0, bool)},
-            size=max(4.0, min(shape[-2:]) / 60), border_color="white", **geo,
+            np.zeros((0, nd)),
+            ndim=nd,
+            name="TinySAM points",
+            features={"positive": np.zeros(0, bool)},
+            size=max(4.0, min(shape[-2:]) / 60),
+            border_color="white",
+            **geo,
         )
         self._polarity_changed(self.negative.value)
         self.points_layer.mode = "add"
@@ -386,8 +418,12 @@ class AnnotatorWidget(Container):
             return
         pos = np.asarray(layer.features["positive"], bool)
         symbols = np.array([str(getattr(v, "value", v)) for v in np.atleast_1d(layer.symbol)])
-        if (len(layer.face_color) == len(pos) and np.allclose(layer.face_color, _POLARITY_RGBA[pos.astype(int)])
-                and len(symbols) == len(pos) and (symbols == np.where(pos, "disc", "x")).all()):
+        if (
+            len(layer.face_color) == len(pos)
+            and np.allclose(layer.face_color, _POLARITY_RGBA[pos.astype(int)])
+            and len(symbols) == len(pos)
+            and (symbols == np.where(pos, "disc", "x")).all()
+        ):
             return
         layer.face_color = [POSITIVE_COLOR if p else NEGATIVE_COLOR for p in pos]
         layer.symbol = ["disc" if p else "x" for p in pos]
@@ -427,7 +463,9 @@ class AnnotatorWidget(Container):
         """The slice of the image shown in the viewer."""
         image = self.image_combo.value
         nd = image_ndim(image)
-        pos = image.world_to_data(self.viewer.dims.point[-nd:] if len(self.viewer.dims.point) >= nd else self.viewer.dims.point)
+        pos = image.world_to_data(
+            self.viewer.dims.point[-nd:] if len(self.viewer.dims.point) >= nd else self.viewer.dims.point
+        )
         return slice_of(np.asarray(pos))
 
     def _refresh(self, index: tuple[int, ...] | None = None) -> None:
@@ -459,14 +497,20 @@ class AnnotatorWidget(Container):
         if self._embedded(index, rgb):
             try:
                 if self.each_point.value and prompts.mask is None:
-                    self.objects = segment_objects(self.predictor, rgb, prompts, self._histories, rescale=True,
-                                                   encode=False)
+                    self.objects = segment_objects(
+                        self.predictor, rgb, prompts, self._histories, rescale=True, encode=False
+                    )
                     self.candidates = self.objects[0] if self.objects else None
                     self._show(self._objects_image(self.objects), index)
                     self._look_smaller(index, [v for o in self.objects for v in o.pending_scales])
                     return
                 self.candidates = segment_prompts(
-                    self.predictor, rgb, prompts, self._clicks, Zoom() if self.zoom.value else None, encode=False,
+                    self.predictor,
+                    rgb,
+                    prompts,
+                    self._clicks,
+                    Zoom() if self.zoom.value else None,
+                    encode=False,
                     rescale=True,
                 )
             except ValueError as exc:
@@ -477,7 +521,9 @@ class AnnotatorWidget(Container):
             if self.candidates.pending_window is not None:  # a small object: a closer look, then refresh
                 self._pending_update = index
                 self._window_jobs.add(
-                    self._request_embedding(index, self.candidates.pending_window, priority=True, what="a magnified window of slice")
+                    self._request_embedding(
+                        index, self.candidates.pending_window, priority=True, what="a magnified window of slice"
+                    )
                 )
             self._look_smaller(index, self.candidates.pending_scales)
             # after the preview has been painted: the user is looking, not clicking
@@ -682,7 +728,11 @@ class AnnotatorWidget(Container):
             if refining:
                 target = self._refine_target(check=False)  # replace_object checks the id
                 records = replace_object(
-                    target.data, refining, objects[0], self.overwrite.value, whole=bool(self.preview_volumes),
+                    target.data,
+                    refining,
+                    objects[0],
+                    self.overwrite.value,
+                    whole=bool(self.preview_volumes),
                     within=self._lead,
                 )
             else:
@@ -746,8 +796,10 @@ class AnnotatorWidget(Container):
             return
         image = self.image_combo.value
         if image is None or image_ndim(image) < 3:
-            show_error("TinySAM: propagation needs a 3D image layer (Z, Y, X, or a 4D one whose displayed stack "
-                       f"it follows); on a 2D image commit with {KEYS['commit']}")
+            show_error(
+                "TinySAM: propagation needs a 3D image layer (Z, Y, X, or a 4D one whose displayed stack "
+                f"it follows); on a 2D image commit with {KEYS['commit']}"
+            )
             return
         if self.predictor is None:
             show_info("TinySAM: the model is still loading")
@@ -766,9 +818,7 @@ class AnnotatorWidget(Container):
                 for p, obj in zip(split_objects(self._prompts((*lead, z0))), self.objects)
             ]
         else:
-            prompts = {
-                z: p for z in self._prompted_slices(tuple(lead)) if not (p := self._prompts((*lead, z))).empty
-            }
+            prompts = {z: p for z in self._prompted_slices(tuple(lead)) if not (p := self._prompts((*lead, z))).empty}
             masks = {}
             if self.candidates.chosen != self.candidates.best or z0 not in prompts or self.refine_id.value:
                 masks[z0] = self.candidates.mask.copy()
@@ -782,10 +832,14 @@ class AnnotatorWidget(Container):
         nd = image_ndim(image)
         coords = [to_image_coords(self.points_layer, image, self.points_layer.data)]
         coords += [to_image_coords(self.boxes_layer, image, v) for v in self.boxes_layer.data]
-        return sorted({
-            index[-1] for block in coords for c in np.asarray(block).reshape(-1, nd)
-            if (index := slice_of(c))[:-1] == lead
-        })
+        return sorted(
+            {
+                index[-1]
+                for block in coords
+                for c in np.asarray(block).reshape(-1, nd)
+                if (index := slice_of(c))[:-1] == lead
+            }
+        )
 
     def _start_propagation(self, image, lead: tuple[int, ...], seeds: list[tuple[dict, dict]]) -> None:
         """Propagate each object of ``seeds`` ((prompts, masks) by slice) in turn through
@@ -803,11 +857,23 @@ class AnnotatorWidget(Container):
             for i, (prompts, masks) in enumerate(seeds):
                 if choose_method(predictor.model, prompts, masks) == "head":
                     # the head sees denoised slices: the store's embeddings of the raw ones do not apply
-                    results = iter_head_propagation(predictor, data, prompts, contrast_limits=limits,
-                                                    cancel=lambda: self._cancel_propagation, scale=voxel)
+                    results = iter_head_propagation(
+                        predictor,
+                        data,
+                        prompts,
+                        contrast_limits=limits,
+                        cancel=lambda: self._cancel_propagation,
+                        scale=voxel,
+                    )
                 else:
-                    results = iter_propagation(predictor, data, prompts, masks, contrast_limits=limits,
-                                               prepare_slice=lambda z, rgb: self._embedded((*lead, z), rgb))
+                    results = iter_propagation(
+                        predictor,
+                        data,
+                        prompts,
+                        masks,
+                        contrast_limits=limits,
+                        prepare_slice=lambda z, rgb: self._embedded((*lead, z), rgb),
+                    )
                 try:
                     for res in results:
                         yield i, res
@@ -866,7 +932,8 @@ class AnnotatorWidget(Container):
             return
         if not self.preview_volumes:
             self.status.value = (
-                "propagation cancelled" if self._cancel_propagation
+                "propagation cancelled"
+                if self._cancel_propagation
                 else "no object found through the stack: click inside the object, or add points"
             )
             return
@@ -897,8 +964,10 @@ class AnnotatorWidget(Container):
         lost = sorted(set(np.flatnonzero((stack == self.refine_id.value).any((1, 2))).tolist()) - set(zs))
         if not lost:
             return ""
-        return (f"; label {self.refine_id.value} is also on slice{'s' if len(lost) > 1 else ''} "
-                f"{_ranges(lost)}, from which the commit removes it")
+        return (
+            f"; label {self.refine_id.value} is also on slice{'s' if len(lost) > 1 else ''} "
+            f"{_ranges(lost)}, from which the commit removes it"
+        )
 
     def _propagation_failed(self, exc: Exception) -> None:
         self._propagation_error = exc

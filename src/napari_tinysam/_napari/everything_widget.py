@@ -45,8 +45,9 @@ def run_everything(model_name, data, index, scope, stitch, contrast_limits, para
     model = get_model(model_name)
     spatial = data.shape[: len(index) + 2]
     if scope == CURRENT or len(index) == 0:
-        labels2d = segment_everything(model, np.asarray(data[index]), contrast_limits=contrast_limits,
-                                      progress=report, cancel=cancel, **params)
+        labels2d = segment_everything(
+            model, np.asarray(data[index]), contrast_limits=contrast_limits, progress=report, cancel=cancel, **params
+        )
         if not index:
             return labels2d
         out = np.zeros(spatial, np.int32)
@@ -56,7 +57,13 @@ def run_everything(model_name, data, index, scope, stitch, contrast_limits, para
     lead = index[:-1]
     stack = np.asarray(data[lead])
     labels = segment_volume(
-        model, stack, stitch=stitch, progress=report, cancel=cancel, contrast_limits=contrast_limits, scale=scale,
+        model,
+        stack,
+        stitch=stitch,
+        progress=report,
+        cancel=cancel,
+        contrast_limits=contrast_limits,
+        scale=scale,
         **params,
     )
     if not lead:
@@ -97,18 +104,38 @@ class EverythingWidget(Container):
         self.center = FloatSpinBox(label="centre seed thresh", min=0.01, max=0.99, step=0.05, value=0.5)
         self.boundary = FloatSpinBox(label="boundary seed thresh", min=0.01, max=0.99, step=0.05, value=0.5)
         self.advanced_box = Container(
-            widgets=[self.pred_iou, self.stability, self.high_score, self.nms, self.min_area,
-                     self.foreground, self.center, self.boundary],
+            widgets=[
+                self.pred_iou,
+                self.stability,
+                self.high_score,
+                self.nms,
+                self.min_area,
+                self.foreground,
+                self.center,
+                self.boundary,
+            ],
             visible=False,
         )
         self.run_btn = PushButton(text="Run")
         self.cancel_btn = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
-        self.extend([
-            self.image_combo, self.model_combo, self.mode, self.head_only, self.points_per_side, self.scope,
-            self.stitch, self.output, self.advanced, self.advanced_box, self.run_btn,
-            self.cancel_btn, self.status,
-        ])
+        self.extend(
+            [
+                self.image_combo,
+                self.model_combo,
+                self.mode,
+                self.head_only,
+                self.points_per_side,
+                self.scope,
+                self.stitch,
+                self.output,
+                self.advanced,
+                self.advanced_box,
+                self.run_btn,
+                self.cancel_btn,
+                self.status,
+            ]
+        )
         self.advanced.changed.connect(lambda v: setattr(self.advanced_box, "visible", v))
         self._model = None
         self.mode.changed.connect(self._mode_changed)
@@ -167,9 +194,14 @@ class EverythingWidget(Container):
         if self._model is None or mode is None:
             return
         t = recommended_thresholds(self._model, mode, volume=self._whole_stack())
-        for key, w in (("pred_iou_thresh", self.pred_iou), ("stability_score_thresh", self.stability),
-                       ("box_nms_thresh", self.nms), ("foreground_thresh", self.foreground),
-                       ("center_thresh", self.center), ("boundary_thresh", self.boundary)):
+        for key, w in (
+            ("pred_iou_thresh", self.pred_iou),
+            ("stability_score_thresh", self.stability),
+            ("box_nms_thresh", self.nms),
+            ("foreground_thresh", self.foreground),
+            ("center_thresh", self.center),
+            ("boundary_thresh", self.boundary),
+        ):
             if key in t:
                 w.value = t[key]
 
@@ -232,8 +264,17 @@ class EverythingWidget(Container):
         self._cancel.clear()
         limits = tuple(image.contrast_limits)
         worker = create_worker(
-            run_everything, self.model_combo.value, data, index, self.scope.value, self.stitch.value,
-            limits, self.params(), self._cancel.is_set, self._relay.progressed.emit, voxel_size(image),
+            run_everything,
+            self.model_combo.value,
+            data,
+            index,
+            self.scope.value,
+            self.stitch.value,
+            limits,
+            self.params(),
+            self._cancel.is_set,
+            self._relay.progressed.emit,
+            voxel_size(image),
             _ignore_errors=True,
         )
         self.status.value = "running…"

@@ -66,8 +66,7 @@ def check_slice(index: tuple[int, ...], shape: tuple[int, ...]) -> None:
     for axis, (i, n) in enumerate(zip(index, shape)):
         if not 0 <= i < n:
             raise ValueError(
-                f"the prompt lies on index {i} of axis {axis}, outside the image (0..{n - 1}); "
-                "move it onto the image"
+                f"the prompt lies on index {i} of axis {axis}, outside the image (0..{n - 1}); move it onto the image"
             )
 
 

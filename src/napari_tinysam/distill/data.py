@@ -214,8 +214,13 @@ def augment_crop(
 
 
 def seeded_crop(
-    samples: list[Sample], seed, crop: int, aug: Augment, require_objects: bool = False,
-    weights: np.ndarray | None = None, pad: bool = True,
+    samples: list[Sample],
+    seed,
+    crop: int,
+    aug: Augment,
+    require_objects: bool = False,
+    weights: np.ndarray | None = None,
+    pad: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The augmented crop of ``seed`` (an int or a sequence of ints): a random field of
     ``samples`` (drawn with probabilities ``weights`` when given, else uniformly), then a

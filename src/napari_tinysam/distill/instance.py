@@ -33,8 +33,15 @@ from .teacher import TeacherStore
 
 #: Microscope augmentations used for the head (see ``Augment``).
 HEAD_AUGMENT = dict(
-    scale_jitter=0.75, gamma_jitter=0.4, contrast_jitter=2.0, noise=0.02, dim=0.3,
-    illumination=0.5, blur=2.5, shot_noise=0.5, snr_min=2.0,
+    scale_jitter=0.75,
+    gamma_jitter=0.4,
+    contrast_jitter=2.0,
+    noise=0.02,
+    dim=0.3,
+    illumination=0.5,
+    blur=2.5,
+    shot_noise=0.5,
+    snr_min=2.0,
 )
 
 
@@ -83,8 +90,10 @@ def load_source(path: str | Path, z_step: float = 1.0, axes: str = "all") -> lis
         return load_folder(path / "images")
     if path.is_dir() and path.name == "images":
         return load_folder(path)
-    files = [path] if path.is_file() else sorted(
-        p for p in path.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES and _stack_labels(p) is not None
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES and _stack_labels(p) is not None)
     )
     if not files:
         raise FileNotFoundError(
@@ -179,8 +188,13 @@ class HeadStore(TeacherStore):
 
     def view(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         return seeded_crop(
-            self.samples, [self.seed, i], self.crop, self.augment, require_objects=True,
-            weights=self.weights, pad=False,
+            self.samples,
+            [self.seed, i],
+            self.crop,
+            self.augment,
+            require_objects=True,
+            weights=self.weights,
+            pad=False,
         )
 
     @torch.no_grad()
@@ -215,8 +229,12 @@ class HeadStore(TeacherStore):
 
 
 # -- inference-side validation ----------------------------------------------------------
-def validate_head(model: Sam, val_sets: dict[str, list[tuple[np.ndarray, np.ndarray]]],
-                  embeddings: dict[str, list], params: dict | None = None) -> dict[str, float]:
+def validate_head(
+    model: Sam,
+    val_sets: dict[str, list[tuple[np.ndarray, np.ndarray]]],
+    embeddings: dict[str, list],
+    params: dict | None = None,
+) -> dict[str, float]:
     """Head-only F1@0.5 per validation folder (embeddings precomputed, see ``embed_val``)."""
     from ..instances import head_only_labels
     from ..metrics import match_instances
@@ -393,8 +411,16 @@ def train_head(cfg: HeadConfig, log: Callable[[str], None] = print) -> Path:
             log(json.dumps(row))
         if step == steps or time.time() - last_ckpt > 120:
             tmp = out / "last.pt.partial"
-            torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
-                        "history": json.dumps(history)}, tmp)
+            torch.save(
+                {
+                    "head": head.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "best": best,
+                    "history": json.dumps(history),
+                },
+                tmp,
+            )
             tmp.replace(state_path)
             last_ckpt = time.time()
     bar.close()
@@ -404,7 +430,11 @@ def train_head(cfg: HeadConfig, log: Callable[[str], None] = print) -> Path:
     model.instance_head = head
     model.config = {**model.config, "instance_head": dict(cfg.head)}
     meta = dict(getattr(model, "meta", {}) or {})
-    meta["instance_head"] = {"config": asdict(cfg), "validation": history[-1] if history else None,
-                             "best_validation_mean_f1": best, "history": history}
+    meta["instance_head"] = {
+        "config": asdict(cfg),
+        "validation": history[-1] if history else None,
+        "best_validation_mean_f1": best,
+        "history": history,
+    }
     save_checkpoint(model, out / "model.pt", meta=meta, half=True)  # as bundled
     return out / "model.pt"

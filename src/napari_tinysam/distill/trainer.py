@@ -179,8 +179,13 @@ class Trainer:
             from .teacher import TeacherStore
 
             self.store = TeacherStore(
-                cfg.teacher_store or self.out / "teacher_store", teacher, self.train_samples,
-                cfg.teacher_views, cfg.crop, self.aug, cfg.seed,
+                cfg.teacher_store or self.out / "teacher_store",
+                teacher,
+                self.train_samples,
+                cfg.teacher_views,
+                cfg.crop,
+                self.aug,
+                cfg.seed,
             )
             missing = int((~self.store.done).sum())
             if missing:
@@ -242,8 +247,10 @@ class Trainer:
             emb = torch.cat([self.store.get(int(i)) for i in idx])
             return x.to(self.device), labs, emb.to(self.device)
         if self.pool is None:
-            crops = [seeded_crop(self.train_samples, seed, self.cfg.crop, self.aug, require_objects=True)
-                     for seed in self._seeds(self.step)]
+            crops = [
+                seeded_crop(self.train_samples, seed, self.cfg.crop, self.aug, require_objects=True)
+                for seed in self._seeds(self.step)
+            ]
         else:
             # the next step's batch is made by the workers while this step runs
             if self.pending is None or self.pending[0] != self.step:
@@ -344,7 +351,9 @@ class Trainer:
             gt_all, owner_all, offset_all, cells = objects
             pe_all = self._object_pe(model.prompt_encoder.get_dense_pe(), cells, owner_all, len(labs), grid)
             if self.teacher is not None:
-                t_pe_all = self._object_pe(self.teacher.prompt_encoder.get_dense_pe(), cells, owner_all, len(labs), grid)
+                t_pe_all = self._object_pe(
+                    self.teacher.prompt_encoder.get_dense_pe(), cells, owner_all, len(labs), grid
+                )
             use_box = torch.rand(gt_all.shape[0], generator=self.gen, device=dev) < cfg.box_fraction
             for group, is_box in ((~use_box, False), (use_box, True)):
                 if not group.any():
@@ -377,7 +386,8 @@ class Trainer:
                     if self.teacher is not None:
                         with torch.no_grad(), self._autocast():
                             t_logits, _, t_tokens = self.teacher.mask_decoder(
-                                teacher_emb[owner], t_pe_all[group],
+                                teacher_emb[owner],
+                                t_pe_all[group],
                                 *self.teacher.prompt_encoder(pts, boxes, mask_in, (grid, grid)),
                                 return_tokens=True,
                             )
@@ -403,7 +413,10 @@ class Trainer:
             group["lr"] = lr_at(self.step, cfg)
         self.opt.step()
         self.step += 1
-        out = {k: float(v.detach() if torch.is_tensor(v) else v) / (1 if k == "embedding" else max(1, n_masks)) for k, v in terms.items()}
+        out = {
+            k: float(v.detach() if torch.is_tensor(v) else v) / (1 if k == "embedding" else max(1, n_masks))
+            for k, v in terms.items()
+        }
         out["loss"] = float(loss.detach())
         out["rounds"] = rounds
         return out
@@ -491,7 +504,9 @@ class Trainer:
                 timed += 1
                 if done_here in self.FIT_AT:
                     self.cfg.steps = self._fit_steps(time.time() - started, step_time / timed, val_seconds)
-                    self.log(f"{step_time / timed * 1000:.0f} ms per step: {self.cfg.steps} steps fit {self.cfg.minutes} min")
+                    self.log(
+                        f"{step_time / timed * 1000:.0f} ms per step: {self.cfg.steps} steps fit {self.cfg.minutes} min"
+                    )
                     if bar is not None:
                         bar.total = self.cfg.steps
             if bar is not None:

@@ -282,9 +282,7 @@ def load_state_dict_strict(model: Sam, sd: dict[str, torch.Tensor], source: str 
         if shapes:
             parts.append(f"shape mismatches: {_describe(shapes, 3)}")
         raise CheckpointError(f"{source} does not match the model architecture; " + "; ".join(parts))
-    converted = {
-        k: v.float() if v.is_floating_point() else v for k, v in sd.items()
-    }
+    converted = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     model.load_state_dict(converted, strict=True)
 
 
@@ -354,7 +352,9 @@ def is_pickled_module(path: str | Path) -> bool:
 
 
 def write_checkpoint(
-    path: str | os.PathLike, config: dict[str, Any], state_dict: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    config: dict[str, Any],
+    state_dict: dict[str, torch.Tensor],
     meta: dict[str, Any] | None = None,
 ) -> None:
     """Write a project-format checkpoint atomically (temporary file + rename), so that an
@@ -376,8 +376,10 @@ def save_checkpoint(
     model: Sam, path: str | os.PathLike, meta: dict[str, Any] | None = None, half: bool = False
 ) -> None:
     """Write ``model`` in the project's format, atomically."""
-    sd = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone()
-          for k, v in model.state_dict().items()}
+    sd = {
+        k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone()
+        for k, v in model.state_dict().items()
+    }
     write_checkpoint(path, model.config, sd, meta)
 
 

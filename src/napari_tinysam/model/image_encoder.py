@@ -70,9 +70,7 @@ class Attention(nn.Module):
             r_q = q.reshape(b * nh, h, w, -1)
             rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
             rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
-            bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(
-                b, nh, h * w, h * w
-            )
+            bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(b, nh, h * w, h * w)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         out = out.view(b, nh, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(out)
@@ -153,9 +151,7 @@ class ImageEncoderViT(nn.Module):
         self.patch_size = patch_size
         grid = img_size // patch_size
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        self.pos_embed = (
-            nn.Parameter(torch.zeros(1, grid, grid, embed_dim)) if use_abs_pos else None
-        )
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim)) if use_abs_pos else None
         self.blocks = nn.ModuleList(
             [
                 Block(

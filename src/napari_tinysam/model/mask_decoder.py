@@ -53,14 +53,9 @@ class MaskDecoder(nn.Module):
             nn.GELU(),
         )
         self.output_hypernetworks_mlps = nn.ModuleList(
-            [
-                MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3)
-                for _ in range(self.num_mask_tokens)
-            ]
+            [MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(self.num_mask_tokens)]
         )
-        self.iou_prediction_head = MLP(
-            transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
-        )
+        self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
         self.hyper_product = MatMul()  # hypernetwork weights @ upscaled image features
         self.set_product_dtype(None)
 
@@ -124,8 +119,14 @@ class MaskDecoder(nn.Module):
         """Whether the upscaling layers are the float originals (a quantizer replaces them
         with its own modules, which then run as modules)."""
         up = self.output_upscaling
-        return (type(up[0]) is nn.ConvTranspose2d and type(up[1]) is LayerNorm2d and type(up[2]) is nn.GELU
-                and type(up[3]) is nn.ConvTranspose2d and type(up[4]) is nn.GELU and type(self.hyper_product) is MatMul)
+        return (
+            type(up[0]) is nn.ConvTranspose2d
+            and type(up[1]) is LayerNorm2d
+            and type(up[2]) is nn.GELU
+            and type(up[3]) is nn.ConvTranspose2d
+            and type(up[4]) is nn.GELU
+            and type(self.hyper_product) is MatMul
+        )
 
     def _upscale_channels_last(self, src: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
         """``output_upscaling`` and the hypernetwork product as three matrix products on
@@ -181,9 +182,7 @@ class MaskDecoder(nn.Module):
             low-resolution mask logits (B, T, 4h, 4w) and IoU predictions (B, T) for all
             T = num_multimask_outputs + 1 tokens (and the tokens if asked).
         """
-        hs, src = self.run_transformer(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
-        )
+        hs, src = self.run_transformer(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
         iou_pred = self.predict_iou(hs)
         masks = self.masks_from_tokens(hs, src)
         if return_tokens:

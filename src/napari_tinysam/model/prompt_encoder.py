@@ -15,9 +15,7 @@ class PositionEmbeddingRandom(nn.Module):
 
     def __init__(self, num_pos_feats: int = 64, scale: float = 1.0) -> None:
         super().__init__()
-        self.register_buffer(
-            "positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats))
-        )
+        self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats)))
 
     def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
         """coords (..., 2) normalised to [0, 1] -> (..., 2 * num_pos_feats)."""
@@ -36,9 +34,7 @@ class PositionEmbeddingRandom(nn.Module):
         pe = self._pe_encoding(torch.stack([x_embed, y_embed], dim=-1))
         return pe.permute(2, 0, 1)
 
-    def forward_with_coords(
-        self, coords_input: torch.Tensor, image_size: tuple[int, int]
-    ) -> torch.Tensor:
+    def forward_with_coords(self, coords_input: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """coords (B, N, 2) as (x, y) in model-input pixels -> (B, N, C)."""
         coords = coords_input.clone().to(torch.float)
         coords[:, :, 0] = coords[:, :, 0] / image_size[1]
@@ -94,8 +90,13 @@ class PromptEncoder(nn.Module):
         g = self.pe_layer.positional_encoding_gaussian_matrix
         size = tuple(self.image_embedding_size)
         cached = self.__dict__.get("_dense_pe")
-        fresh = (cached is not None and cached[0] == size and cached[1].device == g.device
-                 and cached[1].dtype == g.dtype and torch.equal(cached[1], g))
+        fresh = (
+            cached is not None
+            and cached[0] == size
+            and cached[1].device == g.device
+            and cached[1].dtype == g.dtype
+            and torch.equal(cached[1], g)
+        )
         if not fresh or torch.is_grad_enabled():
             with torch.autocast(g.device.type, enabled=False):
                 pe = self.pe_layer(self.image_embedding_size).unsqueeze(0)

@@ -145,15 +145,15 @@ class Sam(nn.Module):
         resolved = resolve_precision(precision, self.device)
         if resolved != "fp32" and getattr(self, "quantization", None):
             if precision != "auto":
-                raise ValueError(
-                    "an int8 model runs its own integer kernels; load it with precision='fp32' or 'auto'"
-                )
+                raise ValueError("an int8 model runs its own integer kernels; load it with precision='fp32' or 'auto'")
             resolved = "fp32"
         if resolved != self.precision:
             self.precision = resolved
             self.__dict__.pop("_cache_token", None)
         # a single click's float32 decoder still runs its large products in bfloat16
-        self.mask_decoder.set_product_dtype(torch.bfloat16 if resolved == "bf16" and self.device.type == "cpu" else None)
+        self.mask_decoder.set_product_dtype(
+            torch.bfloat16 if resolved == "bf16" and self.device.type == "cpu" else None
+        )
         return self
 
     #: Prompts per decoder call from which the decoder, too, runs at the model's precision.
@@ -308,8 +308,11 @@ class Sam(nn.Module):
                     return encoder(x).float()
             except Exception as exc:  # the compiler itself failed on this platform
                 _COMPILED.pop(self, None)
-                warnings.warn(f"compiling the image encoder failed ({type(exc).__name__}: {exc}); "
-                              "running it eagerly", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"compiling the image encoder failed ({type(exc).__name__}: {exc}); running it eagerly",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 return self.image_encoder(x).float()
 
     def decode(
@@ -323,17 +326,23 @@ class Sam(nn.Module):
         IoU predictions (B, 4) for all four mask tokens."""
         batch = len(points[0]) if points is not None else len(boxes) if boxes is not None else len(mask_input)
         if batch > 1 and self.decode_singly and self.mask_decoder.product_dtype is not None:
+
             def one(t, i):
                 return None if t is None else t[i : i + 1] if len(t) == batch else t
 
-            outs = [self.decode(one(image_embeddings, i), None if points is None else (one(points[0], i), one(points[1], i)),
-                                one(boxes, i), one(mask_input, i)) for i in range(batch)]
+            outs = [
+                self.decode(
+                    one(image_embeddings, i),
+                    None if points is None else (one(points[0], i), one(points[1], i)),
+                    one(boxes, i),
+                    one(mask_input, i),
+                )
+                for i in range(batch)
+            ]
             return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
         with self.autocast(batch):
             sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-            low, iou = self.mask_decoder(
-                image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense
-            )
+            low, iou = self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense)
         return low.float(), iou.float()
 
     def decode_windows(

@@ -27,9 +27,7 @@ class ConvBN(nn.Module):
     fold costs a few microseconds and can never go stale when weights change.
     """
 
-    def __init__(
-        self, in_ch: int, out_ch: int, ks: int = 1, stride: int = 1, pad: int = 0, groups: int = 1
-    ) -> None:
+    def __init__(self, in_ch: int, out_ch: int, ks: int = 1, stride: int = 1, pad: int = 0, groups: int = 1) -> None:
         super().__init__()
         self.c = nn.Conv2d(in_ch, out_ch, ks, stride, pad, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_ch)
@@ -115,9 +113,7 @@ class PatchMerging(nn.Module):
 class ConvLayer(nn.Module):
     """Stage 0: MBConv blocks then an optional downsample. NCHW -> NCHW."""
 
-    def __init__(
-        self, dim: int, depth: int, expand_ratio: float, downsample: PatchMerging | None
-    ) -> None:
+    def __init__(self, dim: int, depth: int, expand_ratio: float, downsample: PatchMerging | None) -> None:
         super().__init__()
         self.blocks = nn.ModuleList([MBConv(dim, expand_ratio) for _ in range(depth)])
         self.downsample = downsample
@@ -196,9 +192,7 @@ class Mlp(nn.Module):
 class TinyViTBlock(nn.Module):
     """Windowed attention, depthwise local convolution, MLP: (B, H, W, C) -> same."""
 
-    def __init__(
-        self, dim: int, num_heads: int, window_size: int, mlp_ratio: float, local_conv_size: int
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, window_size: int, mlp_ratio: float, local_conv_size: int) -> None:
         super().__init__()
         self.window_size = window_size
         self.attn = Attention(dim, num_heads, window_size)
@@ -237,10 +231,7 @@ class BasicLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            [
-                TinyViTBlock(dim, num_heads, window_size, mlp_ratio, local_conv_size)
-                for _ in range(depth)
-            ]
+            [TinyViTBlock(dim, num_heads, window_size, mlp_ratio, local_conv_size) for _ in range(depth)]
         )
         self.downsample = downsample
 
@@ -280,11 +271,7 @@ class TinyViT(nn.Module):
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
         self.layers = nn.ModuleList()
         for i in range(n):
-            down = (
-                PatchMerging(embed_dims[i], embed_dims[i + 1], downsample_strides[i])
-                if i < n - 1
-                else None
-            )
+            down = PatchMerging(embed_dims[i], embed_dims[i + 1], downsample_strides[i]) if i < n - 1 else None
             if i == 0:
                 layer: nn.Module = ConvLayer(embed_dims[0], depths[0], mbconv_expand_ratio, down)
             else:

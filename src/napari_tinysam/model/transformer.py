@@ -176,16 +176,12 @@ class TwoWayAttentionBlock(nn.Module):
         super().__init__()
         self.self_attn = Attention(embedding_dim, num_heads)
         self.norm1 = nn.LayerNorm(embedding_dim)
-        self.cross_attn_token_to_image = Attention(
-            embedding_dim, num_heads, attention_downsample_rate
-        )
+        self.cross_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.norm2 = nn.LayerNorm(embedding_dim)
         self.mlp = MLPBlock(embedding_dim, mlp_dim, nn.ReLU)
         self.norm3 = nn.LayerNorm(embedding_dim)
         self.norm4 = nn.LayerNorm(embedding_dim)
-        self.cross_attn_image_to_token = Attention(
-            embedding_dim, num_heads, attention_downsample_rate
-        )
+        self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(
@@ -200,8 +196,11 @@ class TwoWayAttentionBlock(nn.Module):
         q = queries + query_pe
         # one image for every prompt of the batch (an expanded tensor): its side of both
         # cross-attentions is computed once (see Attention.shared_keys)
-        shared = (expanded_over_batch(keys) and self.cross_attn_token_to_image.reassociate
-                  and self.cross_attn_image_to_token.reassociate)
+        shared = (
+            expanded_over_batch(keys)
+            and self.cross_attn_token_to_image.reassociate
+            and self.cross_attn_image_to_token.reassociate
+        )
         lp = None if shared else self.cross_attn_token_to_image._low(keys)
         if shared:
             k = keys[:1] + key_pe
@@ -242,15 +241,11 @@ class TwoWayTransformer(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(
             [
-                TwoWayAttentionBlock(
-                    embedding_dim, num_heads, mlp_dim, attention_downsample_rate, i == 0
-                )
+                TwoWayAttentionBlock(embedding_dim, num_heads, mlp_dim, attention_downsample_rate, i == 0)
                 for i in range(depth)
             ]
         )
-        self.final_attn_token_to_image = Attention(
-            embedding_dim, num_heads, attention_downsample_rate
-        )
+        self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(

@@ -66,11 +66,32 @@ from .simulated import (
 )
 
 __all__ = [
-    "BITS", "ActQuant", "Int8Conv2d", "Int8Linear", "QConv", "QLinear", "QMatMul", "calibrate",
-    "calibration_prompts", "candidate_alphas", "fake_quant", "int8_kernel_layers", "int8_kernels_available",
-    "int8_kernels_unavailable", "load_quantized", "prepare", "quant_layers", "quantize", "quantize_model",
-    "quantized_state_dict", "record_calibration", "save_quantized", "search_scales", "twin_gelu_quant",
-    "twin_softmax_quant", "use_int8_kernels",
+    "BITS",
+    "ActQuant",
+    "Int8Conv2d",
+    "Int8Linear",
+    "QConv",
+    "QLinear",
+    "QMatMul",
+    "calibrate",
+    "calibration_prompts",
+    "candidate_alphas",
+    "fake_quant",
+    "int8_kernel_layers",
+    "int8_kernels_available",
+    "int8_kernels_unavailable",
+    "load_quantized",
+    "prepare",
+    "quant_layers",
+    "quantize",
+    "quantize_model",
+    "quantized_state_dict",
+    "record_calibration",
+    "save_quantized",
+    "search_scales",
+    "twin_gelu_quant",
+    "twin_softmax_quant",
+    "use_int8_kernels",
 ]
 
 # a checkpoint whose config carries ``quantization`` is rebuilt here, with int8 kernels on the CPU

@@ -100,8 +100,7 @@ def _consolidate(cap: _Capture, budget: int, gen: torch.Generator) -> _Capture:
     merged = _Capture([], [], {})
     for idx in groups.values():
         n_in = len(cap.inputs[idx[0]])
-        merged.inputs.append([torch.cat([cap.inputs[i][k] for i in idx])
-                              for k in range(n_in)])
+        merged.inputs.append([torch.cat([cap.inputs[i][k] for i in idx]) for k in range(n_in)])
         merged.outputs.append(torch.cat([cap.outputs[i] for i in idx]))
         if all(i in cap.grads for i in idx):
             merged.grads[len(merged.outputs) - 1] = torch.cat([cap.grads[i] for i in idx])
@@ -167,8 +166,9 @@ def _operands(m: nn.Module, samples: _Capture) -> tuple[list[_Operand], Callable
         for i, act in enumerate(acts):
             per_head = act.scale.dim() == 4
             amax = _act_amax(act.kind, [p[i] for p in samples.inputs], per_head)
-            ops.append(_Operand(amax, 1 if per_head else None,
-                                (lambda a: lambda s: a.scale.copy_(s.view_as(a.scale)))(act)))
+            ops.append(
+                _Operand(amax, 1 if per_head else None, (lambda a: lambda s: a.scale.copy_(s.view_as(a.scale)))(act))
+            )
 
         def make_eval(j: int) -> Callable[[], list[torch.Tensor]]:
             other = 1 - j
@@ -396,5 +396,3 @@ def quantize_model(
     calibrate(q, captures, distance, progress=progress)
     q.quantization.update(distance=distance, calibration_images=len(images))
     return q
-
-

@@ -33,15 +33,15 @@ def _kernels_exact() -> bool:
     ones, zps = torch.ones(16), torch.zeros(16, dtype=torch.int64)
     ref = (x.float() - 128) @ w.float().T  # integers well below 2**24: exact in float32
     lin = torch.ops.onednn.qlinear_pointwise(
-        x, 1.0, 128, torch.ops.onednn.qlinear_prepack(w, None), ones, zps, None,
-        1.0, 0, torch.float32, "none", [], "")
+        x, 1.0, 128, torch.ops.onednn.qlinear_prepack(w, None), ones, zps, None, 1.0, 0, torch.float32, "none", [], ""
+    )
     xc = x.T.reshape(1, 64, 16, 1).contiguous(memory_format=torch.channels_last)
     packed = torch.ops.onednn.qconv_prepack(w.view(16, 64, 1, 1), ones, 1.0, 128, [1, 1], [0, 0], [1, 1], 1, None)
     conv = torch.ops.onednn.qconv2d_pointwise(
-        xc, 1.0, 128, packed, ones, zps, None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], None)
+        xc, 1.0, 128, packed, ones, zps, None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], None
+    )
     tol = 1e-5 * float(ref.abs().max())
-    return (float((lin - ref).abs().max()) <= tol
-            and float((conv.reshape(16, 16).T - ref).abs().max()) <= tol)
+    return float((lin - ref).abs().max()) <= tol and float((conv.reshape(16, 16).T - ref).abs().max()) <= tol
 
 
 @lru_cache(maxsize=1)
@@ -58,8 +58,10 @@ def int8_kernels_unavailable() -> str | None:
     except RuntimeError as e:  # a kernel that refuses this CPU
         return f"oneDNN's int8 kernels fail on this CPU ({e})"
     if not exact:
-        return ("this CPU has no VNNI instructions, on which oneDNN's int8 kernels saturate "
-                "(16-bit sums of u8 x s8 products)")
+        return (
+            "this CPU has no VNNI instructions, on which oneDNN's int8 kernels saturate "
+            "(16-bit sums of u8 x s8 products)"
+        )
     return None
 
 
@@ -103,8 +105,20 @@ class Int8Linear(nn.Module):
             return F.linear(fake_quant(x, self.x_scale), self._w_float, self.bias)
         qx = _quantize_u8(x.reshape(-1, self.in_features), self.x_scale)
         out = torch.ops.onednn.qlinear_pointwise(
-            qx, self.x_scale, 128, self.packed, self.w_scales, self.w_zps, self.bias,
-            1.0, 0, torch.float32, "none", [], "")
+            qx,
+            self.x_scale,
+            128,
+            self.packed,
+            self.w_scales,
+            self.w_zps,
+            self.bias,
+            1.0,
+            0,
+            torch.float32,
+            "none",
+            [],
+            "",
+        )
         return out.view(*lead, self.out_features)
 
 
@@ -123,13 +137,30 @@ class Int8Conv2d(nn.Module):
         self.w_zps = torch.zeros(len(self.w_scales), dtype=torch.int64)
         self.bias = None if q.bias is None else q.bias.detach().float()
         self.packed = torch.ops.onednn.qconv_prepack(
-            qw, self.w_scales, self.x_scale, 128, self.stride, self.padding, [1, 1], self.groups, None)
+            qw, self.w_scales, self.x_scale, 128, self.stride, self.padding, [1, 1], self.groups, None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qx = _quantize_u8(x.contiguous(memory_format=torch.channels_last), self.x_scale)
         return torch.ops.onednn.qconv2d_pointwise(
-            qx, self.x_scale, 128, self.packed, self.w_scales, self.w_zps, self.bias,
-            self.stride, self.padding, [1, 1], self.groups, 1.0, 0, torch.float32, "none", [], None)
+            qx,
+            self.x_scale,
+            128,
+            self.packed,
+            self.w_scales,
+            self.w_zps,
+            self.bias,
+            self.stride,
+            self.padding,
+            [1, 1],
+            self.groups,
+            1.0,
+            0,
+            torch.float32,
+            "none",
+            [],
+            None,
+        )
 
 
 def int8_kernel_layers(qmodel: nn.Module) -> list[str]:
@@ -149,8 +180,11 @@ def use_int8_kernels(qmodel: Sam) -> Sam:
     for those kernels; everything else stays simulated. Returns the model."""
     reason = int8_kernels_unavailable()
     if reason is not None:
-        warnings.warn(f"{reason}: the int8 model runs its simulation (the same integers on float "
-                      "kernels: the same results, at about float32 speed)", stacklevel=2)
+        warnings.warn(
+            f"{reason}: the int8 model runs its simulation (the same integers on float "
+            "kernels: the same results, at about float32 speed)",
+            stacklevel=2,
+        )
         return qmodel
     targets = set(int8_kernel_layers(qmodel))
     for name, m in list(qmodel.named_modules()):
@@ -185,14 +219,18 @@ def save_quantized(qmodel: Sam, path: str | Path, meta: dict[str, Any] | None = 
     """Write a calibrated simulated model in the project's checkpoint format (atomic):
     ``config`` carries the float architecture and a ``quantization`` entry."""
     config = dict(qmodel.config)
-    config["quantization"] = {"bits": BITS, "twin": qmodel.quantization.get("twin", "auto"),
-                              "distance": qmodel.quantization.get("distance")}
+    config["quantization"] = {
+        "bits": BITS,
+        "twin": qmodel.quantization.get("twin", "auto"),
+        "distance": qmodel.quantization.get("distance"),
+    }
     meta = {**(getattr(qmodel, "meta", None) or {}), **(meta or {})}  # keeps tuned thresholds
     write_checkpoint(path, config, quantized_state_dict(qmodel), meta)
 
 
-def load_quantized(config: dict[str, Any], state_dict: dict[str, torch.Tensor], int8_kernels: bool = True,
-                   source: str = "checkpoint") -> Sam:
+def load_quantized(
+    config: dict[str, Any], state_dict: dict[str, torch.Tensor], int8_kernels: bool = True, source: str = "checkpoint"
+) -> Sam:
     """Rebuild a quantized model from a checkpoint's config and state dict: the simulated
     model with its stored integers and scales, then (by default) int8 kernels where
     possible."""
@@ -205,7 +243,8 @@ def load_quantized(config: dict[str, Any], state_dict: dict[str, torch.Tensor], 
     if missing or unexpected:
         raise CheckpointError(
             f"{source} does not match a quantized {float_cfg.get('image_encoder', {}).get('name', '')} model: "
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     layers = dict(quant_layers(q))
     sd = {}
     for k, v in state_dict.items():
@@ -225,4 +264,3 @@ def load_quantized(config: dict[str, Any], state_dict: dict[str, torch.Tensor], 
     if int8_kernels:
         use_int8_kernels(q)
     return q.eval()
-

@@ -137,8 +137,13 @@ class QLinear(nn.Module):
 class QConv(nn.Module):
     """Conv2d or ConvTranspose2d with an 8-bit input and per-output-channel 8-bit weights."""
 
-    def __init__(self, conv: nn.Conv2d | nn.ConvTranspose2d, weight: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None, act_kind: str = "uniform") -> None:
+    def __init__(
+        self,
+        conv: nn.Conv2d | nn.ConvTranspose2d,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        act_kind: str = "uniform",
+    ) -> None:
         super().__init__()
         self.transposed = isinstance(conv, nn.ConvTranspose2d)
         self.stride, self.padding, self.groups = conv.stride, conv.padding, conv.groups
@@ -284,5 +289,3 @@ def prepare(model: Sam, twin: str = "auto") -> Sam:
 
 def quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_TYPES)]
-
-
