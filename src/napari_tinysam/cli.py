@@ -527,8 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs=2,
         metavar=("H", "W"),
-        help="2D: segment in tiles of this size (default in auto mode: tiles only when the "
-        "objects are too small at the whole-image scale, sized from them)",
+        help="segment images, or the slices of stacks (auto mode, in one process), in tiles of this size "
+        "(default in auto mode: tiles only when the objects are too small at the whole-image scale, sized "
+        "from them; on Dask always so)",
     )
     g.add_argument("--halo", type=int, nargs=2, metavar=("H", "W"), help="overlap added around each tile")
     g.add_argument("--index", type=int, nargs="+", help="leading indices for 4D+ data (e.g. a time point)")
