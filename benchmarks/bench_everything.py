@@ -120,10 +120,7 @@ def quality_table(title: str, model, items, methods: dict, volume: bool = False)
             for name in methods:
                 agreement[name].append(best_match_iou(found[grid], found[name]))
         t = time.perf_counter()
-        if volume:
-            classical = link_volume(np.stack([otsu_watershed(s) for s in image]))
-        else:
-            classical = otsu_watershed(image)
+        classical = link_volume(np.stack([otsu_watershed(s) for s in image])) if volume else otsu_watershed(image)
         seconds["otsu+watershed (classical)"].append(time.perf_counter() - t)
         scores["otsu+watershed (classical)"].append(match_instances(classical, truth))
     rows = []

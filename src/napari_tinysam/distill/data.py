@@ -228,10 +228,7 @@ def seeded_crop(
     crop without any object is drawn again."""
     rng = np.random.default_rng(seed)
     while True:
-        if weights is None:
-            pick = int(rng.integers(len(samples)))
-        else:
-            pick = int(rng.choice(len(samples), p=weights))
+        pick = int(rng.integers(len(samples))) if weights is None else int(rng.choice(len(samples), p=weights))
         img, lab = augment_crop(samples[pick], crop, aug, rng, pad=pad)
         if not require_objects or lab is None or lab.max() > 0:
             return img, lab
