@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from volumes import gonuclear, noisy_stack, resampled_gonuclear
+from volumes import gonuclear, mosaics, noisy_stack, resampled_gonuclear
 
 from napari_tinysam import SamPredictor, load_model, samples, segment_everything, segment_volume
 from napari_tinysam.bench import cpu_name, median_time, print_table
@@ -142,28 +142,6 @@ def quality_table(title: str, model, items, methods: dict, volume: bool = False)
         ["method", "F1@0.5", "precision", "recall", "matched_IoU", "s/item"]
         + (["agreement_with_grid"] if grid else []),
     )
-
-
-def mosaics(fields, side: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Large images with small objects: side x side BBBC039 fields placed edge to edge
-    (1040x1392 for 2, 1560x2088 for 3), each field's nuclei keeping their size."""
-    out = []
-    n = side * side
-    for k in range(len(fields) // n):
-        group = fields[k * n : (k + 1) * n]
-        labels, offset = [], 0
-        for f in group:
-            lab = f.labels.astype(np.int32)
-            labels.append(np.where(lab > 0, lab + offset, 0))
-            offset += int(lab.max())
-        rows = range(side)
-        out.append(
-            (
-                np.block([[group[r * side + c].image for c in rows] for r in rows]),
-                np.block([[labels[r * side + c] for c in rows] for r in rows]),
-            )
-        )
-    return out
 
 
 #: (SNR, blur in pixels) of the stand-ins of the --noise table; the first is the default stand-in

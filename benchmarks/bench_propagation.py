@@ -12,7 +12,8 @@ slice-by-slice upper bound (one click on every slice the object spans):
 Volumes: the GoNuclear confocal crops, the small synthetic stack, and noisy stand-ins
 built from BBBC039 fields (``volumes.noisy_stack``: drifting, growing and shrinking
 nuclei, blur, dim nuclei, Poisson noise at SNR 3; ``--snr`` and ``--blur`` make them
-noisier or blurrier, ``--shrink 0.5`` makes the nuclei half as wide).
+noisier or blurrier, ``--shrink 0.5`` makes the nuclei half as wide; ``--large N`` adds N
+stand-ins with 1024x1024 slices built from 2x2 mosaics of fields).
 
     .venv/bin/python benchmarks/bench_propagation.py [--model default] [--data ../shared/data]
         [--split val] [--noisy 2] [--snr 3] [--blur 1] [--max-objects 40] [--cold 3]
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from volumes import gonuclear, noisy_stack, resampled_gonuclear
+from volumes import gonuclear, mosaics, noisy_stack, resampled_gonuclear
 
 from napari_tinysam import SamPredictor, load_model
 from napari_tinysam.bench import cpu_name, print_table
@@ -47,7 +48,9 @@ def iou3d(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def volumes(data: Path, split: str, noisy: int, snr: float = 3.0, blur: float = 1.0, shrink: float = 1.0):
+def volumes(
+    data: Path, split: str, noisy: int, snr: float = 3.0, blur: float = 1.0, shrink: float = 1.0, large: int = 0
+):
     out = [(f"gonuclear {name}", img, lab) for name, img, lab in gonuclear(data)]
     syn = data / "nuclei3d_synthetic"
     if syn.exists():
@@ -60,6 +63,11 @@ def volumes(data: Path, split: str, noisy: int, snr: float = 3.0, blur: float = 
     for i, s in enumerate(fields):
         img, lab = noisy_stack(s.image, s.labels, seed=i, snr=snr, blur=blur, shrink=shrink)
         out.append((f"noisy BBBC039 {split} {i}" + (f" shrunk by {shrink:g}" if shrink != 1 else ""), img, lab))
+    if large:  # slices larger than the model's input: 2x2 mosaics of fields, nuclei at their size
+        fields = load_folder(data / "bbbc039" / split / "images", limit=4 * large)
+        for k, (img, lab) in enumerate(mosaics(fields, 2)):
+            img, lab = noisy_stack(img, lab, depth=24, size=1024, seed=k, snr=snr, blur=blur)
+            out.append((f"large noisy BBBC039 {split} {k} (1024x1024 slices)", img, lab))
     return out
 
 
@@ -170,6 +178,9 @@ def main() -> None:
     ap.add_argument("--max-objects", type=int, default=40, help="objects per volume (random, seeded)")
     ap.add_argument("--cold", type=int, default=3, help="objects per volume timed on a cold cache")
     ap.add_argument("--only", default="", help="only volumes whose name contains this")
+    ap.add_argument(
+        "--large", type=int, default=0, help="noisy stand-ins with 1024x1024 slices (from 2x2 mosaics of fields)"
+    )
     ap.add_argument("--methods", default="head,decoder", help="propagation methods to compare, comma-separated")
     ap.add_argument("--no-upper-bound", action="store_true", help="skip the click-on-every-slice bound")
     ap.add_argument(
@@ -191,7 +202,7 @@ def main() -> None:
         return
     rng = np.random.default_rng(0)
     rows, every = [], {}
-    for name, stack, labels in volumes(args.data, args.split, args.noisy, args.snr, args.blur, args.shrink):
+    for name, stack, labels in volumes(args.data, args.split, args.noisy, args.snr, args.blur, args.shrink, args.large):
         if args.only and args.only not in name:
             continue
         row = run_volume(model, name, stack, labels, args.max_objects, args.cold, rng, methods, not args.no_upper_bound)
