@@ -85,7 +85,7 @@ def test_the_head_shows_the_clicked_slice_after_its_own_embedding_then_grows(pre
     from napari_tinysam.propagate import _head_slices
 
     stack, truth = disc_stack()
-    slices = _head_slices(predictor, stack, None, None)
+    slices = _head_slices(predictor, stack, None, None, {5: np.array([[50.0, 48.0]])})
     estimates = iter_head_object(predictor, stack, {5: np.array([[50.0, 48.0]])}, slices)
     first = next(estimates)
     assert slices.visited == [5] and set(first.sections) == {5} and not first.final
@@ -240,3 +240,29 @@ def test_the_head_window_holds_every_click_in_the_plane():
     clicks = np.array([[30, 30], [150, 170]])
     y0, y1, x0, x1 = _crop_around(fg, clicks, 0.5)
     assert y0 <= 20 and x0 <= 20 and y1 > 150 and x1 > 170
+
+
+def test_a_click_in_a_stack_with_large_slices_reads_a_window_around_it(predictor):
+    """Slices larger than the model's input with small nuclei (a 2x2 mosaic of the sample
+    field): the head reads a window around the click at a scale where the nuclei are
+    large enough, as everything mode tiles such slices; small slices are read whole."""
+    from napari_tinysam import samples
+    from napari_tinysam.evaluation import innermost_point
+    from napari_tinysam.propagate import click_window
+
+    field, truth = samples.nuclei_2d(), samples.nuclei_2d_labels()
+    mosaic = np.block([[field, field[:, ::-1]], [field[::-1], field[::-1, ::-1]]])
+    labels = np.block([[truth, np.zeros_like(truth)], [np.zeros_like(truth), np.zeros_like(truth)]])
+    stack = np.stack([mosaic] * 3)
+    ids, areas = np.unique(labels[labels > 0], return_counts=True)
+    target = labels == ids[np.argsort(areas)[len(areas) // 2]]  # a nucleus of median size
+    x, y = innermost_point(target)
+    limits = tuple(np.percentile(mosaic, (0.5, 99.5)))
+    window = click_window(predictor, stack, {1: np.array([[x, y]])}, limits, 1.0)
+    assert window is not None
+    y0, y1, x0, x1 = window
+    assert 0 <= y0 <= y < y1 <= mosaic.shape[0] and 0 <= x0 <= x < x1 <= mosaic.shape[1]
+    assert y1 - y0 < predictor.model.img_size and x1 - x0 < predictor.model.img_size  # magnified
+    assert click_window(predictor, stack[:, :520, :696], {1: np.array([[x, y]])}, limits, 1.0) is None
+    res = segment_object_in_volume(predictor, stack, 1, [[x, y]], [1])
+    assert res.method == "head" and _iou(res[1], target) > 0.7

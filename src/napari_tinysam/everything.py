@@ -660,7 +660,7 @@ def _check_tiling(tile_shape, halo, return_records: bool):
     return tile, _pair(0 if halo is None else halo, "halo")
 
 
-def _head_widths(predictor: SamPredictor, rgb: np.ndarray, params: dict[str, Any]) -> tuple[float, float]:
+def head_widths(predictor: SamPredictor, rgb: np.ndarray, params: dict[str, Any]) -> tuple[float, float]:
     """Median width (image pixels; 0 when the head finds nothing) of the head's instances
     in ``rgb``, and the image's scale (model-input pixels per image pixel)."""
     predictor.set_image(rgb)
@@ -670,6 +670,14 @@ def _head_widths(predictor: SamPredictor, rgb: np.ndarray, params: dict[str, Any
     areas = areas[areas > 0]
     width = 2.0 * np.sqrt(np.median(areas) / np.pi) if len(areas) else 0.0
     return float(width), emb.input_size[0] / rgb.shape[0]
+
+
+def upscale_for_width(model: Sam, width: float, shape: tuple[int, int]) -> float:
+    """The scale (model-input pixels per image pixel) at which objects ``width`` image
+    pixels wide become about ``TARGET_OBJECT_INPUT_PX`` wide, between the whole-image scale
+    of an image of ``shape`` and the model's ``max_upscale`` (1 when no width is known)."""
+    upscale = TARGET_OBJECT_INPUT_PX / width if width else 1.0
+    return min(max(upscale, model.img_size / max(shape)), model.max_upscale or 1.0)
 
 
 def _tiles_for_small_objects(predictor: SamPredictor, rgb: np.ndarray, params: dict[str, Any]):
@@ -683,15 +691,13 @@ def _tiles_for_small_objects(predictor: SamPredictor, rgb: np.ndarray, params: d
     ``max_upscale``), with a halo of 1.5 object widths."""
     model = predictor.model
     h, w = rgb.shape[:2]
-    width, scale = _head_widths(predictor, rgb, params)
+    width, scale = head_widths(predictor, rgb, params)
     if width * scale >= MIN_OBJECT_INPUT_PX:
         return None
     side = min(model.img_size, h, w)
     y, x = (h - side) // 2, (w - side) // 2
-    width, _ = _head_widths(predictor, np.ascontiguousarray(rgb[y : y + side, x : x + side]), params)
-    upscale = TARGET_OBJECT_INPUT_PX / width if width else 1.0
-    upscale = min(max(upscale, model.img_size / max(h, w)), model.max_upscale or 1.0)
-    tile_side = int(model.img_size / upscale)  # a tile with its halo fills the model's input
+    width, _ = head_widths(predictor, np.ascontiguousarray(rgb[y : y + side, x : x + side]), params)
+    tile_side = int(model.img_size / upscale_for_width(model, width, (h, w)))  # with its halo: the model's input
     margin = min(int(np.ceil(1.5 * width)) if width else tile_side // 8, tile_side // 4)
     inner = tile_side - 2 * margin
     return (inner, inner), (margin, margin)

@@ -48,13 +48,21 @@ class HeadSlices:
     each slice smoothed in its plane by ``denoise_sigma``, scaled by ``limits`` and
     embedded through the predictor (its embedding cache keeps them). Records the slices
     whose embeddings it computed (``embedded``) and every slice it read (``visited``);
-    ``cancel()`` is checked before each slice and a True raises ``Cancelled``."""
+    ``cancel()`` is checked before each slice and a True raises ``Cancelled``. With
+    ``window`` (y0, y1, x0, x1; kept as ``part``) only that part of each slice is embedded
+    (at the scale the model gives it) and the maps outside it are background."""
 
     def __init__(
-        self, predictor: SamPredictor, stack, limits, denoise_sigma: float, cancel: Callable[[], bool] | None = None
+        self,
+        predictor: SamPredictor,
+        stack,
+        limits,
+        denoise_sigma: float,
+        cancel: Callable[[], bool] | None = None,
+        window: tuple[int, int, int, int] | None = None,
     ) -> None:
         self.predictor, self.stack, self.limits, self.sigma = predictor, stack, limits, denoise_sigma
-        self.cancel = cancel
+        self.cancel, self.part = cancel, window
         self._maps: dict[int, np.ndarray] = {}
         self.embedded: list[int] = []
         self.visited: list[int] = []
@@ -63,16 +71,17 @@ class HeadSlices:
         if z not in self._maps:
             if self.cancel is not None and self.cancel():
                 raise Cancelled(f"cancelled before slice {z}")
-            rgb = to_uint8_rgb(denoise_slice(np.asarray(self.stack[z]), self.sigma), self.limits)
-            if rgb.min() == rgb.max():  # a constant slice is background
-                maps = np.ones((3, *rgb.shape[:2]), np.float32)
-                maps[0] = 0.0
-            else:
+            plane = np.asarray(self.stack[z])
+            maps = np.ones((3, *plane.shape[:2]), np.float16)  # background: a constant slice, outside the window
+            maps[0] = 0.0
+            y0, y1, x0, x1 = self.part or (0, plane.shape[0], 0, plane.shape[1])
+            rgb = to_uint8_rgb(denoise_slice(plane[y0:y1, x0:x1], self.sigma), self.limits)
+            if rgb.min() != rgb.max():
                 if not is_embedded(self.predictor, rgb):
                     self.embedded.append(z)
                 self.predictor.set_image(rgb)
-                maps = head_maps(self.predictor.model, self.predictor._embedding)
-            self._maps[z] = maps.astype(np.float16)
+                maps[:, y0:y1, x0:x1] = head_maps(self.predictor.model, self.predictor._embedding)
+            self._maps[z] = maps
             self.visited.append(z)
         return self._maps[z]
 

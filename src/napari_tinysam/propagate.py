@@ -28,9 +28,13 @@ from .annotate import (
 )
 from .evaluation import innermost_point
 from .everything import (
+    MIN_OBJECT_INPUT_PX,
     Cancelled,
     anisotropy,
+    denoise_slice,
+    head_widths,
     recommended_thresholds,
+    upscale_for_width,
     volume_contrast_limits,
     volume_thresholds,
 )
@@ -320,12 +324,53 @@ def choose_method(
     return method
 
 
-def _head_slices(predictor: SamPredictor, stack, contrast_limits, cancel) -> HeadSlices:
+def _head_slices(
+    predictor: SamPredictor, stack, contrast_limits, cancel, clicks: Mapping[int, np.ndarray]
+) -> HeadSlices:
     """The head's maps of the stack's slices as the model's 3D settings prepare them (in-plane
-    smoothing; by default the contrast limits of the smoothed stack)."""
+    smoothing; by default the contrast limits of the smoothed stack), of a window around
+    the ``clicks`` ((x, y) points by slice) where the slices are large (:func:`click_window`)."""
     sigma = recommended_thresholds(predictor.model, "auto", volume=True)["denoise_sigma"]
     limits = contrast_limits or volume_contrast_limits(stack, denoise_sigma=sigma)
-    return HeadSlices(predictor, stack, limits, sigma, cancel=cancel)
+    window = click_window(predictor, stack, clicks, limits, sigma)
+    return HeadSlices(predictor, stack, limits, sigma, cancel=cancel, window=window)
+
+
+def click_window(
+    predictor: SamPredictor, stack, clicks: Mapping[int, np.ndarray], limits, denoise_sigma: float
+) -> tuple[int, int, int, int] | None:
+    """The part (y0, y1, x0, x1) of the slices that the head reads around ``clicks``
+    ((x, y) points by slice) when the slices are larger than the model's input and their
+    objects would be too small at the whole-slice scale, as everything mode tiles such
+    slices: the objects are measured on a full-resolution crop at the clicks, and the
+    window is as large as a tile with its halo at the scale that makes them about
+    ``TARGET_OBJECT_INPUT_PX`` wide (and holds every click). None: whole slices."""
+    model = predictor.model
+    h, w = stack.shape[1:3]
+    points = [np.asarray(p, np.float64).reshape(-1, 2) for p in clicks.values()]
+    if max(h, w) <= model.img_size or not points or not sum(len(p) for p in points):
+        return None
+    z = max(clicks, key=lambda k: len(clicks[k]))
+    xy = np.concatenate(points)
+    cx, cy = xy.mean(0)
+
+    def around(side_y: int, side_x: int) -> tuple[int, int, int, int]:
+        y0 = int(min(max(cy - side_y / 2, 0), h - side_y))
+        x0 = int(min(max(cx - side_x / 2, 0), w - side_x))
+        return y0, y0 + side_y, x0, x0 + side_x
+
+    y0, y1, x0, x1 = around(min(model.img_size, h), min(model.img_size, w))
+    rgb = to_uint8_rgb(denoise_slice(np.asarray(stack[z])[y0:y1, x0:x1], denoise_sigma), limits)
+    if rgb.min() == rgb.max():
+        return None
+    width, _ = head_widths(predictor, rgb, recommended_thresholds(model, "auto"))
+    if width * model.img_size / max(h, w) >= MIN_OBJECT_INPUT_PX:
+        return None
+    side = int(model.img_size / upscale_for_width(model, width, (h, w)))
+    spread = xy.max(0) - xy.min(0)  # clicks far apart: a window that holds them all
+    side_y = min(h, max(side, int(spread[1] + 4 * max(width, 8))))
+    side_x = min(w, max(side, int(spread[0] + 4 * max(width, 8))))
+    return around(side_y, side_x)
 
 
 def iter_head_propagation(
@@ -346,8 +391,8 @@ def iter_head_propagation(
     each embedding and a True raises :class:`~napari_tinysam.everything.Cancelled`.
     ``scale``: the stack's voxel size (z, y, x), as in :func:`segment_volume`."""
     params = None if scale is None else volume_thresholds(predictor.model, scale)
-    slices = slices or _head_slices(predictor, stack, contrast_limits, cancel)
     clicks = {z: np.asarray(p.points, np.float64) for z, p in prompts.items()}
+    slices = slices or _head_slices(predictor, stack, contrast_limits, cancel, clicks)
     shown: set[int] = set()
     empty = np.zeros((1, 0, 0), np.float32)
     for est in iter_head_object(predictor, stack, clicks, slices, z_range=z_range, params=params):
@@ -481,9 +526,10 @@ def segment_object_in_volume(
     out.scores = np.full(shape[0], np.nan, np.float32)
     out.method = choose_method(predictor.model, prompts, given, method)
     if out.method == "head":
-        slices = _head_slices(predictor, stack, contrast_limits, cancel)
+        slices = _head_slices(predictor, stack, contrast_limits, cancel, {z: p.points for z, p in prompts.items()})
         out.embedded, out.visited = slices.embedded, slices.visited
-        out.scale = _model_scale(predictor, shape[1:3])
+        y0, y1, x0, x1 = slices.part or (0, shape[1], 0, shape[2])
+        out.scale = _model_scale(predictor, (y1 - y0, x1 - x0))
         try:
             for res in iter_head_propagation(
                 predictor, stack, prompts, z_range=z_range, slices=slices, previews=False, scale=scale
