@@ -36,232 +36,122 @@ def files(tmp_path):
 ARGS = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
 
 
+def segment(*args) -> int:
+    """``napari-tinysam segment`` with these arguments (paths as they are); its exit code."""
+    return main(["segment", *map(str, args)])
+
+
 def test_segment_folder_zarr_and_refusals(files, model_file, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    assert main(["segment", str(files / "in"), "-o", str(out), "--model", model_file, *ARGS]) == 0
+    assert segment(files / "in", "-o", out, "--model", model_file, *ARGS) == 0
     a = read_image(out / "a_labels.tif")
     b = read_image(out / "b_labels.tif")
     assert a.shape == (40, 50) and b.shape == (30, 40) and a.dtype == np.int32
     assert "objects" in capsys.readouterr().out
     # never overwrite unless asked
     before = (out / "a_labels.tif").stat().st_mtime_ns
-    assert (
-        main(["segment", str(files / "in" / "a.tif"), "-o", str(out / "a_labels.tif"), "--model", model_file, *ARGS])
-        == 2
-    )
+    assert segment(files / "in" / "a.tif", "-o", out / "a_labels.tif", "--model", model_file, *ARGS) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "a_labels.tif").stat().st_mtime_ns == before
-    assert (
-        main(
-            [
-                "segment",
-                str(files / "in" / "a.tif"),
-                "-o",
-                str(out / "a_labels.tif"),
-                "--model",
-                model_file,
-                "--overwrite",
-                *ARGS,
-            ]
-        )
-        == 0
-    )
+    assert segment(files / "in" / "a.tif", "-o", out / "a_labels.tif", "--model", model_file, "--overwrite", *ARGS) == 0
     # 3D Zarr in, Zarr out
-    assert (
-        main(["segment", str(files / "stack.zarr"), "-o", str(out / "stack_labels.zarr"), "--model", model_file, *ARGS])
-        == 0
-    )
+    assert segment(files / "stack.zarr", "-o", out / "stack_labels.zarr", "--model", model_file, *ARGS) == 0
     assert read_image(out / "stack_labels.zarr").shape == (3, 32, 32)
     # a voxel size for stacks (a 2D image in the same run goes on without it)
     # (a new output folder is made, as mkdir makes one: its parent exists)
     assert (
-        main(
-            [
-                "segment",
-                str(files / "stack.zarr"),
-                str(files / "in" / "a.tif"),
-                "-o",
-                str(out / "scaled"),
-                "--model",
-                model_file,
-                "--scale",
-                "0.5",
-                "0.1",
-                "0.1",
-                *ARGS,
-            ]
+        segment(
+            files / "stack.zarr",
+            files / "in" / "a.tif",
+            "-o",
+            out / "scaled",
+            "--model",
+            model_file,
+            "--scale",
+            "0.5",
+            "0.1",
+            "0.1",
+            *ARGS,
         )
         == 0
     )
     assert read_image(out / "scaled" / "stack_labels.tif").shape == (3, 32, 32)
     assert (
-        main(
-            [
-                "segment",
-                str(files / "stack.zarr"),
-                "-o",
-                str(out / "s.zarr"),
-                "--model",
-                model_file,
-                "--scale",
-                "0",
-                "1",
-                "1",
-                *ARGS,
-            ]
-        )
-        == 2
+        segment(files / "stack.zarr", "-o", out / "s.zarr", "--model", model_file, "--scale", "0", "1", "1", *ARGS) == 2
     )
     assert "voxel size" in capsys.readouterr().err and not (out / "s.zarr").exists()
     # bad input: clear messages, exit code 2
     (files / "notes.txt").write_text("x")
-    assert main(["segment", str(files / "notes.txt"), "-o", str(out), "--model", model_file]) == 2
+    assert segment(files / "notes.txt", "-o", out, "--model", model_file) == 2
     assert "unsupported file type" in capsys.readouterr().err
     assert (
-        main(
-            [
-                "segment",
-                str(files / "in" / "a.tif"),
-                "-o",
-                str(tmp_path / "new" / "x.tif"),
-                "--model",
-                model_file,
-                *ARGS,
-            ]
-        )
-        == 0
+        segment(files / "in" / "a.tif", "-o", tmp_path / "new" / "x.tif", "--model", model_file, *ARGS) == 0
     )  # a new folder in an existing one is made
     assert (tmp_path / "new" / "x.tif").is_file()
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "segment",
-                str(files / "in" / "a.tif"),
-                "-o",
-                str(tmp_path / "no" / "such" / "x.tif"),
-                "--model",
-                model_file,
-            ]
-        )
-        == 2
-    )
+    assert segment(files / "in" / "a.tif", "-o", tmp_path / "no" / "such" / "x.tif", "--model", model_file) == 2
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "no").exists()
     assert (
-        main(
-            [
-                "segment",
-                str(files / "in" / "a.tif"),
-                str(files / "in" / "b.png"),
-                "-o",
-                str(tmp_path / "no" / "such"),
-                "--model",
-                model_file,
-            ]
+        segment(
+            files / "in" / "a.tif",
+            files / "in" / "b.png",
+            "-o",
+            tmp_path / "no" / "such",
+            "--model",
+            model_file,
         )
         == 2
     )
     assert "cannot be made" in capsys.readouterr().err and not (tmp_path / "no").exists()
     assert (
-        main(
-            [
-                "segment",
-                str(files / "in" / "a.tif"),
-                str(files / "in" / "b.png"),
-                "-o",
-                str(files / "notes.txt"),
-                "--model",
-                model_file,
-            ]
+        segment(
+            files / "in" / "a.tif",
+            files / "in" / "b.png",
+            "-o",
+            files / "notes.txt",
+            "--model",
+            model_file,
         )
         == 2
     )
     assert "it is a file, not a folder" in capsys.readouterr().err
-    assert main(["segment", str(files / "in" / "a.tif"), "-o", str(out / "a.png"), "--model", model_file]) == 2
+    assert segment(files / "in" / "a.tif", "-o", out / "a.png", "--model", model_file) == 2
     assert "cannot write labels to" in capsys.readouterr().err and not (out / "a.png").exists()
     np.save(files / "t.npy", np.zeros((2, 2, 8, 8), np.uint16))
-    assert main(["segment", str(files / "t.npy"), "-o", str(out / "t.npy"), "--model", model_file, *ARGS]) == 2
+    assert segment(files / "t.npy", "-o", out / "t.npy", "--model", model_file, *ARGS) == 2
     assert "--index" in capsys.readouterr().err
-    assert (
-        main(["segment", str(files / "t.npy"), "-o", str(out / "t.npy"), "--model", model_file, "--index", "0", *ARGS])
-        == 0
-    )
+    assert segment(files / "t.npy", "-o", out / "t.npy", "--model", model_file, "--index", "0", *ARGS) == 0
     # axes of one element need no --index: an OME file's T and C, a trailing channel
     np.save(files / "tczyx.npy", np.zeros((1, 1, 3, 8, 8), np.uint16))
     np.save(files / "yxc.npy", np.zeros((8, 9, 1), np.uint16))
-    assert (
-        main(
-            [
-                "segment",
-                str(files / "tczyx.npy"),
-                str(files / "yxc.npy"),
-                "-o",
-                str(out / "squeezed"),
-                "--model",
-                model_file,
-                *ARGS,
-            ]
-        )
-        == 0
-    )
+    assert segment(files / "tczyx.npy", files / "yxc.npy", "-o", out / "squeezed", "--model", model_file, *ARGS) == 0
     assert read_image(out / "squeezed" / "tczyx_labels.tif").shape == (3, 8, 8)
     assert read_image(out / "squeezed" / "yxc_labels.tif").shape == (8, 9)
     # auto mode needs an instance head: the message names the modes this model supports
-    assert (
-        main(
-            [
-                "segment",
-                str(files / "in" / "a.tif"),
-                "-o",
-                str(out / "auto.tif"),
-                "--model",
-                model_file,
-                "--mode",
-                "auto",
-            ]
-        )
-        == 2
-    )
+    assert segment(files / "in" / "a.tif", "-o", out / "auto.tif", "--model", model_file, "--mode", "auto") == 2
     assert "'hierarchical'" in capsys.readouterr().err and not (out / "auto.tif").exists()
     # tiles on request; a halo alone is refused
     assert (
-        main(
-            [
-                "segment",
-                str(files / "in" / "a.tif"),
-                "-o",
-                str(out / "tiled.tif"),
-                "--model",
-                model_file,
-                "--tile-shape",
-                "32",
-                "32",
-                "--halo",
-                "8",
-                "8",
-                *ARGS,
-            ]
+        segment(
+            files / "in" / "a.tif",
+            "-o",
+            out / "tiled.tif",
+            "--model",
+            model_file,
+            "--tile-shape",
+            "32",
+            "32",
+            "--halo",
+            "8",
+            "8",
+            *ARGS,
         )
         == 0
     )
     assert read_image(out / "tiled.tif").shape == (40, 50)
     assert (
-        main(
-            [
-                "segment",
-                str(files / "in" / "a.tif"),
-                "-o",
-                str(out / "halo.tif"),
-                "--model",
-                model_file,
-                "--halo",
-                "8",
-                "8",
-                *ARGS,
-            ]
-        )
-        == 2
+        segment(files / "in" / "a.tif", "-o", out / "halo.tif", "--model", model_file, "--halo", "8", "8", *ARGS) == 2
     )
     assert "--tile-shape" in capsys.readouterr().err and not (out / "halo.tif").exists()
 
@@ -271,51 +161,20 @@ def test_segment_goes_on_past_an_unreadable_input(files, model_file, tmp_path, c
     the run fails at the end. A new output folder that gets nothing is removed again."""
     (files / "in" / "0_broken.tif").write_bytes(b"not a tiff")
     out = tmp_path / "new"
-    assert main(["segment", str(files / "in"), "-o", str(out), "--model", model_file, *ARGS]) == 2
+    assert segment(files / "in", "-o", out, "--model", model_file, *ARGS) == 2
     err = capsys.readouterr().err
     assert "skipped: cannot read" in err and "0_broken.tif" in err
     assert "1 of 3 inputs could not be segmented (the others were written)" in err
     assert sorted(p.name for p in out.iterdir()) == ["a_labels.tif", "b_labels.tif"]
     assert read_image(out / "a_labels.tif").shape == (40, 50)
     # nothing readable: nothing written, and the folder the run made is gone
-    assert (
-        main(
-            ["segment", str(files / "in" / "0_broken.tif"), "-o", str(tmp_path / "none"), "--model", model_file, *ARGS]
-        )
-        == 2
-    )
+    assert segment(files / "in" / "0_broken.tif", "-o", tmp_path / "none", "--model", model_file, *ARGS) == 2
     assert "nothing was written" in capsys.readouterr().err and not (tmp_path / "none").exists()
     # a run that fails before any input (a model that does not load) leaves no folder either
-    assert (
-        main(
-            [
-                "segment",
-                str(files / "in" / "a.tif"),
-                "-o",
-                str(tmp_path / "none"),
-                "--model",
-                str(files / "in" / "a.tif"),
-            ]
-        )
-        == 2
-    )
+    assert segment(files / "in" / "a.tif", "-o", tmp_path / "none", "--model", files / "in" / "a.tif") == 2
     assert not (tmp_path / "none").exists()
     # arguments are all checked before a folder is made
-    assert (
-        main(
-            [
-                "segment",
-                str(files / "in" / "a.tif"),
-                "-o",
-                str(tmp_path / "none"),
-                "--workers",
-                "1",
-                "--model",
-                model_file,
-            ]
-        )
-        == 2
-    )
+    assert segment(files / "in" / "a.tif", "-o", tmp_path / "none", "--workers", "1", "--model", model_file) == 2
     assert ".zarr" in capsys.readouterr().err and not (tmp_path / "none").exists()
 
 
@@ -378,26 +237,10 @@ def test_segment_uses_the_voxel_size_a_stack_records(files, model_file, tmp_path
     stack = np.random.default_rng(0).integers(0, 1000, (3, 32, 32), dtype=np.uint16)
     tifffile.imwrite(files / "ij.tif", stack, imagej=True, resolution=(10, 10), metadata={"spacing": 0.5})
     out = tmp_path / "ij_labels.tif"
-    assert main(["segment", str(files / "ij.tif"), "-o", str(out), "--model", model_file, *ARGS]) == 0
+    assert segment(files / "ij.tif", "-o", out, "--model", model_file, *ARGS) == 0
     assert "0.5 x 0.1 x 0.1" in capsys.readouterr().out and read_image(out).shape == (3, 32, 32)
     assert (
-        main(
-            [
-                "segment",
-                str(files / "ij.tif"),
-                "-o",
-                str(out),
-                "--model",
-                model_file,
-                "--overwrite",
-                "--scale",
-                "2",
-                "1",
-                "1",
-                *ARGS,
-            ]
-        )
-        == 0
+        segment(files / "ij.tif", "-o", out, "--model", model_file, "--overwrite", "--scale", "2", "1", "1", *ARGS) == 0
     )
     assert "2 x 1 x 1" in capsys.readouterr().out
 
