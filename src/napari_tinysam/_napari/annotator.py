@@ -180,6 +180,7 @@ class AnnotatorWidget(Container):
         self._histories: dict[bytes, ClickHistory] = {}  # their click histories
         self.preview_volumes: list[dict[int, np.ndarray]] = []  # per object: z -> mask of a propagated object
         self._lead: tuple[int, ...] = ()  # their stack's index in a 4D / 5D image (t, ...), () in 3D
+        self._refine_held: list[int] = []  # slices holding the refined label when the propagation started
         self.volume_scores: list[dict[int, float]] = []
         self._propagation = None  # the running propagation worker
         self._propagation_error: Exception | None = None
@@ -852,8 +853,12 @@ class AnnotatorWidget(Container):
         self._propagation_error = None
         self.preview_volumes = [{} for _ in seeds]
         self.volume_scores = [{} for _ in seeds]
+        self._refine_held = []
+        held, label = self._refined_stack(lead), self.refine_id.value
 
         def run():
+            if held is not None:  # the slices that hold the refined label, for the status line at the end
+                self._refine_held = np.flatnonzero((held == label).any((1, 2))).tolist()
             for i, (prompts, masks) in enumerate(seeds):
                 if choose_method(predictor.model, prompts, masks) == "head":
                     # the head sees denoised slices: the store's embeddings of the raw ones do not apply
@@ -948,20 +953,22 @@ class AnnotatorWidget(Container):
             f"{self._refine_losses(zs)}"
         )
 
+    def _refined_stack(self, lead: tuple[int, ...]) -> np.ndarray | None:
+        """The (Z, H, W) stack of the Labels layer whose label is being refined (None when
+        not refining); the propagation's worker reads which slices hold the label."""
+        if not self.refine_id.value:
+            return None
+        try:
+            stack = self._refine_target(check=False).data[lead]
+        except (ValueError, IndexError):
+            return None
+        return stack if np.ndim(stack) == 3 else None
+
     def _refine_losses(self, zs: list[int]) -> str:
         """When a propagated object refines an existing label: the slices from which the
         commit will remove that label (the propagated object does not reach them), said
-        before the user commits."""
-        if not self.refine_id.value:
-            return ""
-        try:
-            data = self._refine_target(check=False).data
-        except ValueError:
-            return ""
-        stack = np.asarray(data[self._lead])
-        if stack.ndim != 3:
-            return ""
-        lost = sorted(set(np.flatnonzero((stack == self.refine_id.value).any((1, 2))).tolist()) - set(zs))
+        before the user commits (the slices that hold it were found in the worker)."""
+        lost = sorted(set(self._refine_held) - set(zs)) if self.refine_id.value else []
         if not lost:
             return ""
         return (
