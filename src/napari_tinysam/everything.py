@@ -882,7 +882,11 @@ def segment_volume(
     given, the model's smoothing across slices is converted from the z spacing it was
     tuned for (:data:`TUNED_ANISOTROPY`) to this stack's, so finely or coarsely sampled
     stacks are smoothed over the same depth; keywords given explicitly are in this
-    stack's slices and are used as they are.
+    stack's slices and are used as they are. Slices larger than the model's input whose
+    objects the head finds too small at the whole-slice scale are tiled in the plane
+    (:func:`volume_tiles`; ``tile_shape`` / ``halo`` in pixels set the tiles by hand):
+    each tile with its halo through every slice is segmented as a stack of its own, and
+    an object belongs to the tile whose inner part holds its centroid.
 
     Other modes, or ``per_slice=True``, segment every slice with
     :func:`segment_everything` (extra keywords go there; ``blob_contrast`` defaults to 0
