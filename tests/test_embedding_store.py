@@ -51,3 +51,40 @@ def test_interrupted_embed_resumes(tmp_path, tiny_model, stack):
         store.get(3)
     resumed = EmbeddingStore.open(tmp_path / "s.zarr", tiny_model, stack)
     assert resumed.compute(tiny_model, stack) == 2 and resumed.done.all()
+
+
+def test_a_walk_at_a_smaller_scale_does_not_take_the_stores_embeddings(tmp_path):
+    """A store holds each slice embedded at the model's own scale. The decoder's walk
+    through small slices may run at a smaller scale (its seed more confident there); those
+    resized slices must not be given the store's embeddings, or the prompts and the
+    embedding disagree: with a store the walk gives what it gives without one."""
+    from napari_tinysam import load_model, samples
+    from napari_tinysam.annotate import Prompts
+    from napari_tinysam.embedding_store import EmbeddingStore
+    from napari_tinysam.everything import volume_contrast_limits
+    from napari_tinysam.predictor import EmbeddingCache, image_key
+    from napari_tinysam.propagate import _Walker, iter_propagation
+
+    model = load_model("default")
+    stack = samples.nuclei_3d()[:10]
+    limits = volume_contrast_limits(stack)
+    store = EmbeddingStore.open(tmp_path / "s.zarr", model, stack, contrast_limits=limits, create=True)
+    store.compute(model, stack)
+    z, x, y = 4, 16.0, 7.0  # the innermost point of a nucleus on its largest slice
+    prompts = {z: Prompts(np.array([[x, y]]), np.array([1]), np.array([x - 6, y - 6, x + 6, y + 6]))}
+
+    def walk(with_store: bool):
+        cache = EmbeddingCache(2**30)
+        predictor = SamPredictor(model, cache=cache)
+
+        def from_store(zz, rgb):  # as the annotator does with an open store
+            cache.put(image_key(model, rgb), store.get(zz))
+
+        walker = _Walker(predictor, stack, limits, from_store if with_store else None)
+        out = {r.z: r.mask for r in iter_propagation(predictor, stack, prompts, contrast_limits=limits, walker=walker)}
+        return walker.factor, out
+
+    factor, plain = walk(False)
+    _, stored = walk(True)
+    assert factor < 1.0  # this seed is walked at a smaller scale
+    assert plain.keys() == stored.keys() and all(np.array_equal(plain[k], stored[k]) for k in plain)

@@ -151,7 +151,7 @@ class _Walker:
 
     def set_slice(self, z: int) -> np.ndarray:
         rgb = resize_rgb(to_uint8_rgb(np.asarray(self.stack[z]), self.limits), self.factor)
-        if self.prepare_slice is not None:
+        if self.prepare_slice is not None and self.factor == 1.0:  # a store holds slices at the model's own scale
             self.prepare_slice(z, rgb)
         if not is_embedded(self.predictor, rgb):
             self.embedded.append(z)
