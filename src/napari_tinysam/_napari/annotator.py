@@ -557,7 +557,12 @@ class AnnotatorWidget(Container):
         """Whether the slice's embedding is cached, taking it from the store if there."""
         if is_embedded(self.predictor, rgb):
             return True
-        if self.store is not None and len(index) == 1 and self.store.done[index[0]]:
+        if (
+            self.store is not None
+            and len(index) == 1
+            and self.store.done[index[0]]
+            and rgb.shape[:2] == tuple(self.store.signature["shape"][1:3])  # the slice itself, not a resized copy
+        ):
             self.cache.put(image_key(self.predictor.model, rgb), self.store.get(index[0]))
             return True
         return False
