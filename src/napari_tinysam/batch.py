@@ -121,8 +121,6 @@ def read_input(path: Path, index: tuple[int, ...] | None = None, lazy: bool = Fa
         else:
             data = read_image(path)
         return select_index(data, index)
-    except UnreadableInput:
-        raise
     except (ValueError, OSError) as exc:
         message = str(exc) if str(path.name) in str(exc) else f"{path}: {exc}"
         raise UnreadableInput(message) from exc
