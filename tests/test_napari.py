@@ -101,6 +101,35 @@ def test_annotator_2d_commit_second_object_and_undo(annotator, qtbot, nuclei):
     assert set(np.unique(target.data)) == {0, 9}
 
 
+def test_a_commit_is_one_step_of_napari_undo_in_the_labels_layer(annotator, qtbot, nuclei):
+    """Ctrl-Z in the Labels layer (napari's own undo) reverts a commit exactly, as it
+    reverts a brush stroke, and Ctrl-Shift-Z brings it back; the annotator's undo then
+    finds nothing left to restore, and its own undo is a step of that history too."""
+    viewer, w = annotator
+    truth = nuclei[1]
+    a, b = _largest_objects(truth, 2)
+    for obj in (a, b):
+        x, y = innermost_point(truth == obj)
+        w.points_layer.add([y, x])
+        _wait(qtbot, w)
+        w.commit()
+    target = viewer.layers["TinySAM labels"]
+    both = target.data.copy()
+    assert set(np.unique(both)) == {0, 1, 2}
+    target.undo()  # the second commit, whole
+    np.testing.assert_array_equal(target.data, np.where(both == 2, 0, both))
+    target.redo()
+    np.testing.assert_array_equal(target.data, both)
+    target.undo()
+    w.undo()  # napari's undo took it already
+    np.testing.assert_array_equal(target.data, np.where(both == 2, 0, both))
+    assert w.status.value == "label 2 was undone already (napari's undo); nothing changed"
+    w.undo()  # the first commit, by the annotator: napari's undo puts it back
+    assert not target.data.any()
+    target.undo()
+    np.testing.assert_array_equal(target.data, np.where(both == 2, 0, both))
+
+
 def test_annotator_opens_beside_existing_labels_and_leaves_them_alone(make_napari_viewer, qtbot, nuclei):
     """Opened in a viewer that already holds Labels layers (a StarDist result, a second
     annotator's preview), the annotator commits into a new layer unless one is picked."""
@@ -592,6 +621,11 @@ def test_annotator_propagates_commits_and_undoes_a_3d_object(make_napari_viewer,
     assert set(np.unique(target.data[written])) == {4}  # one new id
     assert _iou(written, truth) > 0.75 and (target.data[4, 40:44, 40:44] == 3).all()
     assert not w.preview_volumes and w.preview_layer.data.max() == 0
+    committed = target.data.copy()
+    target.undo()  # napari's undo in the layer (Ctrl-Z): the 3D object in one step
+    assert np.array_equal(target.data, before)
+    target.redo()
+    assert np.array_equal(target.data, committed)
     w.undo()
     assert np.array_equal(target.data, before)
     _wait(qtbot, w)

@@ -616,14 +616,19 @@ def replace_object(
     return records
 
 
+def record_patch(labels: np.ndarray, record: UndoRecord) -> np.ndarray:
+    """The part of ``labels`` that ``record`` covers (a view: writes go to ``labels``)."""
+    y0, x0 = record.origin
+    h, w = record.previous.shape
+    return labels[record.index][y0 : y0 + h, x0 : x0 + w]
+
+
 def undo_commit(labels: np.ndarray, record: UndoRecord) -> int:
     """Restore what a commit (:func:`commit_mask`, :func:`replace_object`) overwrote: each
     pixel it changed that still holds what it wrote. Pixels edited since (napari's brush,
     its eraser) keep the edit; their number is returned (0: the layer is exactly as it
     was before the commit, given the records are undone last first)."""
-    y0, x0 = record.origin
-    h, w = record.previous.shape
-    patch = labels[record.index][y0 : y0 + h, x0 : x0 + w]
+    patch = record_patch(labels, record)
     changed = record.previous != record.after
     ours = changed & (patch == record.after)
     kept = int((changed & ~ours & (patch != record.previous)).sum())

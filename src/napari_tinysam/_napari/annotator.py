@@ -21,6 +21,7 @@ from ..annotate import (
     Zoom,
     commit_objects,
     is_embedded,
+    record_patch,
     replace_object,
     segment_objects,
     segment_prompts,
@@ -36,6 +37,7 @@ from .layers import (
     image_data,
     image_ndim,
     prompts_on_slice,
+    record_in_history,
     slice_of,
     to_image_coords,
     voxel_size,
@@ -749,7 +751,7 @@ class AnnotatorWidget(Container):
             return
         if records:
             self.undo_stack.append((target, records))
-            target.refresh()
+            record_in_history(target, [(r.index, r.origin, r.previous, r.after) for r in records])
         emptied = []
         if refining and self.preview_volumes:
             emptied = sorted(r.index[-1] for r in records if not np.any(objects[0].get(r.index, False)))
@@ -785,9 +787,15 @@ class AnnotatorWidget(Container):
             show_info("TinySAM: nothing to undo")
             return
         layer, records = self.undo_stack.pop()
+        patches = [record_patch(layer.data, r) for r in reversed(records)]
+        before = [p.copy() for p in patches]
         kept = sum(undo_commit(layer.data, record) for record in reversed(records))
-        layer.refresh()
+        changes = [(r.index, r.origin, old, p.copy()) for r, old, p in zip(reversed(records), before, patches)]
+        record_in_history(layer, changes)
         ids = sorted({r.label for r in records})
+        if not kept and all(np.array_equal(old, new) for *_, old, new in changes):
+            self.status.value = f"label {', '.join(map(str, ids))} was undone already (napari's undo); nothing changed"
+            return
         self.status.value = f"undone: label{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} in {layer.name!r}"
         if kept:
             show_info(f"TinySAM: commit undone; {kept} of its pixels edited since were left as edited")

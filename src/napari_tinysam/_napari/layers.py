@@ -7,6 +7,8 @@ leading axes (z, time, ...) select the slice.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from ..annotate import Prompts
@@ -88,3 +90,23 @@ def prompts_on_slice(
             ys, xs = verts[:, -2], verts[:, -1]
             box = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
     return Prompts(pts, labels, box)
+
+
+def record_in_history(layer, changes) -> None:
+    """Make changes already written into a Labels layer's array one step of napari's undo
+    history of that layer (``Ctrl-Z`` in the layer reverts them, ``Ctrl-Shift-Z`` redoes
+    them, as for a brush stroke), then refresh it. ``changes``: (index, (y0, x0), old, new)
+    patches of the slice at ``index`` in the order they were written. The changed pixels
+    are put back and written again, patch by patch, through ``Labels.data_setitem``, which
+    keeps the history and emits the layer's paint event."""
+    data = layer.data
+    for index, (y0, x0), old, new in reversed(changes):
+        diff = old != new
+        data[index][y0 : y0 + old.shape[0], x0 : x0 + old.shape[1]][diff] = old[diff]
+    with getattr(layer, "block_history", contextlib.nullcontext)():
+        for index, (y0, x0), old, new in changes:
+            ys, xs = np.nonzero(old != new)
+            if len(ys):
+                where = (*(np.full(len(ys), i) for i in index), ys + y0, xs + x0)
+                layer.data_setitem(where, new[ys, xs], refresh=False)
+    layer.refresh()
