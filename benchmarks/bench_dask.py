@@ -6,7 +6,8 @@ and the workers; and the cost of opening a matching embedding store.
 The stacks: the real GoNuclear confocal crops 1135 / 1136 (100 slices, three blocks of
 the Dask run) and a deep noisy stand-in built from a BBBC039 val field (96 x 256 x 256,
 nuclei growing and shrinking through z, noise and blur; benchmarks/volumes.py), each read
-from a Zarr store in a temporary folder. Workers run one thread each, the single process
+from a Zarr store in a temporary folder; ``--volumes large`` a stand-in whose 1024x1024
+slices (a 2x2 mosaic of BBBC039 val fields) are tiled in the plane. Workers run one thread each, the single process
 two. ``--per-slice`` adds a Dask run that segments every slice on its own and links the
 objects across slices (``per_slice=True``, what Dask did before 3D blocks).
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from volumes import gonuclear, noisy_stack  # noqa: E402
+from volumes import gonuclear, mosaics, noisy_stack  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -44,6 +45,11 @@ def volumes(data: Path, which: list[str]) -> list[tuple[str, np.ndarray, np.ndar
         field = load_folder(data / "bbbc039" / "val" / "images")[0]
         img, lab = noisy_stack(field.image, field.labels, depth=96, size=256, seed=0)
         out.append(("noisy stand-in (BBBC039 val 0, 96 slices)", img, lab))
+    if "large" in which:  # slices larger than the model's input, tiled in the plane
+        fields = load_folder(data / "bbbc039" / "val" / "images", limit=4)
+        (img, lab), *_ = mosaics(fields, 2)
+        img, lab = noisy_stack(img, lab, depth=40, size=1024, seed=0)
+        out.append(("noisy stand-in, 1024x1024 slices (2x2 BBBC039 val fields, 40 slices)", img, lab))
     return out
 
 
@@ -51,7 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--volumes", default="gonuclear,stand-in", help="comma-separated: gonuclear, stand-in")
+    ap.add_argument("--volumes", default="gonuclear,stand-in", help="comma-separated: gonuclear, stand-in, large")
     ap.add_argument("--per-slice", action="store_true", help="also the Dask run that segments slice by slice")
     ap.add_argument("--data", default=os.environ.get("TINYSAM_DATA_DIR", "../shared/data"))
     args = ap.parse_args()

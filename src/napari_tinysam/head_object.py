@@ -50,7 +50,8 @@ class HeadSlices:
     whose embeddings it computed (``embedded``) and every slice it read (``visited``);
     ``cancel()`` is checked before each slice and a True raises ``Cancelled``. With
     ``window`` (y0, y1, x0, x1; kept as ``part``) only that part of each slice is embedded
-    (at the scale the model gives it) and the maps outside it are background."""
+    (at the scale the model gives it), only that part's maps are kept, and the maps
+    outside it are background."""
 
     def __init__(
         self,
@@ -67,30 +68,53 @@ class HeadSlices:
         self.embedded: list[int] = []
         self.visited: list[int] = []
 
-    def __getitem__(self, z: int) -> np.ndarray:
+    def _part_maps(self, z: int) -> np.ndarray:
+        """Maps (3, h, w) float16 of the part of slice ``z`` that is read (all of it
+        without a window), computed on first use; only these are kept."""
         if z not in self._maps:
             if self.cancel is not None and self.cancel():
                 raise Cancelled(f"cancelled before slice {z}")
             plane = np.asarray(self.stack[z])
-            maps = np.ones((3, *plane.shape[:2]), np.float16)  # background: a constant slice, outside the window
-            maps[0] = 0.0
             y0, y1, x0, x1 = self.part or (0, plane.shape[0], 0, plane.shape[1])
             rgb = to_uint8_rgb(denoise_slice(plane[y0:y1, x0:x1], self.sigma), self.limits)
+            maps = _background((y1 - y0, x1 - x0))  # a constant slice
             if rgb.min() != rgb.max():
                 if not is_embedded(self.predictor, rgb):
                     self.embedded.append(z)
                 self.predictor.set_image(rgb)
-                maps[:, y0:y1, x0:x1] = head_maps(self.predictor.model, self.predictor._embedding)
+                maps[:] = head_maps(self.predictor.model, self.predictor._embedding)
             self._maps[z] = maps
             self.visited.append(z)
         return self._maps[z]
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        """The maps (3, H, W) of slice ``z``; background outside the window."""
+        return self.window(z, z, slice(None), slice(None), z)[:, 0]
 
     def window(self, lo: int, hi: int, ys: slice, xs: slice, around: int) -> np.ndarray:
         """Maps of slices lo..hi (inclusive) cropped to (ys, xs), (3, n, h, w) float32;
         slices are computed nearest to ``around`` first."""
         for z in sorted(range(lo, hi + 1), key=lambda v: (abs(v - around), v)):
-            self[z]
-        return np.stack([self[z][:, ys, xs] for z in range(lo, hi + 1)], axis=1).astype(np.float32)
+            self._part_maps(z)
+        h, w = self.stack.shape[1:3]
+        y0, y1, x0, x1 = self.part or (0, h, 0, w)
+        (a, b, _), (c, d, _) = ys.indices(h), xs.indices(w)
+        out = _background((hi - lo + 1, b - a, d - c)).astype(np.float32)
+        # the part of the window that the slices' read part covers
+        iy0, iy1, ix0, ix1 = max(a, y0), min(b, y1), max(c, x0), min(d, x1)
+        if iy0 < iy1 and ix0 < ix1:
+            for i, z in enumerate(range(lo, hi + 1)):
+                out[:, i, iy0 - a : iy1 - a, ix0 - c : ix1 - c] = self._maps[z][
+                    :, iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0
+                ]
+        return out
+
+
+def _background(shape: tuple[int, ...]) -> np.ndarray:
+    """Head maps (3, *shape) float16 of nothing: foreground 0, distances 1."""
+    maps = np.ones((3, *shape), np.float16)
+    maps[0] = 0.0
+    return maps
 
 
 def _grow_from_clicks(
