@@ -27,6 +27,7 @@ from napari_tinysam.instances import (
     add_missed_blobs,
     adjust_by_contrast,
     labels_from_maps,
+    mean_noise,
     object_prompts,
     split_stacked_objects,
 )
@@ -238,6 +239,59 @@ def test_empty_constant_and_nan_images():
     empty = FakeSam(np.zeros((128, 128), np.int32), head=True)
     noise = np.random.default_rng(0).integers(0, 50, (128, 128)).astype(np.uint16)
     assert segment_everything(SamPredictor(empty), noise).max() == 0
+
+
+def test_the_background_noise_is_measured_past_objects_gradients_and_blur():
+    """``mean_noise``: the spread that noise gives the mean of a region, times the square
+    root of its pixels: the pixels' own spread for white noise, more for blurred noise
+    (neighbouring pixels move together); bright objects and uneven illumination do not
+    count."""
+    rng = np.random.default_rng(0)
+    white = rng.normal(0, 5, (256, 256))
+    gradient = np.linspace(0, 40, 256)[None]
+    none = np.zeros(white.shape, bool)
+    assert 4.5 < mean_noise(white + gradient, none) < 5.5
+    nuclei = ndimage.binary_dilation(np.pad(_discs() > 0, 64), iterations=2)
+    assert 4.5 < mean_noise(white + 200 * nuclei, nuclei) < 5.5
+    blurred = ndimage.gaussian_filter(rng.normal(0, 5, (512, 512)), 1.5)
+    blocks = blurred.reshape(32, 16, 32, 16).mean((1, 3))  # the spread of 16 x 16 means, times 16
+    assert 0.8 < mean_noise(blurred, np.zeros(blurred.shape, bool)) / (blocks.std() * 16) < 1.25
+    assert mean_noise(np.full((64, 64), 7.0), np.zeros((64, 64), bool)) == 0.0  # no noise: not measurable
+
+
+def test_an_image_whose_objects_are_its_noise_has_none_and_one_nucleus_is_enough():
+    """An empty field whose noise the head took for objects keeps none of them; with one
+    real nucleus among them, the image is judged as usual and the nucleus stays."""
+    rng = np.random.default_rng(1)
+    gray = rng.normal(100, 5, (256, 256))
+    texture, _ = ndimage.label(ndimage.gaussian_filter(rng.normal(0, 1, gray.shape), 2) > 0.25)
+    assert texture.max() > 20  # patches of the noise's own grain, no brighter than the rest
+    assert adjust_by_contrast(texture, gray, 0.2).max() == 0
+    yy, xx = np.mgrid[:256, :256]
+    nucleus = (yy - 128) ** 2 + (xx - 128) ** 2 < 15**2
+    labels = np.where(nucleus, texture.max() + 1, np.where(ndimage.binary_dilation(nucleus, iterations=4), 0, texture))
+    out = adjust_by_contrast(labels, np.where(nucleus, 160.0, gray), 0.2)
+    assert out.max() > 1 and (out[nucleus] == out[128, 128]).all()
+
+
+def test_an_empty_field_of_camera_noise_gives_no_objects():
+    """Fields with nothing in them but noise (Gaussian read noise, Poisson shot noise,
+    blurred, unevenly lit), stretched to full contrast as every image is, looked like
+    fields of nuclei: hundreds of objects in 520 x 520 noise."""
+    from napari_tinysam import load_model, samples
+
+    predictor = SamPredictor(load_model("default"))
+    rng = np.random.default_rng(2)
+    for n in (256, 520):
+        fields = [
+            100 + rng.normal(0, 5, (n, n)),
+            rng.poisson(20, (n, n)).astype(float),
+            ndimage.gaussian_filter(rng.poisson(20, (n, n)).astype(float), 1.0),
+            rng.poisson(20, (n, n)) + np.linspace(0, 10, n)[None],
+        ]
+        for field in fields:
+            assert segment_everything(predictor, field.astype(np.float32)).max() == 0
+    assert segment_everything(predictor, samples.nuclei_2d()).max() > 140  # a field of nuclei keeps them
 
 
 def test_segment_volume_auto_links_slices():
