@@ -297,7 +297,9 @@ def mean_noise(gray: np.ndarray, foreground: np.ndarray) -> float:
 def object_significance(gray: np.ndarray, labels: np.ndarray, contrast=None, counts=None) -> np.ndarray:
     """Each object's contrast (:func:`object_contrast`) in standard errors of the
     difference of the two means under the background's noise (:func:`mean_noise`), (N,);
-    infinite where the noise is not measurable (or nil)."""
+    infinite where the noise is not measurable (or nil). ``contrast`` and ``counts``
+    (pixels inside, pixels compared with): what ``object_contrast(gray, labels,
+    counts=True)`` gave, when it ran already."""
     if contrast is None:
         contrast, inside, around = object_contrast(gray, labels, counts=True)
     else:
