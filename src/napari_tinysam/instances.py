@@ -294,16 +294,13 @@ def mean_noise(gray: np.ndarray, foreground: np.ndarray) -> float:
     return spread / np.sqrt(2.0) * k
 
 
-def object_significance(gray: np.ndarray, labels: np.ndarray, contrast=None, counts=None) -> np.ndarray:
-    """Each object's contrast (:func:`object_contrast`) in standard errors of the
-    difference of the two means under the background's noise (:func:`mean_noise`), (N,);
-    infinite where the noise is not measurable (or nil). ``contrast`` and ``counts``
-    (pixels inside, pixels compared with): what ``object_contrast(gray, labels,
-    counts=True)`` gave, when it ran already."""
-    if contrast is None:
-        contrast, inside, around = object_contrast(gray, labels, counts=True)
-    else:
-        inside, around = counts
+def object_significance(
+    gray: np.ndarray, labels: np.ndarray, contrast: np.ndarray, inside: np.ndarray, around: np.ndarray
+) -> np.ndarray:
+    """Each object's ``contrast`` in standard errors of the difference of the two means
+    under the background's noise (:func:`mean_noise`), (N,); ``contrast``, ``inside`` and
+    ``around`` as ``object_contrast(gray, labels, counts=True)`` measures them. Infinite
+    where the noise is not measurable (or nil)."""
     noise = mean_noise(gray, labels > 0)
     if noise <= 0:
         return np.full(len(contrast), np.inf)
@@ -344,9 +341,9 @@ def adjust_by_contrast(
     if n == 0:
         return labels
     contrast, inside, around = object_contrast(gray, labels, counts=True)
-    weak = _faint(contrast, min_contrast)
-    if object_significance(gray, labels, contrast, (inside, around)).max() < EMPTY_SIGNIFICANCE:
+    if object_significance(gray, labels, contrast, inside, around).max() < EMPTY_SIGNIFICANCE:
         return np.zeros_like(labels)  # no object stands out of the noise: an empty field
+    weak = _faint(contrast, min_contrast)
     if weak.any():
         labels = keep_objects(labels, np.concatenate([[False], ~weak]))
     typical = float(np.median(contrast[~weak]))
