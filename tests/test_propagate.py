@@ -240,6 +240,9 @@ def test_the_head_window_holds_every_click_in_the_plane():
     clicks = np.array([[30, 30], [150, 170]])
     y0, y1, x0, x1 = _crop_around(fg, clicks, 0.5)
     assert y0 <= 20 and x0 <= 20 and y1 > 150 and x1 > 170
+    # the map known on a part of a larger slice only (a window): the same crop there
+    part = _crop_around(fg[10:], clicks, 0.5, (200, 200), (10, 0))
+    assert part == (y0, y1, x0, x1)
 
 
 def test_a_click_in_a_stack_with_large_slices_reads_a_window_around_it(predictor):
@@ -287,3 +290,6 @@ def test_the_head_keeps_only_the_maps_of_the_window_it_reads(predictor):
     crop = slices.window(4, 6, slice(0, 60), slice(80, 150), 5)  # straddles the window's edges
     np.testing.assert_array_equal(crop[:, 1], maps[:, 0:60, 80:150])
     assert crop.dtype == np.float32 and sorted(slices.visited) == [4, 5, 6]
+    fg, origin = slices.foreground(5)  # what a click's crop is found on: the window's part only
+    assert origin == (10, 20)
+    np.testing.assert_array_equal(fg, maps[0, 10:90, 20:110])

@@ -87,6 +87,12 @@ class HeadSlices:
             self.visited.append(z)
         return self._maps[z]
 
+    def foreground(self, z: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """The foreground map of the part of slice ``z`` that is read, (h, w) float32, and
+        the part's origin (y, x) in the slice (the whole slice without a window)."""
+        y0, _, x0, _ = self.part or (0, 0, 0, 0)
+        return self._part_maps(z)[0].astype(np.float32), (y0, x0)
+
     def __getitem__(self, z: int) -> np.ndarray:
         """The maps (3, H, W) of slice ``z``; background outside the window."""
         return self.window(z, z, slice(None), slice(None), z)[:, 0]
@@ -140,15 +146,24 @@ def _grow_from_clicks(
     return np.isin(labels, sorted(ids)), extent[0]
 
 
-def _crop_around(fg: np.ndarray, clicks_yx: np.ndarray, thresh: float) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1) around the clicks (y, x) and the foreground components under them
-    in one slice's foreground map (H, W), with their own size and ``XY_MARGIN`` pixels on
-    each side."""
-    h, w = fg.shape
+def _crop_around(
+    fg: np.ndarray,
+    clicks_yx: np.ndarray,
+    thresh: float,
+    shape: tuple[int, int] | None = None,
+    origin: tuple[int, int] = (0, 0),
+) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) around the clicks (y, x) and the foreground components under them,
+    with their own size and ``XY_MARGIN`` pixels on each side, in a slice of ``shape``
+    (default: ``fg``'s) whose foreground map is known on a part (``fg``, float32) at ``origin``."""
+    h, w = fg.shape if shape is None else shape
     comp, _ = ndimage.label(fg > thresh)
-    ids = {int(comp[y, x]) for y, x in clicks_yx} - {0}
+    local = clicks_yx - np.asarray(origin)
+    inside = ((local >= 0) & (local < fg.shape)).all(1)
+    ids = {int(comp[y, x]) for y, x in local[inside]} - {0}
     ys, xs = np.nonzero(np.isin(comp, sorted(ids))) if ids else (np.zeros(0, int), np.zeros(0, int))
-    ys, xs = np.concatenate([ys, clicks_yx[:, 0]]), np.concatenate([xs, clicks_yx[:, 1]])
+    ys = np.concatenate([ys + origin[0], clicks_yx[:, 0]])
+    xs = np.concatenate([xs + origin[1], clicks_yx[:, 1]])
     y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
     pad_y = max(y1 - y0, XY_MARGIN) + XY_MARGIN
     pad_x = max(x1 - x0, XY_MARGIN) + XY_MARGIN
@@ -195,8 +210,9 @@ def iter_head_object(
         for z, p in clicks.items()
     }
     middle = (first + last) // 2
+    fg, origin = slices.foreground(middle)
     ys0, ys1, xs0, xs1 = _crop_around(
-        slices[middle][0], np.concatenate(list(pts.values())), params["foreground_thresh"]
+        fg, np.concatenate(list(pts.values())), params["foreground_thresh"], (h, w), origin
     )
 
     def estimate(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
