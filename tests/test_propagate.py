@@ -269,6 +269,10 @@ def test_a_click_in_a_stack_with_large_slices_reads_a_window_around_it(predictor
     assert click_window(predictor, stack[:, :520, :696], {1: np.array([[x, y]])}, limits, 1.0) is None
     res = segment_object_in_volume(predictor, stack, 1, [[x, y]], [1])
     assert res.method == "head" and _iou(res[1], target) > 0.7
+    # cancelled at once: not even the crop that measures the nuclei is embedded
+    fresh = SamPredictor(predictor.model)
+    cancelled = segment_object_in_volume(fresh, stack, 1, [[x, y]], [1], cancel=lambda: True)
+    assert cancelled.cancelled and not cancelled.any() and len(fresh.cache) == 0
 
 
 def test_the_head_keeps_only_the_maps_of_the_window_it_reads(predictor):

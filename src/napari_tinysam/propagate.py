@@ -332,19 +332,25 @@ def _head_slices(
     the ``clicks`` ((x, y) points by slice) where the slices are large (:func:`click_window`)."""
     sigma = recommended_thresholds(predictor.model, "auto", volume=True)["denoise_sigma"]
     limits = contrast_limits or volume_contrast_limits(stack, denoise_sigma=sigma)
-    window = click_window(predictor, stack, clicks, limits, sigma)
+    window = click_window(predictor, stack, clicks, limits, sigma, cancel)
     return HeadSlices(predictor, stack, limits, sigma, cancel=cancel, window=window)
 
 
 def click_window(
-    predictor: SamPredictor, stack, clicks: Mapping[int, np.ndarray], limits, denoise_sigma: float
+    predictor: SamPredictor,
+    stack,
+    clicks: Mapping[int, np.ndarray],
+    limits,
+    denoise_sigma: float,
+    cancel: Callable[[], bool] | None = None,
 ) -> tuple[int, int, int, int] | None:
     """The part (y0, y1, x0, x1) of the slices that the head reads around ``clicks``
     ((x, y) points by slice) when the slices are larger than the model's input and their
     objects would be too small at the whole-slice scale, as everything mode tiles such
     slices: the objects are measured on a full-resolution crop at the clicks, and the
     window is as large as a tile with its halo at the scale that makes them about
-    ``TARGET_OBJECT_INPUT_PX`` wide (and holds every click). None: whole slices."""
+    ``TARGET_OBJECT_INPUT_PX`` wide (and holds every click). None: whole slices.
+    ``cancel()`` is checked before that crop is embedded (a True raises ``Cancelled``)."""
     model = predictor.model
     h, w = stack.shape[1:3]
     points = [np.asarray(p, np.float64).reshape(-1, 2) for p in clicks.values()]
@@ -363,6 +369,8 @@ def click_window(
     rgb = to_uint8_rgb(denoise_slice(np.asarray(stack[z])[y0:y1, x0:x1], denoise_sigma), limits)
     if rgb.min() == rgb.max():
         return None
+    if cancel is not None and cancel():
+        raise Cancelled("cancelled before the objects at the click were measured")
     width, _ = head_widths(predictor, rgb, recommended_thresholds(model, "auto"))
     if width * model.img_size / max(h, w) >= MIN_OBJECT_INPUT_PX:
         return None
@@ -526,7 +534,11 @@ def segment_object_in_volume(
     out.scores = np.full(shape[0], np.nan, np.float32)
     out.method = choose_method(predictor.model, prompts, given, method)
     if out.method == "head":
-        slices = _head_slices(predictor, stack, contrast_limits, cancel, {z: p.points for z, p in prompts.items()})
+        try:
+            slices = _head_slices(predictor, stack, contrast_limits, cancel, {z: p.points for z, p in prompts.items()})
+        except Cancelled:  # before the window around the clicks was measured: nothing embedded
+            out.cancelled, out.scale = True, _model_scale(predictor, shape[1:])
+            return out
         out.embedded, out.visited = slices.embedded, slices.visited
         y0, y1, x0, x1 = slices.part or (0, shape[1], 0, shape[2])
         out.scale = _model_scale(predictor, (y1 - y0, x1 - x0))
