@@ -257,6 +257,10 @@ def test_the_background_noise_is_measured_past_objects_gradients_and_blur():
     blocks = blurred.reshape(32, 16, 32, 16).mean((1, 3))  # the spread of 16 x 16 means, times 16
     assert 0.8 < mean_noise(blurred, np.zeros(blurred.shape, bool)) / (blocks.std() * 16) < 1.25
     assert mean_noise(np.full((64, 64), 7.0), np.zeros((64, 64), bool)) == 0.0  # no noise: not measurable
+    # a small image full of objects (a slice of a crowded stack): no clear blocks to compare,
+    # the pixel noise stands in (every block's mean would count the objects as noise)
+    crowded = 100.0 * ((np.indices((64, 64)) // 8).sum(0) % 2) + rng.normal(0, 5, (64, 64))
+    assert 4.0 < mean_noise(crowded, np.ones((64, 64), bool)) < 6.0
 
 
 def test_an_image_whose_objects_are_its_noise_has_none_and_one_nucleus_is_enough():
@@ -292,6 +296,21 @@ def test_an_empty_field_of_camera_noise_gives_no_objects():
         for field in fields:
             assert segment_everything(predictor, field.astype(np.float32)).max() == 0
     assert segment_everything(predictor, samples.nuclei_2d()).max() > 140  # a field of nuclei keeps them
+
+
+def test_pixel_noise_reads_the_noise_not_the_objects_or_the_illumination():
+    from napari_tinysam.instances import pixel_noise
+
+    yy, xx = np.mgrid[:300, :300]
+    scene = (
+        100.0
+        + 0.2 * xx
+        + sum(150.0 * ((yy - cy) ** 2 + (xx - cx) ** 2 <= 15**2) for cy, cx in [(60, 60), (150, 200), (230, 90)])
+    )
+    assert pixel_noise(scene) < 0.5  # edges of objects and a gradient are no noise
+    noisy = scene + np.random.default_rng(0).normal(0, 4.0, scene.shape)
+    assert 3.6 < pixel_noise(noisy) < 4.4
+    assert pixel_noise(ndimage.gaussian_filter(noisy, 1.5)) < 1.0  # smoothed noise reads as less
 
 
 def test_segment_volume_auto_links_slices():

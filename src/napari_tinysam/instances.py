@@ -255,6 +255,21 @@ def object_contrast(
     return (out, inside, around) if counts else out
 
 
+#: Immerkaer's operator: the difference of two Laplacians, blind to linear intensity
+#: changes; on white noise of standard deviation s its response has standard deviation 6 s.
+_NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+
+
+def pixel_noise(gray: np.ndarray) -> float:
+    """The standard deviation of the pixel noise of a 2D image (in its intensity units):
+    the robust spread (1.4826 x median absolute value) of Immerkaer's operator's response
+    over 6, so that edges and the insides of objects (a minority of the pixels) barely
+    move it. Noise correlated between neighbouring pixels (blur) reads lower, as it is to
+    the eye; 0 for a noise-free image."""
+    response = ndimage.convolve(np.asarray(gray, np.float32), _NOISE_KERNEL, mode="reflect")
+    return 1.4826 * float(np.median(np.abs(response))) / 6.0
+
+
 #: Blocks (pixels on a side) whose means measure the background's noise (:func:`mean_noise`),
 #: how far from every object they lie, and how many pairs of neighbouring such blocks
 #: are enough.
@@ -270,8 +285,9 @@ def mean_noise(gray: np.ndarray, foreground: np.ndarray) -> float:
     ``NOISE_CLEARANCE`` pixels), as the robust spread (1.4826 x median absolute deviation)
     of the differences between neighbouring blocks, so that smooth changes of the
     background (uneven illumination) do not count and noise correlated between pixels
-    (blur) does. With too few such blocks (an image full of objects, or of texture
-    taken for objects) every block counts."""
+    (blur) does. With too few such blocks (a small image, or one full of objects or of
+    texture taken for objects) the pixel noise (:func:`pixel_noise`) stands in: blocks
+    holding objects would count the objects as noise."""
     k = NOISE_BLOCK
     h, w = (gray.shape[0] // k) * k, (gray.shape[1] // k) * k
     if h < 2 * k or w < 2 * k:
@@ -280,7 +296,7 @@ def mean_noise(gray: np.ndarray, foreground: np.ndarray) -> float:
     near = ndimage.binary_dilation(foreground, iterations=NOISE_CLEARANCE) if foreground.any() else foreground
     clear = ~near[:h, :w].reshape(h // k, k, w // k, k).any((1, 3))
     if (clear[1:] & clear[:-1]).sum() + (clear[:, 1:] & clear[:, :-1]).sum() < NOISE_MIN_PAIRS:
-        clear[:] = True
+        return pixel_noise(gray)
     # each direction about its own median: a gradient shifts the differences along it
     deviations = [
         np.abs(d - np.median(d))
