@@ -19,6 +19,8 @@ many), segmented without and with their voxel size (``segment_volume(..., scale=
 (SNR 3, blur 1), each segmented with the model's ``denoise_sigma`` and with other values.
 --shrink 0.5 builds the stand-ins from fields shrunk by half: nuclei 10-20 px across
 instead of BBBC039's 20-40, the size of nuclei in confocal stacks of embryos.
+--noisy-fields prints only the table of BBBC039 val fields with Poisson noise at SNR 5 to
+1.5: auto mode with the smoothing it chooses from each image's noise against fixed ones.
 --large-slices prints only the table of noisy stand-ins with slices larger than the
 model's input (16 slices of 1024x1024 from 2x2 mosaics of BBBC039 val fields, 1536x1536
 from 3x3 mosaics): the default (tiled in the plane when the nuclei are small) against
@@ -34,13 +36,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from volumes import gonuclear, mosaics, noisy_stack, resampled_gonuclear
+from volumes import gonuclear, mosaics, noisy_field, noisy_stack, resampled_gonuclear
 
 from napari_tinysam import SamPredictor, load_model, samples, segment_everything, segment_volume
 from napari_tinysam.bench import cpu_name, median_time, print_table
 from napari_tinysam.distill.data import load_folder
-from napari_tinysam.everything import auto_input_size, link_volume, volume_thresholds
+from napari_tinysam.everything import auto_denoise_sigma, auto_input_size, link_volume, volume_thresholds
 from napari_tinysam.metrics import best_match_iou, match_instances, otsu_watershed
+from napari_tinysam.predictor import to_uint8_rgb
 
 #: name -> keyword arguments of segment_everything; "paper" is TinySAM's round 2 exactly
 #: (no background skipping: background_thresh 0)
@@ -169,6 +172,29 @@ def noise_rows(model, data: Path, stacks: int, shrink: float = 1.0) -> list[dict
     return rows
 
 
+#: Signal-to-noise ratios of the noisy 2D fields' table (``--noisy-fields``); 0: as acquired.
+FIELD_SNRS = (0.0, 5.0, 3.0, 2.0, 1.5)
+#: Fixed smoothings compared there with auto mode's own choice.
+FIELD_SIGMAS = (0.0, 1.0, 2.0)
+
+
+def noisy_field_rows(model, data: Path, fields: int) -> list[dict]:
+    """F1@0.5 of ``segment_everything`` (auto mode, mean over BBBC039 val fields) with Poisson
+    noise at each of :data:`FIELD_SNRS`: with the smoothing it chooses from each image's
+    noise (``denoise_sigma=None``, the default) and with each of :data:`FIELD_SIGMAS`."""
+    val = load_folder(data / "bbbc039" / "val" / "images")[:fields]
+    rows = []
+    for snr in FIELD_SNRS:
+        items = [(noisy_field(s.image, s.labels, snr, seed=i) if snr else s.image, s.labels) for i, s in enumerate(val)]
+        chosen = [auto_denoise_sigma(to_uint8_rgb(img)) for img, _ in items]
+        row = {"SNR": f"{snr:g}" if snr else "as acquired", "sigma chosen (mean)": f"{np.mean(chosen):.2f}"}
+        for sigma in (None, *FIELD_SIGMAS):
+            f1 = [match_instances(segment_everything(model, img, denoise_sigma=sigma), lab)["f1"] for img, lab in items]
+            row["auto (default)" if sigma is None else f"denoise_sigma={sigma:g}"] = f"{np.mean(f1):.3f}"
+        rows.append(row)
+    return rows
+
+
 def anisotropy_rows(model, data: Path) -> list[dict]:
     """3D F1 of ``segment_volume`` on the GoNuclear crops resampled in z (every other
     slice; twice as many slices, linearly interpolated), without and with the stack's
@@ -207,6 +233,11 @@ def main() -> None:
         help="only the table of noisier or more blurred stand-ins (--stacks of them), denoise_sigma compared",
     )
     ap.add_argument(
+        "--noisy-fields",
+        action="store_true",
+        help="only the table of noisy 2D fields (--fields BBBC039 val fields), auto mode's smoothing compared",
+    )
+    ap.add_argument(
         "--shrink",
         type=float,
         default=1.0,
@@ -238,6 +269,14 @@ def main() -> None:
             "segment_volume, 3D F1@0.5, mean over stacks:"
         )
         rows = noise_rows(model, data, args.stacks, args.shrink)
+        print_table(rows, list(rows[0]))
+        return
+    if args.noisy_fields:
+        print(
+            f"\nNoisy 2D fields ({args.fields} BBBC039 val fields, Poisson noise over 30 photons), "
+            "segment_everything, F1@0.5, mean over fields:"
+        )
+        rows = noisy_field_rows(model, data, args.fields)
         print_table(rows, list(rows[0]))
         return
     if args.large_slices:

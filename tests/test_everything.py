@@ -235,7 +235,7 @@ def test_segment_volume_cancel_returns_nothing():
     assert seen == [1, 2]
 
 
-def _ids_as_masks(predictor, rgb, mode, params):
+def _ids_as_masks(predictor, rgb, mode, params, raw=None):
     """Test double of one tile's segmentation: every grey value is one object, cut where
     the tile ends (as a real model sees an object at a tile's edge)."""
     out = ev._Masks()
@@ -287,7 +287,7 @@ def test_a_tiles_object_mostly_under_an_earlier_tiles_object_is_no_sliver(monkey
     second[20:30, 100:112] = True  # centre x 84.4
     answers = [first, second]
 
-    def one_object_per_tile(predictor, rgb, mode, params):
+    def one_object_per_tile(predictor, rgb, mode, params, raw=None):
         mask = answers.pop(0)
         return _ids_as_masks(predictor, np.repeat(mask[..., None].astype(np.uint8), 3, -1), mode, params)
 

@@ -185,6 +185,8 @@ THRESHOLD_OPTIONS = {
     "min_contrast": "drop objects fainter than this fraction of the median object's contrast (auto, 2D)",
     "blob_contrast": "add small objects the head misses, this fraction of the median object's contrast above "
     "the background (auto, 2D; 0: off)",
+    "denoise_sigma": "smooth each image, or each slice of a stack, in its plane by a Gaussian of this many pixels "
+    "first (auto: 2D images by their measured noise, none when clean; stacks by the model's value; 0: off)",
 }
 
 

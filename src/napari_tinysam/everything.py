@@ -32,6 +32,7 @@ from .instances import (
     keep_objects,
     labels_from_maps,
     object_prompts,
+    pixel_noise,
     split_stacked_objects,
 )
 from .masks import (
@@ -365,12 +366,16 @@ def _check_params(mode: str, params: dict[str, Any], model: Sam) -> None:
         check_head_params(params)
 
 
-def _auto_masks(predictor: SamPredictor, params: dict[str, Any], gray: np.ndarray) -> _Masks:
+def _auto_masks(
+    predictor: SamPredictor, params: dict[str, Any], gray: np.ndarray, raw: np.ndarray | None = None
+) -> _Masks:
     """Everything mode ``"auto"``: instances of the head, each prompting the decoder once
     (positive point at its innermost pixel, and its box). A decoded mask replaces its head
     instance when its predicted IoU reaches ``pred_iou_thresh`` and it overlaps the
     instance by IoU >= ``min_agreement``; otherwise the head instance stays. With
-    ``head_only`` the head instances are the result (no decoder)."""
+    ``head_only`` the head instances are the result (no decoder). ``gray``: the image the
+    model saw; ``raw``: the same before it was smoothed, if it was (its noise judges
+    whether any object stands out, :func:`~napari_tinysam.instances.adjust_by_contrast`)."""
     model, emb = predictor.model, predictor._embedding
     maps = head_maps(model, emb)
     head = labels_from_maps(
@@ -381,7 +386,7 @@ def _auto_masks(predictor: SamPredictor, params: dict[str, Any], gray: np.ndarra
         params["min_size"] * grid_cell_area(emb),
     )
     head = adjust_by_contrast(
-        head, gray, params["min_contrast"], params["blob_contrast"], BLOB_MIN_CELLS * grid_cell_area(emb)
+        head, gray, params["min_contrast"], params["blob_contrast"], BLOB_MIN_CELLS * grid_cell_area(emb), raw
     )
     ids, points, boxes = object_prompts(head)
     decoded = [None] * len(ids) if params["head_only"] else decode_objects(predictor, points, boxes)
@@ -434,6 +439,7 @@ def segment_everything(
     tile_shape: int | tuple[int, int] | None = None,
     halo: int | tuple[int, int] | None = None,
     input_size: int | None = None,
+    denoise_sigma: float | None = None,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
 ):
@@ -488,6 +494,10 @@ def segment_everything(
             ``None``: in ``"auto"`` mode the model's tuned value
             (``meta["auto"]["input_size"]``; the bundled model embeds at 896 what it
             prompts at 768), else the model's own ``img_size``. TinyViT models only.
+        denoise_sigma: smooth the image in its plane by a Gaussian of this many pixels
+            before the model sees it (0: not at all). ``None``: in ``"auto"`` mode chosen
+            from the image's pixel noise (:func:`auto_denoise_sigma`: none for clean
+            fields, more the noisier the image), else 0.
         progress: ``progress(done, total)`` after each tile (1 of 1 without tiling).
         cancel: checked before the image and before each tile; when it returns True,
             :class:`Cancelled` is raised (nothing partial is returned).
@@ -532,17 +542,23 @@ def segment_everything(
     )
     _check_params(mode, params, model)
     tiles = _check_tiling(tile_shape, halo, return_records)
+    if denoise_sigma is not None and not denoise_sigma >= 0:
+        raise ValueError(f"denoise_sigma must be >= 0 (pixels; 0: no smoothing), got {denoise_sigma}")
     rgb = to_uint8_rgb(image, contrast_limits)
     h, w = rgb.shape[:2]
     if rgb.min() == rgb.max():  # a constant image holds no objects
         labels = np.zeros((h, w), np.int32)
         return (labels, []) if return_records else labels
+    sigma = denoise_sigma if denoise_sigma is not None else auto_denoise_sigma(rgb) if mode == "auto" else 0.0
+    raw = None
+    if sigma > 0:
+        raw, rgb = rgb.mean(-1, dtype=np.float32), _smoothed_rgb(image, sigma, contrast_limits)
     _check_cancel(cancel, "before the image")
     if tiles is None and mode == "auto" and max(h, w) > model.img_size and not return_records:
         tiles = _tiles_for_small_objects(predictor, rgb, params)
     if tiles is not None:
-        return _segment_tiled(predictor, rgb, mode, params, *tiles, progress, cancel)
-    masks = _segment_masks(predictor, rgb, mode, params)
+        return _segment_tiled(predictor, rgb, mode, params, *tiles, progress, cancel, raw=raw)
+    masks = _segment_masks(predictor, rgb, mode, params, raw=raw)
     if progress is not None:
         progress(1, 1)
     labels, ids = paint_labels(masks.crops, masks.places, np.array(masks.iou), (h, w), MIN_KEPT)
@@ -567,6 +583,18 @@ def segment_everything(
             }
         )
     return labels, records
+
+
+def _smoothed_rgb(image: np.ndarray, sigma: float, contrast_limits) -> np.ndarray:
+    """The uint8 RGB image the model sees of ``image`` smoothed by ``sigma`` pixels, scaled
+    as :func:`to_uint8_rgb` scales the smoothed image (by its own percentiles without
+    ``contrast_limits``); an 8-bit RGB image, which is used as it is, is smoothed as it is."""
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = image[..., :3]
+    if contrast_limits is None and image.dtype == np.uint8 and image.ndim == 3:
+        return np.clip(np.rint(denoise_slice(image, sigma)), 0, 255).astype(np.uint8)
+    return to_uint8_rgb(denoise_slice(image, sigma), contrast_limits)
 
 
 def auto_input_size(model: Sam) -> int:
@@ -598,8 +626,11 @@ def _sized_predictor(
 
 
 @torch.no_grad()
-def _segment_masks(predictor: SamPredictor, rgb: np.ndarray, mode: str, params: dict[str, Any]) -> _Masks:
-    """Candidate masks of one uint8 RGB image (no tiling) or tile, filtered and NMS'd."""
+def _segment_masks(
+    predictor: SamPredictor, rgb: np.ndarray, mode: str, params: dict[str, Any], raw: np.ndarray | None = None
+) -> _Masks:
+    """Candidate masks of one uint8 RGB image (no tiling) or tile, filtered and NMS'd;
+    ``raw``: its grey image before it was smoothed, if it was (auto mode)."""
     h, w = rgb.shape[:2]
     predictor = _sized_predictor(predictor, (h, w), mode, params["input_size"])
     model = predictor.model
@@ -607,7 +638,7 @@ def _segment_masks(predictor: SamPredictor, rgb: np.ndarray, mode: str, params: 
     scale = np.array([w, h], dtype=np.float64)
     dense = build_point_grid(params["points_per_side"]) * scale
     if mode == "auto":
-        masks = _auto_masks(predictor, params, rgb.mean(-1, dtype=np.float32))
+        masks = _auto_masks(predictor, params, rgb.mean(-1, dtype=np.float32), raw)
     elif mode == "grid":
         masks = _candidates_from_points(predictor, dense, params, None)
     else:
@@ -703,7 +734,7 @@ def _tiles_for_small_objects(predictor: SamPredictor, rgb: np.ndarray, params: d
     return (inner, inner), (margin, margin)
 
 
-def _segment_tiled(predictor, rgb, mode, params, tile, halo, progress, cancel=None) -> np.ndarray:
+def _segment_tiled(predictor, rgb, mode, params, tile, halo, progress, cancel=None, raw=None) -> np.ndarray:
     """Everything mode tile by tile: each tile with its halo is segmented on its own; an
     object belongs to the tile whose inner part holds its centroid, so objects cut by one
     tile's edge come whole from the neighbour whose halo holds them, and none twice.
@@ -717,7 +748,8 @@ def _segment_tiled(predictor, rgb, mode, params, tile, halo, progress, cancel=No
         _check_cancel(cancel, f"before tile {k + 1} of {len(starts)}")
         crop = rgb[y0:y1, x0:x1]
         if crop.min() != crop.max():
-            masks = _segment_masks(predictor, np.ascontiguousarray(crop), mode, params)
+            part = None if raw is None else np.ascontiguousarray(raw[y0:y1, x0:x1])
+            masks = _segment_masks(predictor, np.ascontiguousarray(crop), mode, params, raw=part)
             labels, _ = paint_labels(masks.crops, masks.places, np.array(masks.iou), crop.shape[:2], MIN_KEPT)
             next_id = _place_tile(out, labels, (y0, x0), (y, x, th, tw), next_id)
         if progress is not None:
@@ -774,6 +806,28 @@ def denoise_slice(image: np.ndarray, sigma: float) -> np.ndarray:
         return image
     sigmas = (sigma, sigma) + (0,) * (image.ndim - 2)
     return ndimage.gaussian_filter(image.astype(np.float32), sigmas)
+
+
+#: Auto mode smooths a noisy image before the model sees it (:func:`auto_denoise_sigma`):
+#: with the pixel noise of the 8-bit image the model is given (grey levels, 0-255 between
+#: the contrast limits) at or under ``NOISE_FREE_LEVELS`` nothing is done; above, a
+#: Gaussian of ``noise / LEVELS_PER_SIGMA`` pixels, at most ``MAX_DENOISE_SIGMA``.
+#: Chosen on noisy training fields and clean training images (docs/benchmarks.md).
+NOISE_FREE_LEVELS = 6.0
+LEVELS_PER_SIGMA = 13.0
+MAX_DENOISE_SIGMA = 3.0
+
+
+def auto_denoise_sigma(rgb: np.ndarray) -> float:
+    """The smoothing (Gaussian sigma, pixels) that auto mode gives an image from the pixel
+    noise of its uint8 (H, W, 3) version (:func:`~napari_tinysam.instances.pixel_noise`):
+    0 for images whose noise stays under :data:`NOISE_FREE_LEVELS` grey levels (the
+    fields of a good camera, whose objects the model finds as they are), more the noisier
+    the image (the head takes strong pixel noise for texture and finds nothing)."""
+    noise = pixel_noise(rgb.mean(-1, dtype=np.float32))
+    if noise <= NOISE_FREE_LEVELS:
+        return 0.0
+    return float(min(noise / LEVELS_PER_SIGMA, MAX_DENOISE_SIGMA))
 
 
 def volume_contrast_limits(

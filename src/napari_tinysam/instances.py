@@ -331,6 +331,15 @@ def object_significance(
 #: the GoNuclear training crops (noisy confocal planes, nuclei in a structured background)
 #: and 20 in BBBC039 / DSB2018 training images.
 EMPTY_SIGNIFICANCE = 5.0
+#: An image smoothed before the model saw it (auto mode's denoising of noisy images) is
+#: judged on the image as acquired less its background (a Gaussian of this many pixels:
+#: smoothing turns uneven illumination into objects), and needs an object of this
+#: significance: in smoothed noise the head's objects are its brightest grains, chosen
+#: for their contrast. Fields of pure noise reached at most 5.1 (Gaussian, Poisson,
+#: linear and bump-shaped illumination; 256 / 520 px), noisy fields of nuclei (SNR 1-3,
+#: nuclei 15-30 px across) at least 20 (docs/benchmarks.md).
+SMOOTHED_BACKGROUND_PX = 24.0
+EMPTY_SIGNIFICANCE_SMOOTHED = 10.0
 
 
 def _faint(contrast: np.ndarray, min_contrast: float) -> np.ndarray:
@@ -343,7 +352,12 @@ def _faint(contrast: np.ndarray, min_contrast: float) -> np.ndarray:
 
 
 def adjust_by_contrast(
-    labels: np.ndarray, gray: np.ndarray, min_contrast: float, blob_contrast: float = 0.0, min_blob_area: float = 0.0
+    labels: np.ndarray,
+    gray: np.ndarray,
+    min_contrast: float,
+    blob_contrast: float = 0.0,
+    min_blob_area: float = 0.0,
+    raw: np.ndarray | None = None,
 ) -> np.ndarray:
     """The head's objects judged by their local contrast (:func:`object_contrast`, measured
     once): those below ``min_contrast`` times the median object's are removed (faint
@@ -352,12 +366,20 @@ def adjust_by_contrast(
     ``EMPTY_SIGNIFICANCE``: an empty field, whose noise the contrast stretch makes look
     like nuclei), there are no objects. With ``blob_contrast`` > 0, the objects the head
     missed are then added (:func:`add_missed_blobs`, against the median contrast of the
-    objects kept). Returns labels numbered 1..N."""
+    objects kept). ``raw``: the image before it was smoothed, if it was: significance is
+    then judged on it less its smooth background (``SMOOTHED_BACKGROUND_PX``) against
+    ``EMPTY_SIGNIFICANCE_SMOOTHED``. Returns labels numbered 1..N."""
     n = int(labels.max())
     if n == 0:
         return labels
     contrast, inside, around = object_contrast(gray, labels, counts=True)
-    if object_significance(gray, labels, contrast, inside, around).max() < EMPTY_SIGNIFICANCE:
+    if raw is None:
+        significance, least = object_significance(gray, labels, contrast, inside, around), EMPTY_SIGNIFICANCE
+    else:
+        flat = raw - ndimage.gaussian_filter(np.asarray(raw, np.float32), SMOOTHED_BACKGROUND_PX)
+        significance = object_significance(flat, labels, *object_contrast(flat, labels, counts=True))
+        least = EMPTY_SIGNIFICANCE_SMOOTHED
+    if significance.max() < least:
         return np.zeros_like(labels)  # no object stands out of the noise: an empty field
     weak = _faint(contrast, min_contrast)
     if weak.any():
