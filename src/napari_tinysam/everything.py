@@ -552,7 +552,7 @@ def segment_everything(
     sigma = denoise_sigma if denoise_sigma is not None else auto_denoise_sigma(rgb) if mode == "auto" else 0.0
     raw = None
     if sigma > 0:
-        raw, rgb = rgb.mean(-1, dtype=np.float32), _smoothed_rgb(image, sigma, contrast_limits)
+        raw, rgb = rgb.mean(-1, dtype=np.float32), denoised_rgb(image, sigma, contrast_limits)
     _check_cancel(cancel, "before the image")
     if tiles is None and mode == "auto" and max(h, w) > model.img_size and not return_records:
         tiles = _tiles_for_small_objects(predictor, rgb, params)
@@ -583,18 +583,6 @@ def segment_everything(
             }
         )
     return labels, records
-
-
-def _smoothed_rgb(image: np.ndarray, sigma: float, contrast_limits) -> np.ndarray:
-    """The uint8 RGB image the model sees of ``image`` smoothed by ``sigma`` pixels, scaled
-    as :func:`to_uint8_rgb` scales the smoothed image (by its own percentiles without
-    ``contrast_limits``); an 8-bit RGB image, which is used as it is, is smoothed as it is."""
-    image = np.asarray(image)
-    if image.ndim == 3:
-        image = image[..., :3]
-    if contrast_limits is None and image.dtype == np.uint8 and image.ndim == 3:
-        return np.clip(np.rint(denoise_slice(image, sigma)), 0, 255).astype(np.uint8)
-    return to_uint8_rgb(denoise_slice(image, sigma), contrast_limits)
 
 
 def auto_input_size(model: Sam) -> int:
@@ -808,6 +796,17 @@ def denoise_slice(image: np.ndarray, sigma: float) -> np.ndarray:
     return ndimage.gaussian_filter(image.astype(np.float32), sigmas)
 
 
+def denoised_rgb(image: np.ndarray, sigma: float, contrast_limits=None) -> np.ndarray:
+    """The uint8 RGB image the model sees of ``image`` (2D or RGB) smoothed in its plane by
+    ``sigma`` pixels (:func:`denoise_slice`; 0: not at all), scaled as :func:`to_uint8_rgb`
+    scales the smoothed image (by its own percentiles without ``contrast_limits``). An
+    8-bit RGB image without contrast limits, which is used as it is, is smoothed as it is."""
+    image = np.asarray(image)
+    if sigma > 0 and contrast_limits is None and image.dtype == np.uint8 and image.ndim == 3:
+        return to_uint8_rgb(np.clip(np.rint(denoise_slice(image[..., :3], sigma)), 0, 255).astype(np.uint8))
+    return to_uint8_rgb(denoise_slice(image, sigma), contrast_limits)
+
+
 #: Auto mode smooths a noisy image before the model sees it (:func:`auto_denoise_sigma`):
 #: with the pixel noise of the 8-bit image the model is given (grey levels, 0-255 between
 #: the contrast limits) at or under ``NOISE_FREE_LEVELS`` nothing is done; above, a
@@ -1011,7 +1010,7 @@ def volume_tiles(predictor: SamPredictor, stack: np.ndarray, limits, denoise_sig
     model = predictor.model
     if max(stack.shape[1:3]) <= model.img_size:
         return None
-    middle = to_uint8_rgb(denoise_slice(stack[stack.shape[0] // 2], denoise_sigma), limits)
+    middle = denoised_rgb(stack[stack.shape[0] // 2], denoise_sigma, limits)
     if middle.min() == middle.max():
         return None
     return _tiles_for_small_objects(predictor, middle, recommended_thresholds(model, "auto"))
@@ -1067,7 +1066,7 @@ def volume_head_maps(
     maps = np.zeros((3, z, h, w), np.float16)
     for i in range(z):
         _check_cancel(cancel, f"before slice {i} of {z}")
-        rgb = to_uint8_rgb(denoise_slice(stack[i], denoise_sigma), limits)
+        rgb = denoised_rgb(stack[i], denoise_sigma, limits)
         if rgb.min() == rgb.max():
             maps[0, i], maps[1:, i] = 0.0, 1.0
         else:

@@ -31,7 +31,7 @@ from .everything import (
     MIN_OBJECT_INPUT_PX,
     Cancelled,
     anisotropy,
-    denoise_slice,
+    denoised_rgb,
     head_widths,
     recommended_thresholds,
     upscale_for_width,
@@ -366,7 +366,7 @@ def click_window(
         return y0, y0 + side_y, x0, x0 + side_x
 
     y0, y1, x0, x1 = around(min(model.img_size, h), min(model.img_size, w))
-    rgb = to_uint8_rgb(denoise_slice(np.asarray(stack[z])[y0:y1, x0:x1], denoise_sigma), limits)
+    rgb = denoised_rgb(np.asarray(stack[z])[y0:y1, x0:x1], denoise_sigma, limits)
     if rgb.min() == rgb.max():
         return None
     if cancel is not None and cancel():
