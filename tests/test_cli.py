@@ -284,6 +284,9 @@ def test_embed_store_created_reused_and_refused(files, model_file, tmp_path, cap
         == 2
     )
     assert "does not match" in capsys.readouterr().err
+    # a store of the slices as the annotator shows them is not one of the slices as acquired
+    assert main(["embed", str(files / "stack.zarr"), "-o", store, "--model", model_file, "--no-smooth"]) == 2
+    assert "smooth differ" in capsys.readouterr().err
 
 
 def test_quantize_writes_a_loadable_int8_checkpoint(tmp_path, model_file, blobs_image, capsys):

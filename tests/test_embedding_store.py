@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from napari_tinysam import SamPredictor
+from napari_tinysam.annotate import slice_rgb
 from napari_tinysam.embedding_store import EmbeddingStore, StoreMismatch
+from napari_tinysam.predictor import to_uint8_rgb
 
 
 @pytest.fixture
@@ -25,9 +27,28 @@ def test_store_reuse_matches_fresh_embeddings(tmp_path, tiny_model, stack):
     p.set_embedding(again.get(2))
     masks, _, _ = p.predict(np.array([[10, 10]]), np.array([1]))
     fresh = SamPredictor(tiny_model)
-    fresh.set_image(stack[2], contrast_limits=again.contrast_limits)
+    fresh.set_image(
+        slice_rgb(stack[2], again.contrast_limits, smooth_for=tiny_model)
+    )  # what the annotator shows the model
     assert torch.allclose(fresh.get_image_embedding(), p.get_image_embedding(), atol=1e-5)
     assert p.encoder_calls == 0 and masks.shape == (3, 40, 48)
+
+
+def test_a_store_records_whether_noisy_slices_were_smoothed(tmp_path, tiny_model, stack):
+    """The stack is pure noise: by default its slices are stored smoothed, as the annotator
+    shows them; a store of the slices as acquired is taken when either is acceptable and
+    refused, with the reason, when the smoothed ones are asked for."""
+    smoothed = EmbeddingStore.open(tmp_path / "a.zarr", tiny_model, stack, create=True)
+    assert smoothed.smooth and not np.array_equal(
+        smoothed.slice_rgb(tiny_model, stack, 1), to_uint8_rgb(stack[1], smoothed.contrast_limits)
+    )
+    raw = EmbeddingStore.open(tmp_path / "b.zarr", tiny_model, stack, create=True, smooth=False)
+    assert np.array_equal(raw.slice_rgb(tiny_model, stack, 1), to_uint8_rgb(stack[1], raw.contrast_limits))
+    assert not EmbeddingStore.open(tmp_path / "b.zarr", tiny_model, stack).smooth
+    with pytest.raises(StoreMismatch, match="smooth"):
+        EmbeddingStore.open(tmp_path / "b.zarr", tiny_model, stack, smooth=True)
+    with pytest.raises(StoreMismatch, match="smooth"):
+        EmbeddingStore.open(tmp_path / "a.zarr", tiny_model, stack, smooth=False)
 
 
 def test_store_refuses_mismatch(tmp_path, tiny_model, stack):

@@ -34,7 +34,7 @@ from napari_tinysam.instances import (
 from napari_tinysam.masks import build_point_grid
 from napari_tinysam.model import build_sam, read_checkpoint, sam_from_checkpoint, save_checkpoint
 from tests.fakes import FakeSam
-from tests.stacks import gapped_nuclei_stack
+from tests.stacks import gapped_nuclei_stack, noisy_nuclei_field
 
 
 def _discs(side: int = 128, spec=((24, 24, 14), (30, 90, 18), (90, 40, 20), (95, 100, 12))) -> np.ndarray:
@@ -323,12 +323,8 @@ def test_a_noisy_field_is_smoothed_before_the_model_sees_it_and_a_clean_one_is_n
     from napari_tinysam.predictor import to_uint8_rgb
 
     predictor = SamPredictor(load_model("default"))
-    field, truth = samples.nuclei_2d().astype(np.float32), samples.nuclei_2d_labels()
-    assert auto_denoise_sigma(to_uint8_rgb(field)) == 0.0  # a clean field is segmented as it is
-    signal = np.clip(field - np.percentile(field, 5), 0, None)
-    background = 30.0
-    photons = 2.0 * np.sqrt(background) / np.median(signal[truth > 0])
-    noisy = np.random.default_rng(1).poisson(signal * photons + background).astype(np.float32)
+    assert auto_denoise_sigma(to_uint8_rgb(samples.nuclei_2d())) == 0.0  # a clean field is segmented as it is
+    noisy, truth = noisy_nuclei_field(snr=2.0)
     assert auto_denoise_sigma(to_uint8_rgb(noisy)) > 1.5
     assert match_instances(segment_everything(predictor, noisy), truth)["f1"] > 0.8
     assert match_instances(segment_everything(predictor, noisy, denoise_sigma=0), truth)["f1"] < 0.3

@@ -559,6 +559,14 @@ def test_annotator_reuses_matching_embedding_store(make_napari_viewer, qtbot, tm
     _wait(qtbot, w)
     qtbot.waitUntil(lambda: w._running is None and not w._jobs, timeout=60000)
     assert all(shape[0] < stack.shape[1] for shape in embedded) and len(w.cache) == 3 + len(embedded)
+    # its slices are noisy and stored smoothed, as the widget shows them to the model by
+    # default; with smoothing off the model sees the slice as acquired: embedded anew
+    assert w.store.smooth and w.smooth.value
+    embedded.clear()
+    w.smooth.value = False
+    _wait(qtbot, w)
+    qtbot.waitUntil(lambda: w._running is None and not w._jobs, timeout=60000)
+    assert tuple(stack.shape[1:]) in embedded and w.candidates is not None
     # a store for other contrast limits is refused, the widget keeps working
     layer.contrast_limits = (0, 10)
     assert not w.open_store(str(tmp_path / "e.zarr")) and w.store is None

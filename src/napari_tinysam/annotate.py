@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .everything import auto_denoise_sigma, denoised_rgb
 from .predictor import SamPredictor, image_key, points_outside, to_uint8_rgb
 
 
@@ -113,9 +114,26 @@ def resize_rgb(rgb: np.ndarray, factor: float) -> np.ndarray:
     return np.ascontiguousarray(t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy())
 
 
-def slice_rgb(image2d: np.ndarray, contrast_limits: tuple[float, float] | None) -> np.ndarray:
-    """What the model sees of a slice: uint8 RGB scaled by the layer's contrast limits."""
-    return to_uint8_rgb(image2d, contrast_limits)
+def click_denoise_sigma(model, rgb: np.ndarray) -> float:
+    """The smoothing (Gaussian sigma, slice pixels) that clicks with ``model`` want on the
+    uint8 RGB slice ``rgb``: everything mode's auto smoothing for the slice's pixel noise
+    (:func:`~napari_tinysam.everything.auto_denoise_sigma`; 0 for a clean slice) divided by
+    the square root of the model's enlargement of the slice (a slice the model enlarges 4x
+    gets half). Chosen on noisy training fields, crops of them and GoNuclear slices: the
+    undivided smoothing blurs the small objects of enlarged slices (docs/benchmarks.md)."""
+    own, _ = smaller_scales(model, rgb.shape)
+    return auto_denoise_sigma(rgb) / math.sqrt(max(1.0, own))
+
+
+def slice_rgb(image2d: np.ndarray, contrast_limits: tuple[float, float] | None, smooth_for=None) -> np.ndarray:
+    """What the model sees of a slice: uint8 RGB scaled by the layer's contrast limits;
+    with ``smooth_for`` (a model), a noisy slice smoothed by :func:`click_denoise_sigma`
+    for that model's clicks (a clean one is left as it is)."""
+    rgb = to_uint8_rgb(image2d, contrast_limits)
+    if smooth_for is None or rgb.min() == rgb.max():
+        return rgb
+    sigma = click_denoise_sigma(smooth_for, rgb)
+    return denoised_rgb(image2d, sigma, contrast_limits) if sigma > 0 else rgb
 
 
 def is_embedded(predictor: SamPredictor, rgb: np.ndarray) -> bool:

@@ -398,7 +398,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if data.ndim == 2 or (data.ndim == 3 and rgb):
         data = data[None]
     model = load_model(args.model, precision=args.precision)
-    store = EmbeddingStore.open(args.output, model, data, args.contrast_limits, create=True)
+    store = EmbeddingStore.open(args.output, model, data, args.contrast_limits, create=True, smooth=not args.no_smooth)
     todo = int((~store.done).sum())
     bar = tqdm(total=data.shape[0], initial=data.shape[0] - todo, desc="embed", unit="slice")
     n = store.compute(model, data, progress=lambda d, t: bar.update(1))
@@ -573,6 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: the stack's 0.5 / 99.5 percentiles",
     )
     e.add_argument("--index", type=int, nargs="+", help="leading indices for 4D+ data")
+    e.add_argument(
+        "--no-smooth",
+        action="store_true",
+        help="embed noisy slices as acquired (for the annotator with 'smooth noisy images' off); "
+        "by default they are smoothed as the annotator smooths them",
+    )
     e.add_argument("--threads", type=int, default=2)
     _add_precision(e)
     e.set_defaults(func=cmd_embed)

@@ -1,9 +1,12 @@
 """Precomputed image embeddings of every slice of a stack, in a chunked Zarr store.
 
 The store carries a signature (data hash, model hash, input size, contrast limits,
-format version). A store is reused only when its signature matches the data, model and
-contrast settings at hand; otherwise it is refused with a message that says what
-differs. The precision a slice was embedded at is not part of it: bfloat16 and float32
+whether noisy slices were smoothed, format version). A store is reused only when its
+signature matches the data, model and contrast settings at hand; otherwise it is refused
+with a message that says what differs. By default each slice is stored as the annotator
+shows it to the model (:func:`~napari_tinysam.annotate.slice_rgb` with ``smooth_for``: a
+noisy slice smoothed, a clean one as it is); a user of the annotator checks each slice against
+:meth:`EmbeddingStore.slice_rgb` before taking its embedding. The precision a slice was embedded at is not part of it: bfloat16 and float32
 embeddings agree to 0.3% (docs/benchmarks.md), so one store serves both. Slices are written one chunk at a time and marked done afterwards, so an
 interrupted ``embed`` resumes where it stopped.
 """
@@ -18,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .annotate import slice_rgb
 from .everything import check_volume, volume_contrast_limits
 from .model import Sam, StoreMismatch, model_fingerprint
-from .predictor import ImageEmbedding, compute_embedding, preprocess_shape, to_uint8_rgb
+from .predictor import ImageEmbedding, compute_embedding, preprocess_shape
 
 STORE_FORMAT = 1
 
@@ -42,7 +46,7 @@ class EmbeddingStore:
         self.signature = signature
 
     @staticmethod
-    def signature_for(model: Sam, stack: np.ndarray, contrast_limits) -> dict:
+    def signature_for(model: Sam, stack: np.ndarray, contrast_limits, smooth: bool = False) -> dict:
         sig = {
             "format": STORE_FORMAT,
             "data": data_hash(stack),
@@ -53,6 +57,8 @@ class EmbeddingStore:
         }
         if model.max_upscale is not None:
             sig["max_upscale"] = model.max_upscale
+        if smooth:  # absent from the stores of slices as acquired
+            sig["smooth"] = True
         return sig
 
     @classmethod
@@ -63,8 +69,13 @@ class EmbeddingStore:
         stack: np.ndarray,
         contrast_limits: tuple[float, float] | None = None,
         create: bool = False,
+        smooth: bool | None = None,
     ) -> EmbeddingStore:
         """Open (or with ``create``, create) the store of ``stack`` under ``model``.
+
+        ``smooth``: whether noisy slices are smoothed before they are embedded (see
+        :meth:`slice_rgb`); ``None`` takes an existing store either way and creates one
+        that smooths (as the annotator does by default).
 
         Raises ``StoreMismatch`` when an existing store was made for something else and
         ``FileNotFoundError`` when it does not exist and ``create`` is False.
@@ -73,13 +84,13 @@ class EmbeddingStore:
 
         check_volume(stack)
         limits = tuple(contrast_limits) if contrast_limits is not None else volume_contrast_limits(stack)
-        sig = cls.signature_for(model, stack, limits)
         path = Path(path)
         if path.exists():
             group = zarr.open_group(str(path), mode="r+")
             stored = dict(group.attrs.get("signature", {}))
+            sig = cls.signature_for(model, stack, limits, stored.get("smooth", False) if smooth is None else smooth)
             if stored != sig:
-                diff = sorted(k for k in sig if stored.get(k) != sig[k])
+                diff = sorted(k for k in {*sig, *stored} if stored.get(k) != sig.get(k))
                 raise StoreMismatch(
                     f"embedding store {path} does not match ({', '.join(diff) or 'unknown format'} "
                     "differ); recompute it with `napari-tinysam embed` or choose another store"
@@ -87,6 +98,7 @@ class EmbeddingStore:
             return cls(path, group, sig)
         if not create:
             raise FileNotFoundError(f"no embedding store at {path}")
+        sig = cls.signature_for(model, stack, limits, True if smooth is None else smooth)
         z = stack.shape[0]
         grid = model.img_size // 16
         group = zarr.open_group(str(path), mode="w")
@@ -99,6 +111,16 @@ class EmbeddingStore:
     def contrast_limits(self) -> tuple[float, float]:
         lo, hi = self.signature["contrast_limits"]
         return lo, hi
+
+    @property
+    def smooth(self) -> bool:
+        """Whether noisy slices were smoothed before they were embedded."""
+        return bool(self.signature.get("smooth", False))
+
+    def slice_rgb(self, model: Sam, stack: np.ndarray, z: int) -> np.ndarray:
+        """The uint8 RGB image of slice ``z`` whose embedding the store holds (``model``: the
+        store's model)."""
+        return slice_rgb(np.asarray(stack[z]), self.contrast_limits, model if self.smooth else None)
 
     @property
     def done(self) -> np.ndarray:
@@ -117,7 +139,7 @@ class EmbeddingStore:
         for z in np.flatnonzero(~done):
             if cancel is not None and cancel():
                 break
-            rgb = to_uint8_rgb(stack[z], self.contrast_limits)
+            rgb = self.slice_rgb(model, stack, int(z))
             with torch.no_grad():
                 emb = compute_embedding(model, rgb)
             self.group["features"][z] = emb.features[0].numpy()

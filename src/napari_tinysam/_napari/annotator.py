@@ -137,6 +137,11 @@ class AnnotatorWidget(Container):
         self.overwrite = CheckBox(text="overwrite existing objects", value=False)
         self.negative = CheckBox(text=f"negative points ({KEYS['polarity']})", value=False)
         self.zoom = CheckBox(text="zoom in on small objects", value=True)
+        self.smooth = CheckBox(text="smooth noisy images for the model", value=True)
+        self.smooth.tooltip = (
+            "the model sees a noisy slice smoothed (more the noisier it is; a clean slice as it is): "
+            "clicks on noisy images find their objects far better. The layer is not changed."
+        )
         self.each_point = CheckBox(text="each positive point is its own object", value=False)
         self.refine_id = SpinBox(label="refine label", min=0, max=2**31 - 1, value=0)
         self.refine_id.tooltip = "0: prompts make a new object; an id: that object of the labels layer is refined"
@@ -157,6 +162,7 @@ class AnnotatorWidget(Container):
                 self.overwrite,
                 self.negative,
                 self.zoom,
+                self.smooth,
                 self.each_point,
                 self.refine_id,
                 self.cache_mb,
@@ -217,6 +223,7 @@ class AnnotatorWidget(Container):
         self.propagate_btn.clicked.connect(self.propagate)
         self.negative.changed.connect(self._polarity_changed)
         self.zoom.changed.connect(lambda _: self._refresh() if self.preview_slice is not None else None)
+        self.smooth.changed.connect(lambda _: self._smoothing_changed())
         self.each_point.changed.connect(lambda _: self._mode_changed())
         self.refine_id.changed.connect(lambda _: self._mode_changed())
         self.viewer.layers.events.inserted.connect(self._reset_choices)
@@ -546,24 +553,33 @@ class AnnotatorWidget(Container):
     def _slice_rgb(self, image, index: tuple[int, ...]) -> np.ndarray:
         """What the model sees of a slice, memoised for the last few slices (clicks on
         the same slice then cost no rescaling)."""
-        key = (id(image.data), index, tuple(image.contrast_limits))
+        key = (id(image.data), index, tuple(image.contrast_limits), self.smooth.value, id(self.predictor.model))
         rgb = self._rgb_memo.get(key)
         if rgb is None:
-            rgb = slice_rgb(np.asarray(image_data(image)[index]), key[2])
+            smooth_for = self.predictor.model if self.smooth.value else None
+            rgb = slice_rgb(np.asarray(image_data(image)[index]), key[2], smooth_for)
             self._rgb_memo[key] = rgb
             while len(self._rgb_memo) > 4:
                 self._rgb_memo.popitem(last=False)
         return rgb
 
-    def _embedded(self, index: tuple[int, ...], rgb: np.ndarray) -> bool:
-        """Whether the slice's embedding is cached, taking it from the store if there."""
+    def _embedded(self, index: tuple[int, ...], rgb: np.ndarray, data=None) -> bool:
+        """Whether the slice's embedding is cached, taking it from the store if the store
+        holds this very image of the slice (not a resized, smoothed or unsmoothed copy).
+        ``data``: the stack (default: the image layer's; a worker passes its own)."""
         if is_embedded(self.predictor, rgb):
             return True
         if (
             self.store is not None
             and len(index) == 1
             and self.store.done[index[0]]
-            and rgb.shape[:2] == tuple(self.store.signature["shape"][1:3])  # the slice itself, not a resized copy
+            and rgb.shape[:2] == tuple(self.store.signature["shape"][1:3])
+            and np.array_equal(
+                rgb,
+                self.store.slice_rgb(
+                    self.predictor.model, image_data(self.image_combo.value) if data is None else data, index[0]
+                ),
+            )
         ):
             self.cache.put(image_key(self.predictor.model, rgb), self.store.get(index[0]))
             return True
@@ -687,6 +703,13 @@ class AnnotatorWidget(Container):
         if self.store is not None:
             self.store = None
             show_info("TinySAM: contrast limits changed; the embedding store no longer applies")
+        self._jobs.clear()
+        if self.preview_slice is not None:
+            self._refresh(self.preview_slice)
+
+    def _smoothing_changed(self) -> None:
+        """The model sees noisy slices smoothed, or no longer: queued embeddings are of the
+        other images (cached ones stay, each under its own image)."""
         self._jobs.clear()
         if self.preview_slice is not None:
             self._refresh(self.preview_slice)
@@ -890,7 +913,7 @@ class AnnotatorWidget(Container):
                         prompts,
                         masks,
                         contrast_limits=limits,
-                        prepare_slice=lambda z, rgb: self._embedded((*lead, z), rgb),
+                        prepare_slice=lambda z, rgb: self._embedded((*lead, z), rgb, data),
                     )
                 try:
                     for res in results:
