@@ -224,7 +224,7 @@ def test_a_click_on_the_outer_half_of_an_edge_pixel_gets_the_magnified_look_too(
 def test_clicks_on_a_noisy_field_find_their_nuclei_when_the_model_sees_it_smoothed():
     """At a low signal-to-noise ratio (the typical nucleus 2 standard deviations of the
     background's noise above it) one click on the raw field misses much of its nucleus;
-    with ``smooth`` (the annotator's default) the model sees the field smoothed. A clean
+    with ``smooth_for`` (the annotator's default) the model sees the field smoothed. A clean
     field is given to the model as it is either way."""
     from napari_tinysam import samples
 
