@@ -134,7 +134,8 @@ def main() -> None:
         scale = np.median([min(model.img_size / max(im.shape[:2]), model.max_upscale or np.inf) for im, _ in images])
         base = clicks(model, images, rescale=False)
         res = clicks(model, images, rescale=True)
-        rows.append(
+        _add_row(
+            rows,
             {
                 "images": f"{name} ({len(images)})",
                 "model's scale (median)": f"{scale:.2f}x",
@@ -144,14 +145,9 @@ def main() -> None:
                 "objects rescaled": f"{res['rescaled']:.0%}",
                 "embeddings / image": f"{base['embeddings/image']:.1f} -> {res['embeddings/image']:.1f}",
                 "s / image": f"{base['s/image']:.2f} -> {res['s/image']:.2f}",
-            }
+            },
         )
-        print(rows[-1], flush=True)
-    print(
-        f"CPU: {cpu_name()}; model {args.model!r} at precision {model.arithmetic}, {args.threads} threads; "
-        "one click per whole object at its innermost point, the annotator's magnified look on"
-    )
-    print_table(rows, list(rows[0]))
+    _print_table(args, model, rows, "the annotator's magnified look on")
 
 
 def noisy_table(args, model, fields) -> None:
@@ -168,7 +164,8 @@ def noisy_table(args, model, fields) -> None:
         for name, images in field_sets(noisy, args.crops, args.max_crops):
             for view, sigma_of in views.items():
                 res = clicks(model, images, rescale=True, sigma_of=sigma_of, max_objects=args.max_objects)
-                rows.append(
+                _add_row(
+                    rows,
                     {
                         "images": f"{name} ({len(images)})",
                         "SNR": f"{snr:g}",
@@ -176,12 +173,20 @@ def noisy_table(args, model, fields) -> None:
                         "sigma (mean)": f"{res['sigma']:.2f}",
                         "objects": res["objects"],
                         "click mIoU": f"{res['mIoU']:.3f}",
-                    }
+                    },
                 )
-                print(rows[-1], flush=True)
+    _print_table(args, model, rows, "the annotator's magnified look and rescale on")
+
+
+def _add_row(rows: list[dict], row: dict) -> None:
+    rows.append(row)
+    print(row, flush=True)  # as it comes: a full run takes a while
+
+
+def _print_table(args, model, rows: list[dict], settings: str) -> None:
     print(
         f"CPU: {cpu_name()}; model {args.model!r} at precision {model.arithmetic}, {args.threads} threads; "
-        "one click per whole object at its innermost point, the annotator's magnified look and rescale on"
+        f"one click per whole object at its innermost point, {settings}"
     )
     print_table(rows, list(rows[0]))
 
