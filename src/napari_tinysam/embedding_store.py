@@ -5,10 +5,12 @@ whether noisy slices were smoothed, format version). A store is reused only when
 signature matches the data, model and contrast settings at hand; otherwise it is refused
 with a message that says what differs. By default each slice is stored as the annotator
 shows it to the model (:func:`~napari_tinysam.annotate.slice_rgb` with ``smooth_for``: a
-noisy slice smoothed, a clean one as it is); a user of the annotator checks each slice against
-:meth:`EmbeddingStore.slice_rgb` before taking its embedding. The precision a slice was embedded at is not part of it: bfloat16 and float32
-embeddings agree to 0.3% (docs/benchmarks.md), so one store serves both. Slices are written one chunk at a time and marked done afterwards, so an
-interrupted ``embed`` resumes where it stopped.
+noisy slice smoothed, a clean one as it is); the annotator compares the image it would
+embed with :meth:`EmbeddingStore.slice_rgb` before it takes a slice's embedding. The
+precision a slice was embedded at is not part of the signature: bfloat16 and float32
+embeddings agree to 0.3% (docs/benchmarks.md), so one store serves both. Slices are
+written one chunk at a time and marked done afterwards, so an interrupted ``embed``
+resumes where it stopped.
 """
 
 from __future__ import annotations
