@@ -130,9 +130,7 @@ def slice_rgb(image2d: np.ndarray, contrast_limits: tuple[float, float] | None, 
     with ``smooth_for`` (a model), a noisy slice smoothed by :func:`click_denoise_sigma`
     for that model's clicks (a clean one is left as it is)."""
     rgb = to_uint8_rgb(image2d, contrast_limits)
-    if smooth_for is None or rgb.min() == rgb.max():
-        return rgb
-    sigma = click_denoise_sigma(smooth_for, rgb)
+    sigma = click_denoise_sigma(smooth_for, rgb) if smooth_for is not None else 0.0
     return denoised_rgb(image2d, sigma, contrast_limits) if sigma > 0 else rgb
 
 

@@ -573,7 +573,7 @@ class AnnotatorWidget(Container):
             self.store is not None
             and len(index) == 1
             and self.store.done[index[0]]
-            and rgb.shape[:2] == tuple(self.store.signature["shape"][1:3])
+            and rgb.shape[:2] == tuple(self.store.signature["shape"][1:3])  # cheap: not a resized copy
             and np.array_equal(
                 rgb,
                 self.store.slice_rgb(
