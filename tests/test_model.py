@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import pickle
 
 import pytest
@@ -168,13 +169,13 @@ def test_batched_decoding_equals_one_prompt_at_a_time_and_the_textbook_form(vit_
     from napari_tinysam.model.transformer import Attention
 
     calls = []
-    shared_keys = Attention.shared_keys
+    prepared_keys = Attention.prepared_keys
 
-    def spy(self, q, k1, v1):
+    def spy(self, q, kh, vh):
         calls.append(q.shape[0])
-        return shared_keys(self, q, k1, v1)
+        return prepared_keys(self, q, kh, vh)
 
-    monkeypatch.setattr(Attention, "shared_keys", spy)
+    monkeypatch.setattr(Attention, "prepared_keys", spy)
     model = vit_t_model
     g = torch.Generator().manual_seed(0)
     side = model.img_size // 16
@@ -194,6 +195,58 @@ def test_batched_decoding_equals_one_prompt_at_a_time_and_the_textbook_form(vit_
     for ref_low, ref_iou in ((torch.cat([a[0] for a in alone]), torch.cat([a[1] for a in alone])), (low_tb, iou_tb)):
         assert (low - ref_low).abs().max() <= 1e-5 * scale
         assert torch.allclose(iou, ref_iou, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_clicks_on_one_embedding_reuse_its_first_block_image_side_and_decode_the_same(
+    vit_t_model, precision, monkeypatch
+):
+    """The image side of the decoder's first block is computed once per embedding: every
+    later click on it reuses it and decodes what the uncached decoder decodes; a changed,
+    new or mask-prompted embedding is not served a stale entry."""
+    from napari_tinysam.model.mask_decoder import MaskDecoder
+    from napari_tinysam.model.transformer import TwoWayTransformer
+
+    model = copy.deepcopy(vit_t_model).set_precision(precision)
+    prepares = []
+    prepare = TwoWayTransformer.prepare
+
+    def spy(self, *args):
+        prepares.append(1)
+        return prepare(self, *args)
+
+    monkeypatch.setattr(TwoWayTransformer, "prepare", spy)
+    g = torch.Generator().manual_seed(1)
+    side = model.img_size // 16
+    features = torch.randn(1, 256, side, side, generator=g)
+    clicks = [(torch.rand(1, 1, 2, generator=g) * model.img_size, torch.ones(1, 1)) for _ in range(3)]
+
+    def decode_all(f):
+        return [model.decode(f, c) for c in clicks]
+
+    def uncached(f):
+        with monkeypatch.context() as mp:
+            mp.setattr(MaskDecoder, "prepared_image", lambda *a: None)
+            return decode_all(f)
+
+    with torch.no_grad():
+        cached = decode_all(features)
+        assert len(prepares) == 1  # three clicks, one preparation
+        tol = 1e-5 if precision == "fp32" else 0.1  # bfloat16 products round differently
+        for (low, iou), (ref_low, ref_iou) in zip(cached, uncached(features), strict=True):
+            assert (low - ref_low).abs().max() <= tol * float(ref_low.abs().max())
+            assert torch.allclose(iou, ref_iou, atol=tol / 10)
+        same_values = features.clone()
+        model.decode(same_values, clicks[0])
+        assert len(prepares) == 2  # another tensor: its own entry, never another's
+        features.mul_(-1)  # changed in place: the entry is stale
+        flipped = model.decode(features, clicks[0])
+        assert len(prepares) == 3
+        ref = uncached(features)[0]
+        assert (flipped[0] - ref[0]).abs().max() <= tol * float(ref[0].abs().max())
+        low_res = torch.randn(1, 1, 4 * side, 4 * side, generator=g)
+        model.decode(features, clicks[1], mask_input=low_res)  # a mask prompt: nothing cached
+        assert len(prepares) == 3
 
 
 def test_dense_positional_encoding_is_cached_until_the_weights_change(tiny_model):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -127,38 +129,66 @@ class Attention(nn.Module):
 
     # -- one image shared by a batch of prompts ------------------------------------------
     # In the decoder's first block every prompt sees the same image tokens (one embedding
-    # and the same dense prompt embedding, expanded over the batch). Their projections are
-    # then computed once for the whole batch (the textbook products on the image side),
-    # instead of once per prompt.
+    # and the same dense prompt embedding). Their projections are then computed once (the
+    # textbook products on the image side), for the whole batch or, cached, for every
+    # prompt decoded on that embedding (``PreparedImage``), instead of once per prompt.
+
+    def project_heads(self, x: torch.Tensor, proj: nn.Linear, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``proj`` of one image's tokens x (1, N, C), split into heads: (h, N, d),
+        contiguous, at ``dtype`` (None: as computed)."""
+        xh = self._heads(proj(x))[0]
+        return xh.contiguous() if dtype is None else xh.to(dtype).contiguous()
 
     def shared_keys(self, q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
         """``forward(q, k, v)`` for q (B, Nq, C) when every prompt's k and v are the same
         k1 and v1 (1, Nk, C)."""
+        return self.prepared_keys(q, self.project_heads(k1, self.k_proj), self.project_heads(v1, self.v_proj))
+
+    def prepared_keys(self, q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+        """``forward(q, k, v)`` for q (B, Nq, C) from one image's projected keys and values
+        kh, vh (h, Nk, d), shared by every prompt; products at their dtype."""
         b, nq, _ = q.shape
         h = self.num_heads
         qh = self._heads(self.q_proj(q))  # (B, h, nq, d)
-        kh = self._heads(self.k_proj(k1))[0]  # (h, nk, d), once for the batch
-        vh = self._heads(self.v_proj(v1))[0]
         d = qh.shape[-1]
         qs = qh.transpose(0, 1).reshape(h, b * nq, d)  # every prompt's queries, per head
-        attn = (torch.matmul(qs, kh.transpose(1, 2)) * d**-0.5).softmax(-1)  # (h, B*nq, nk)
-        out = torch.matmul(attn, vh).view(h, b, nq, d).permute(1, 2, 0, 3).reshape(b, nq, h * d)
-        return self.out_proj(out)
+        if kh.dtype == torch.float32:
+            scores = torch.matmul(qs, kh.transpose(1, 2))  # (h, B*nq, nk)
+        else:  # image tokens on the left: the low-precision kernels are slow otherwise
+            scores = torch.matmul(kh, qs.to(kh.dtype).transpose(1, 2)).transpose(1, 2).float()
+        attn = (scores * d**-0.5).softmax(-1)
+        out = torch.matmul(attn.to(vh.dtype), vh).float()
+        return self.out_proj(out.view(h, b, nq, d).permute(1, 2, 0, 3).reshape(b, nq, h * d))
 
     def shared_queries(self, q1: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``forward(q, k, v)`` for few keys and values k, v (B, Nk, C) when every prompt's
         queries are the same q1 (1, Nq, C); returns (B, Nq, C)."""
+        return self.prepared_queries(self.project_heads(q1, self.q_proj), k, v)
+
+    def prepared_queries(self, qh: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``forward(q, k, v)`` for few keys and values k, v (B, Nk, C) from one image's
+        projected queries qh (h, Nq, d), shared by every prompt; returns (B, Nq, C)."""
         b, nk, _ = k.shape
-        nq = q1.shape[1]
-        h = self.num_heads
-        qh = self._heads(self.q_proj(q1))[0]  # (h, nq, d), once for the batch
+        h, nq, d = qh.shape
         kh = self._heads(self.k_proj(k))  # (B, h, nk, d)
         vh = self._heads(self.v_proj(v))
-        d = qh.shape[-1]
-        ks = kh.permute(1, 3, 0, 2).reshape(h, d, b * nk)
-        scores = torch.matmul(qh, ks).view(h, nq, b, nk)  # (h, nq, B, nk)
+        ks = kh.permute(1, 3, 0, 2).reshape(h, d, b * nk).to(qh.dtype)
+        scores = torch.matmul(qh, ks).float().view(h, nq, b, nk)  # (h, nq, B, nk)
         attn = _short_softmax(scores * d**-0.5).permute(2, 1, 0, 3).reshape(b, nq, h * nk)
-        return self._folded_output(attn, vh)
+        return self._folded_output(attn, vh, None if qh.dtype == torch.float32 else qh.dtype)
+
+
+class PreparedImage(NamedTuple):
+    """One image's side of the decoder's first block, which no prompt changes: computed
+    once per embedding (``MaskDecoder`` keeps the latest) and shared by every prompt
+    decoded on it, instead of recomputed per click."""
+
+    keys: torch.Tensor  #: (1, N, C) image tokens (embedding + dense prompt), float32
+    key_pe: torch.Tensor  #: (1, N, C) their positional encoding, float32
+    key_pe_low: torch.Tensor | None  #: key_pe at the product dtype (None: float32 products)
+    k: torch.Tensor  #: (h, N, d) token-to-image keys, k_proj(keys + key_pe), per head
+    v: torch.Tensor  #: (h, N, d) token-to-image values, v_proj(keys), per head
+    q: torch.Tensor  #: (h, N, d) image-to-token queries, q_proj(keys + key_pe), per head
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -185,8 +215,15 @@ class TwoWayAttentionBlock(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(
-        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        query_pe: torch.Tensor,
+        key_pe: torch.Tensor,
+        prepared: PreparedImage | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """With ``prepared`` (first block only): the image side of both cross-attentions
+        comes from it, and keys are its image tokens."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
@@ -196,13 +233,15 @@ class TwoWayAttentionBlock(nn.Module):
         q = queries + query_pe
         # one image for every prompt of the batch (an expanded tensor): its side of both
         # cross-attentions is computed once (see Attention.shared_keys)
-        shared = (
+        shared = prepared is None and (
             expanded_over_batch(keys)
             and self.cross_attn_token_to_image.reassociate
             and self.cross_attn_image_to_token.reassociate
         )
-        lp = None if shared else self.cross_attn_token_to_image._low(keys)
-        if shared:
+        lp = None if shared or prepared is not None else self.cross_attn_token_to_image._low(keys)
+        if prepared is not None:
+            attn_out = self.cross_attn_token_to_image.prepared_keys(q, prepared.k, prepared.v)
+        elif shared:
             k = keys[:1] + key_pe
             attn_out = self.cross_attn_token_to_image.shared_keys(q, k, keys[:1])
         elif lp is not None:  # image tokens cast once for the products of both attentions
@@ -215,7 +254,9 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm2(queries + attn_out)
         queries = self.norm3(queries + self.mlp(queries))
         q = queries + query_pe
-        if shared:
+        if prepared is not None:
+            attn_out = self.cross_attn_image_to_token.prepared_queries(prepared.q, q, queries)
+        elif shared:
             attn_out = self.cross_attn_image_to_token.shared_queries(k, q, queries)
         else:
             attn_out = self.cross_attn_image_to_token(k.expand_as(keys), q, queries)
@@ -248,17 +289,49 @@ class TwoWayTransformer(nn.Module):
         self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
+    def prepare(self, image_embedding: torch.Tensor, image_pe: torch.Tensor, dtype: torch.dtype) -> PreparedImage:
+        """The image side of the first block for one image: image_embedding (1, C, h, w)
+        (dense prompt included), image_pe (1, C, h, w); projections stored at ``dtype``."""
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
+        first = self.layers[0]
+        t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+        k = keys + key_pe
+        low = self.final_attn_token_to_image._low(keys)
+        return PreparedImage(
+            keys,
+            key_pe,
+            None if low is None else key_pe.to(low),
+            t2i.project_heads(k, t2i.k_proj, dtype),
+            t2i.project_heads(keys, t2i.v_proj, dtype),
+            i2t.project_heads(k, i2t.q_proj, dtype),
+        )
+
     def forward(
-        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
+        self,
+        image_embedding: torch.Tensor,
+        image_pe: torch.Tensor,
+        point_embedding: torch.Tensor,
+        prepared: PreparedImage | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = image_embedding.flatten(2).permute(0, 2, 1)  # an expanded batch stays expanded
-        key_pe = image_pe.flatten(2).permute(0, 2, 1)
-        lp = self.final_attn_token_to_image._low(keys)
-        if lp is not None and not expanded_over_batch(keys):
-            key_pe = key_pe.to(lp)  # added to low-precision image tokens only (once here)
+        """With ``prepared`` (from :meth:`prepare` for this image and positional encoding)
+        the image side of the first block is not recomputed; image_embedding and image_pe
+        are then not read."""
+        b = point_embedding.shape[0]
+        lp = None
+        if prepared is not None:
+            keys = prepared.keys.expand(b, -1, -1)
+            key_pe = prepared.key_pe if prepared.key_pe_low is None or b > 1 else prepared.key_pe_low
+        else:
+            keys = image_embedding.flatten(2).permute(0, 2, 1)  # an expanded batch stays expanded
+            key_pe = image_pe.flatten(2).permute(0, 2, 1)
+            lp = self.final_attn_token_to_image._low(keys)
+            if lp is not None and not expanded_over_batch(keys):
+                key_pe = key_pe.to(lp)  # added to low-precision image tokens only (once here)
         queries = point_embedding
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
+        for i, layer in enumerate(self.layers):
+            queries, keys = layer(queries, keys, point_embedding, key_pe, prepared if i == 0 else None)
+        lp = self.final_attn_token_to_image._low(keys)
         q = queries + point_embedding
         kl = keys if lp is None else keys.to(lp)
         k = kl + (key_pe if lp is None else key_pe.to(lp))
