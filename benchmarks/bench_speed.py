@@ -7,6 +7,8 @@ peak memory of embedding and everything mode.
         --weights ../shared/conformance/vit_t_perturbed_fp16.pt [--repeats 5]
 
 The reference (github.com/xinghaochen/TinySAM, any checkout) runs in float32 as published.
+Every implementation is loaded first and then timed in turns, one embedding (or click) of
+each per round, so that a shared host's drifting speed does not tilt the ratios.
 Peak memory is measured in a fresh process per row: the resident set's high-water mark
 (VmHWM, reset after loading the model and one warm-up embedding) minus the resident set
 at the reset, so one row's allocations do not hide another's. Linux only.
@@ -60,6 +62,66 @@ def _memory_child(model: str, precision: str, what: str, compiled: str = "eager"
     print(json.dumps({"peak_mb": peak_rss_mb() - before}))
 
 
+REF_OWN = "public reference (fp32), own process"
+REF_HERE = "public reference (fp32), in this process"
+
+
+def _reference_child(checkout: str, weights: str, threads: int) -> None:
+    """Serve timed calls of the reference on stdin/stdout: ``embed``, ``rgb`` (set the
+    field's image), ``click``; each answered with its wall time in seconds. A process of
+    its own runs the reference as a user would, with the allocator as the process starts
+    (this library tunes glibc's thresholds process-wide on its first embedding,
+    ``runtime.tune_allocator``)."""
+    from reference_tinysam import load_reference
+
+    from napari_tinysam import samples
+    from napari_tinysam.predictor import to_uint8_rgb
+
+    torch.set_num_threads(threads)
+    torch.set_grad_enabled(False)
+    rgb, square, pt, lab = _inputs(samples, to_uint8_rgb)
+    ref, RefPredictor = load_reference(checkout, weights)
+    rp = RefPredictor(ref)
+    calls = {
+        "embed": lambda: rp.set_image(square),
+        "rgb": lambda: rp.set_image(rgb),
+        "click": lambda: rp.predict(pt, lab),
+    }
+    print("ready", flush=True)
+    for line in sys.stdin:
+        t0 = time.perf_counter()
+        calls[line.strip()]()
+        print(time.perf_counter() - t0, flush=True)
+
+
+class _ReferenceProcess:
+    """The reference in a child process (``_reference_child``): ``call(what)`` runs one
+    call there and returns its wall time as the child measured it."""
+
+    def __init__(self, checkout: str, weights: str, threads: int) -> None:
+        cmd = [sys.executable, __file__, "--reference-child", checkout, weights, str(threads)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the reference process did not start (see its error above)")
+
+    def call(self, what: str) -> float:
+        self.proc.stdin.write(what + "\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def _inputs(samples, to_uint8_rgb):
+    """The benchmark's field (520x696 RGB), its 1024x1024 tiling and the click."""
+    rgb = to_uint8_rgb(samples.nuclei_2d())
+    square = np.ascontiguousarray(np.resize(rgb, (1024, 1024, 3)))
+    h, w = rgb.shape[:2]
+    return rgb, square, np.array([[w * 0.4, h * 0.6]]), np.array([1])
+
+
 def peak_memory(model: str, precision: str, what: str, compiled: bool = False) -> float:
     out = subprocess.run(
         [sys.executable, __file__, "--memory-child", model, precision, what, "compiled" if compiled else "eager"],
@@ -84,40 +146,48 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled-encoder row")
     ap.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--reference-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
         _memory_child(*args.memory_child)
         return
+    if args.reference_child:
+        checkout, weights, threads = args.reference_child
+        _reference_child(checkout, weights, int(threads))
+        return
 
     from napari_tinysam import SamPredictor, load_model, samples
-    from napari_tinysam.bench import cpu_name, median_time, print_table
+    from napari_tinysam.bench import cpu_name, interleaved_medians, print_table
     from napari_tinysam.precision import native_bf16, resolve_precision
     from napari_tinysam.predictor import compute_embedding, to_uint8_rgb
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    image = samples.nuclei_2d()
-    rgb = to_uint8_rgb(image)
-    square = np.ascontiguousarray(np.resize(rgb, (1024, 1024, 3)))
+    rgb, square, pt, lab = _inputs(samples, to_uint8_rgb)
     h, w = rgb.shape[:2]
-    pt, lab = np.array([[w * 0.4, h * 0.6]]), np.array([1])
     cpu = cpu_name()
     print(
         f"{cpu}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"native bf16: {native_bf16()}; precision='auto' -> {resolve_precision('auto')}"
     )
 
-    timings: dict[str, tuple[float, float]] = {}
+    # every implementation is loaded first, then timed in turns (``interleaved_medians``);
+    # the reference twice: in a process of its own, as a user runs it, and in this one,
+    # where it shares the allocator settings this library applies
+    embed_fns, clicks, set_images = {}, {}, []
+    child = None
     if args.reference:
         from reference_tinysam import load_reference
 
+        child = _ReferenceProcess(args.reference, args.weights, args.threads)
+        embed_fns[REF_OWN] = lambda: child.call("embed")
+        clicks[REF_OWN] = lambda: child.call("click")
+        set_images.append(lambda _rgb: child.call("rgb"))
         ref, RefPredictor = load_reference(args.reference, args.weights)
         rp = RefPredictor(ref)
-        t_emb, _ = median_time(lambda: rp.set_image(square), args.repeats)
-        rp.set_image(rgb)
-        t_click, _ = median_time(lambda: rp.predict(pt, lab), args.repeats * 4)
-        timings["public reference (fp32)"] = (t_emb, t_click)
-        del ref, rp
+        embed_fns[REF_HERE] = lambda: rp.set_image(square)
+        clicks[REF_HERE] = lambda: rp.predict(pt, lab)
+        set_images.append(rp.set_image)
     runs = [("fp32", False), ("bf16", False)] + ([] if args.no_compile else [("bf16", True)])
     for precision, compiled in runs:
         m = load_model(args.weights, precision=precision, compile=compiled)
@@ -126,11 +196,18 @@ def main() -> None:
             t0 = time.perf_counter()
             compute_embedding(m, square)
             print(f"compiling the encoder ({precision}): {time.perf_counter() - t0:.1f} s")
-        t_emb, _ = median_time(lambda m=m: compute_embedding(m, square), args.repeats)
-        pred.set_image(rgb)
-        t_click, _ = median_time(lambda pred=pred: pred.predict(pt, lab), args.repeats * 4)
-        timings[f"ours, {precision}{', compiled encoder' if compiled else ''}"] = (t_emb, t_click)
-    base = timings.get("public reference (fp32)", timings["ours, fp32"])
+        name = f"ours, {precision}{', compiled encoder' if compiled else ''}"
+        embed_fns[name] = lambda m=m: compute_embedding(m, square)
+        clicks[name] = lambda pred=pred: pred.predict(pt, lab)
+        set_images.append(pred.set_image)
+    t_embed = interleaved_medians(embed_fns, args.repeats, self_timed=[REF_OWN])
+    for set_image in set_images:
+        set_image(rgb)
+    t_click = interleaved_medians(clicks, args.repeats * 4, self_timed=[REF_OWN])
+    if child is not None:
+        child.close()
+    timings = {name: (t_embed[name], t_click[name]) for name in embed_fns}
+    base = timings.get(REF_OWN, timings["ours, fp32"])
     rows = [
         {
             "implementation": name,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 import torch
@@ -25,6 +25,26 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1, self_timed: Collection[str] = ()
+) -> dict[str, float]:
+    """Median wall time in seconds of each of ``fns``, timed in turns (one call of each per
+    round, ``repeats`` rounds after ``warmup``): on a shared host whose speed drifts
+    within minutes, every implementation then sees the same conditions and their ratios
+    hold, where timing one after the other would compare different hours. The functions
+    named in ``self_timed`` return their own time (a call in another process)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            out = fn()
+            times[name].append(float(out) if name in self_timed else time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def cpu_name() -> str:
