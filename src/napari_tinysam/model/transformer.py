@@ -340,16 +340,15 @@ class TwoWayTransformer(nn.Module):
         the image side of the first block is not recomputed; image_embedding and image_pe
         are then not read."""
         b = point_embedding.shape[0]
-        lp = None
         if prepared is not None:
             keys = prepared.keys.expand(b, -1, -1)
             key_pe = prepared.key_pe if prepared.key_pe_low is None or b > 1 else prepared.key_pe_low
         else:
             keys = image_embedding.flatten(2).permute(0, 2, 1)  # an expanded batch stays expanded
             key_pe = image_pe.flatten(2).permute(0, 2, 1)
-            lp = self.final_attn_token_to_image._low(keys)
-            if lp is not None and not expanded_over_batch(keys):
-                key_pe = key_pe.to(lp)  # added to low-precision image tokens only (once here)
+            low = self.final_attn_token_to_image._low(keys)
+            if low is not None and not expanded_over_batch(keys):
+                key_pe = key_pe.to(low)  # added to low-precision image tokens only (once here)
         queries = point_embedding
         for i, layer in enumerate(self.layers):
             queries, keys = layer(queries, keys, point_embedding, key_pe, prepared if i == 0 else None)
