@@ -74,12 +74,9 @@ def _reference_child(checkout: str, weights: str, threads: int) -> None:
     ``runtime.tune_allocator``)."""
     from reference_tinysam import load_reference
 
-    from napari_tinysam import samples
-    from napari_tinysam.predictor import to_uint8_rgb
-
     torch.set_num_threads(threads)
     torch.set_grad_enabled(False)
-    rgb, square, pt, lab = _inputs(samples, to_uint8_rgb)
+    rgb, square, pt, lab = _inputs()
     ref, RefPredictor = load_reference(checkout, weights)
     rp = RefPredictor(ref)
     calls = {
@@ -114,8 +111,11 @@ class _ReferenceProcess:
         self.proc.wait()
 
 
-def _inputs(samples, to_uint8_rgb):
+def _inputs():
     """The benchmark's field (520x696 RGB), its 1024x1024 tiling and the click."""
+    from napari_tinysam import samples
+    from napari_tinysam.predictor import to_uint8_rgb
+
     rgb = to_uint8_rgb(samples.nuclei_2d())
     square = np.ascontiguousarray(np.resize(rgb, (1024, 1024, 3)))
     h, w = rgb.shape[:2]
@@ -156,14 +156,14 @@ def main() -> None:
         _reference_child(checkout, weights, int(threads))
         return
 
-    from napari_tinysam import SamPredictor, load_model, samples
+    from napari_tinysam import SamPredictor, load_model
     from napari_tinysam.bench import cpu_name, interleaved_medians, print_table
     from napari_tinysam.precision import native_bf16, resolve_precision
-    from napari_tinysam.predictor import compute_embedding, to_uint8_rgb
+    from napari_tinysam.predictor import compute_embedding
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    rgb, square, pt, lab = _inputs(samples, to_uint8_rgb)
+    rgb, square, pt, lab = _inputs()
     h, w = rgb.shape[:2]
     cpu = cpu_name()
     print(
