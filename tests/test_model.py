@@ -249,6 +249,25 @@ def test_clicks_on_one_embedding_reuse_its_first_block_image_side_and_decode_the
         assert len(prepares) == 3
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_decoding_only_the_asked_mask_tokens_gives_their_masks(vit_t_model, precision):
+    """A click asks for its tokens (``Sam.mask_tokens``); the other tokens' masks are not
+    computed, and the ones returned are those of decoding all four."""
+    model = copy.deepcopy(vit_t_model).set_precision(precision)
+    g = torch.Generator().manual_seed(2)
+    side = model.img_size // 16
+    features = torch.randn(1, 256, side, side, generator=g)
+    click = (torch.rand(1, 1, 2, generator=g) * model.img_size, torch.ones(1, 1))
+    low_res = torch.randn(1, 1, 4 * side, 4 * side, generator=g)
+    with torch.no_grad():
+        for multimask, mask_input in ((True, None), (False, None), (False, low_res)):
+            low, iou = model.decode(features, click, mask_input=mask_input, tokens=model.mask_tokens(multimask))
+            all_low, all_iou = model.select_masks(*model.decode(features, click, mask_input=mask_input), multimask)
+            assert low.shape == all_low.shape == (1, 3 if multimask else 1, 4 * side, 4 * side)
+            torch.testing.assert_close(iou, all_iou)
+            torch.testing.assert_close(low, all_low, atol=1e-4 * float(all_low.abs().max()), rtol=0)
+
+
 def test_dense_positional_encoding_is_cached_until_the_weights_change(tiny_model):
     pe_enc = tiny_model.prompt_encoder
     with torch.no_grad():

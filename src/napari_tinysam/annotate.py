@@ -101,7 +101,7 @@ def logits_to_masks(predictor: SamPredictor, low: np.ndarray, shape: tuple[int, 
     """Low-resolution logits (C, s/4, s/4) of the predictor's current image -> masks
     (C, H, W) bool at ``shape``, an image that the current one is a resized copy of."""
     up = predictor.model.postprocess_masks(torch.as_tensor(low)[None], predictor.input_size, tuple(shape))
-    return (up[0] > predictor.model.mask_threshold).numpy()
+    return predictor.model.binarize(up[0])
 
 
 def resize_rgb(rgb: np.ndarray, factor: float) -> np.ndarray:

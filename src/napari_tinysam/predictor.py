@@ -373,11 +373,10 @@ class SamPredictor:
                 self.transform_coords(boxes.reshape(2, 2)).reshape(1, 4), dtype=torch.float32, device=dev
             )
         mask_t = None if mask is None else torch.as_tensor(mask, device=dev)
-        low, iou = self.model.decode(emb.features, pts_t, box_t, mask_t)
-        low, iou = self.model.select_masks(low, iou, multimask_output)
+        low, iou = self.model.decode(emb.features, pts_t, box_t, mask_t, self.model.mask_tokens(multimask_output))
         masks = self.model.postprocess_masks(low, emb.input_size, emb.original_size, self.model.click_dtype)[0]
-        masks = masks.float() if return_logits else masks > self.model.mask_threshold
-        return masks.cpu().numpy(), iou[0].cpu().numpy(), low[0].cpu().numpy()
+        masks = masks.float().cpu().numpy() if return_logits else self.model.binarize(masks)
+        return masks, iou[0].cpu().numpy(), low[0].cpu().numpy()
 
 
 def _batch_prompts_to_model(pred: SamPredictor, point_coords, point_labels, boxes):

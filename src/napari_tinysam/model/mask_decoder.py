@@ -31,9 +31,10 @@ def _subpixel_order(h: int, w: int, t: int, device: torch.device) -> torch.Tenso
 class MaskDecoder(nn.Module):
     """Predicts masks and their IoU from image and prompt embeddings.
 
-    Always computes all ``num_multimask_outputs + 1`` mask tokens: token 0 is SAM's
-    single-mask output, tokens 1..3 the multimask outputs (the only ones TinySAM returns).
-    Choosing among them is the caller's business (see ``Sam.select_masks``).
+    Computes all ``num_multimask_outputs + 1`` mask tokens unless told which (``tokens``):
+    token 0 is SAM's single-mask output, tokens 1..3 the multimask outputs (the only ones
+    TinySAM returns). Choosing among them is the caller's business (see ``Sam.select_masks``
+    and ``Sam.mask_tokens``).
     """
 
     def __init__(
@@ -152,14 +153,13 @@ class MaskDecoder(nn.Module):
         """IoU predictions (B, T) from the transformer's tokens."""
         return self.iou_prediction_head(hs[:, 0, :])
 
-    def masks_from_tokens(self, hs: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-        """Low-resolution mask logits (B, T, 4h, 4w) from tokens and image tokens (B, h, w, C)."""
+    def masks_from_tokens(self, hs: torch.Tensor, src: torch.Tensor, tokens: slice = slice(None)) -> torch.Tensor:
+        """Low-resolution mask logits (B, T, 4h, 4w) from tokens and image tokens (B, h, w, C),
+        for the mask tokens ``tokens`` (default: all)."""
         b, h, w, _ = src.shape
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-            dim=1,
-        )
+        chosen = range(self.num_mask_tokens)[tokens]
+        hyper_in = torch.stack([self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in chosen], dim=1)
         if self._plain_upscaling():
             return self._upscale_channels_last(src, hyper_in)
         upscaled = self.output_upscaling(src.permute(0, 3, 1, 2))
@@ -220,6 +220,7 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         return_tokens: bool = False,
+        tokens: slice = slice(None),
     ):
         """Decode masks.
 
@@ -230,14 +231,16 @@ class MaskDecoder(nn.Module):
             dense_prompt_embeddings: (B or 1, C, h, w).
             return_tokens: also return the transformer's output tokens (B, 1 + T + N, C),
                 used by distillation.
+            tokens: which of the T = num_multimask_outputs + 1 mask tokens to return
+                (default: all); the others' masks are not computed.
 
         Returns:
-            low-resolution mask logits (B, T, 4h, 4w) and IoU predictions (B, T) for all
-            T = num_multimask_outputs + 1 tokens (and the tokens if asked).
+            low-resolution mask logits (B, T', 4h, 4w) and IoU predictions (B, T') of the
+            chosen tokens (and the transformer's tokens if asked).
         """
         hs, src = self.run_transformer(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
-        iou_pred = self.predict_iou(hs)
-        masks = self.masks_from_tokens(hs, src)
+        iou_pred = self.predict_iou(hs)[:, tokens]
+        masks = self.masks_from_tokens(hs, src, tokens)
         if return_tokens:
             return masks, iou_pred, hs
         return masks, iou_pred
