@@ -202,51 +202,60 @@ def test_clicks_on_one_embedding_reuse_its_first_block_image_side_and_decode_the
     vit_t_model, precision, monkeypatch
 ):
     """The image side of the decoder's first block is computed once per embedding: every
-    later click on it reuses it and decodes what the uncached decoder decodes; a changed,
-    new or mask-prompted embedding is not served a stale entry."""
+    later click on it, corrective clicks with a mask prompt included, reuses it and
+    decodes what the uncached decoder decodes; a changed or new embedding is not served a
+    stale entry."""
     from napari_tinysam.model.mask_decoder import MaskDecoder
+    from napari_tinysam.model.prompt_encoder import PromptEncoder
     from napari_tinysam.model.transformer import TwoWayTransformer
 
     model = copy.deepcopy(vit_t_model).set_precision(precision)
-    prepares = []
-    prepare = TwoWayTransformer.prepare
+    prepares, changes = [], []
+    prepare, prepare_change = TwoWayTransformer.prepare, TwoWayTransformer.prepare_change
 
     def spy(self, *args):
         prepares.append(1)
         return prepare(self, *args)
 
+    def spy_change(self, *args):
+        changes.append(1)
+        return prepare_change(self, *args)
+
     monkeypatch.setattr(TwoWayTransformer, "prepare", spy)
+    monkeypatch.setattr(TwoWayTransformer, "prepare_change", spy_change)
     g = torch.Generator().manual_seed(1)
     side = model.img_size // 16
     features = torch.randn(1, 256, side, side, generator=g)
     clicks = [(torch.rand(1, 1, 2, generator=g) * model.img_size, torch.ones(1, 1)) for _ in range(3)]
+    low_res = torch.randn(1, 1, 4 * side, 4 * side, generator=g) * 5
 
     def decode_all(f):
-        return [model.decode(f, c) for c in clicks]
+        return [model.decode(f, c) for c in clicks] + [model.decode(f, clicks[0], mask_input=low_res)]
 
-    def uncached(f):
+    def uncached(f):  # every image token projected per click, the mask prompt's dense embedding as a tensor
         with monkeypatch.context() as mp:
             mp.setattr(MaskDecoder, "prepared_image", lambda *a: None)
+            mp.setattr(PromptEncoder, "_factorable", lambda *a: False)
             return decode_all(f)
+
+    tol = 1e-5 if precision == "fp32" else 0.1  # bfloat16 products round differently
+
+    def assert_same(got, ref):
+        for (low, iou), (ref_low, ref_iou) in zip(got, ref, strict=True):
+            assert (low - ref_low).abs().max() <= tol * float(ref_low.abs().max())
+            assert torch.allclose(iou, ref_iou, atol=tol / 10)
 
     with torch.no_grad():
         cached = decode_all(features)
-        assert len(prepares) == 1  # three clicks, one preparation
-        tol = 1e-5 if precision == "fp32" else 0.1  # bfloat16 products round differently
-        for (low, iou), (ref_low, ref_iou) in zip(cached, uncached(features), strict=True):
-            assert (low - ref_low).abs().max() <= tol * float(ref_low.abs().max())
-            assert torch.allclose(iou, ref_iou, atol=tol / 10)
+        assert len(prepares) == 1 and len(changes) == 1  # four clicks, one preparation
+        assert_same(cached, uncached(features))
         same_values = features.clone()
-        model.decode(same_values, clicks[0])
+        model.decode(same_values, clicks[0], mask_input=low_res)
         assert len(prepares) == 2  # another tensor: its own entry, never another's
         features.mul_(-1)  # changed in place: the entry is stale
-        flipped = model.decode(features, clicks[0])
+        flipped = decode_all(features)
         assert len(prepares) == 3
-        ref = uncached(features)[0]
-        assert (flipped[0] - ref[0]).abs().max() <= tol * float(ref[0].abs().max())
-        low_res = torch.randn(1, 1, 4 * side, 4 * side, generator=g)
-        model.decode(features, clicks[1], mask_input=low_res)  # a mask prompt: nothing cached
-        assert len(prepares) == 3
+        assert_same(flipped, uncached(features))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

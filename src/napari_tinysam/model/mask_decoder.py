@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import MLP, LayerNorm2d, MatMul, cached_cast, expanded_over_batch
+from .prompt_encoder import FactoredDense
 from .transformer import PreparedImage, TwoWayTransformer
 
 #: How many embeddings' first-block image side a decoder keeps (``MaskDecoder.prepared_image``).
@@ -85,7 +86,7 @@ class MaskDecoder(nn.Module):
         image_embeddings: torch.Tensor,
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
-        dense_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor | FactoredDense,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The two-way transformer: tokens (B, 1 + T + N, C) and image tokens
         (B, h, w, C), channels last as the transformer leaves them. The IoU head needs
@@ -96,10 +97,17 @@ class MaskDecoder(nn.Module):
         output_tokens = output_tokens.unsqueeze(0).expand(b, -1, -1)
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
         dense = dense_prompt_embeddings
-        if expanded_over_batch(dense):
-            dense = dense[:1]  # the same for every prompt (no mask input): added once
         _, c, h, w = image_embeddings.shape
-        prepared = self.prepared_image(image_embeddings, image_pe, dense)
+        if isinstance(dense, FactoredDense):  # one mask prompt: the image's side plus its change
+            prepared = self.prepared_image(image_embeddings, image_pe, dense.no_mask_grid())
+            if prepared is not None:
+                prepared = self.transformer.prepare_change(prepared, dense.features, dense.change())
+            else:
+                dense = dense.full()
+        else:
+            if expanded_over_batch(dense):
+                dense = dense[:1]  # the same for every prompt (no mask input): added once
+            prepared = self.prepared_image(image_embeddings, image_pe, dense)
         if prepared is not None:
             hs, src = self.transformer(image_embeddings, image_pe, tokens, prepared)
             return hs, src.view(b, h, w, c)
@@ -115,11 +123,13 @@ class MaskDecoder(nn.Module):
         """The first block's image side for one embedding without a mask prompt (a dense
         prompt constant over the grid), cached: every later prompt on the same embedding
         skips the three projections of every image token that no prompt changes (about a
-        sixth of a click's products). The latest ``PREPARED_IMAGES`` embeddings are kept;
+        sixth of a click's products); a mask prompt's clicks add their low-rank change to
+        it (``TwoWayTransformer.prepare_change``). The latest ``PREPARED_IMAGES`` embeddings are kept;
         an entry is used only for the very tensor it was made from, unchanged (same
         object, version and address), with the same weights and product dtype. None where
-        it does not apply (training, a mask prompt, several embeddings, a quantized or
-        textbook decoder): the decoder then computes everything per call."""
+        it does not apply (training, a dense prompt that varies over the grid, several
+        embeddings, a quantized or textbook decoder): the decoder then computes everything
+        per call."""
         first = self.transformer.layers[0]
         attentions = (first.cross_attn_token_to_image, first.cross_attn_image_to_token)
         if (
@@ -228,7 +238,8 @@ class MaskDecoder(nn.Module):
             image_embeddings: (1 or B, C, h, w); one embedding is shared by all B prompts.
             image_pe: (1, C, h, w) positional encoding of the grid.
             sparse_prompt_embeddings: (B, N, C).
-            dense_prompt_embeddings: (B or 1, C, h, w).
+            dense_prompt_embeddings: (B or 1, C, h, w), or one mask prompt's
+                :class:`FactoredDense`.
             return_tokens: also return the transformer's output tokens (B, 1 + T + N, C),
                 used by distillation.
             tokens: which of the T = num_multimask_outputs + 1 mask tokens to return

@@ -3,11 +3,40 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .common import LayerNorm2d
+
+
+class FactoredDense(NamedTuple):
+    """One mask prompt's dense embedding (1, C, h, w), kept as the two factors of the mask
+    encoder's last layer, a 1x1 convolution from r = 16 channels: per grid cell,
+    ``features @ weight.T`` with the bias as weight's last column against a column of
+    ones. The decoder's first block projects only these r + 1 columns onto what it has
+    projected once for the image with the no-mask embedding (``MaskDecoder.run_transformer``).
+    """
+
+    features: torch.Tensor  #: (1, h*w, r + 1): the mask features of each cell, channels last, and 1
+    weight: torch.Tensor  #: (C, r + 1): the 1x1 convolution's weights and bias
+    no_mask: torch.Tensor  #: (C,): the no-mask embedding, which replaces this one where no mask is given
+    size: tuple[int, int]  #: (h, w) of the grid
+
+    def full(self) -> torch.Tensor:
+        """The dense embedding (1, C, h, w)."""
+        h, w = self.size
+        return (self.features @ self.weight.T).transpose(1, 2).reshape(1, -1, h, w)
+
+    def no_mask_grid(self) -> torch.Tensor:
+        """The no-mask embedding over the grid (1, C, h, w), expanded as the prompt encoder gives it."""
+        return self.no_mask.reshape(1, -1, 1, 1).expand(1, -1, *self.size)
+
+    def change(self) -> torch.Tensor:
+        """weight with the no-mask embedding taken from the bias: ``features @ change().T``
+        is this embedding minus the no-mask one, per cell."""
+        return torch.cat([self.weight[:, :-1], (self.weight[:, -1] - self.no_mask)[:, None]], 1)
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -125,13 +154,24 @@ class PromptEncoder(nn.Module):
         corner = torch.stack([self.point_embeddings[2].weight[0], self.point_embeddings[3].weight[0]])
         return emb + corner
 
+    def _factorable(self, masks: torch.Tensor) -> bool:
+        last = self.mask_downscaling[-1]
+        return (
+            masks.shape[0] == 1
+            and not torch.is_grad_enabled()
+            and type(last) is nn.Conv2d
+            and last.kernel_size == (1, 1)
+            and last.bias is not None
+        )
+
     def forward(
         self,
         points: tuple[torch.Tensor, torch.Tensor] | None,
         boxes: torch.Tensor | None,
         masks: torch.Tensor | None,
         dense_size: tuple[int, int] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        factored: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | FactoredDense]:
         """Embed prompts.
 
         Args:
@@ -141,6 +181,8 @@ class PromptEncoder(nn.Module):
             masks: (B, 1, 4h, 4w) low-resolution mask logits.
             dense_size: (h, w) of the dense output when no mask is given (default: the
                 image embedding grid; training on crops uses a smaller grid).
+            factored: give one mask prompt's dense embedding as a :class:`FactoredDense`
+                (outside autograd, with the float mask encoder; otherwise a tensor).
 
         Returns:
             sparse (B, N', embed_dim) and dense (B, embed_dim, h, w) embeddings.
@@ -160,7 +202,18 @@ class PromptEncoder(nn.Module):
             sparse = torch.cat([sparse, self._embed_points(coords, labels, pad=boxes is None)], 1)
         if boxes is not None:
             sparse = torch.cat([sparse, self._embed_boxes(boxes)], dim=1)
-        if masks is not None:
+        if masks is not None and factored and self._factorable(masks):
+            *layers, last = self.mask_downscaling
+            features = nn.Sequential(*layers)(masks)  # (1, r, h, w)
+            h, w = features.shape[-2:]
+            ones = features.new_ones((1, h * w, 1))
+            dense = FactoredDense(
+                torch.cat([features.flatten(2).transpose(1, 2), ones], 2),
+                torch.cat([last.weight.flatten(1), last.bias[:, None]], 1).to(features.dtype),
+                self.no_mask_embed.weight[0],
+                (h, w),
+            )
+        elif masks is not None:
             dense = self.mask_downscaling(masks)
         else:
             h, w = dense_size or self.image_embedding_size

@@ -344,7 +344,7 @@ class Sam(nn.Module):
             ]
             return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
         with self.autocast(batch):
-            sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+            sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input, factored=batch == 1)
             low, iou = self.mask_decoder(
                 image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, tokens=tokens
             )

@@ -329,6 +329,33 @@ class TwoWayTransformer(nn.Module):
             i2t.project_heads(k, i2t.q_proj, dtype, transposed=True),
         )
 
+    def prepare_change(self, base: PreparedImage, features: torch.Tensor, change: torch.Tensor) -> PreparedImage:
+        """``base`` (:meth:`prepare` for an image) for the same image with ``features @
+        change.T`` added to every image token: features (1, N, r), change (C, r) of low
+        rank r (a mask prompt's dense embedding minus the no-mask one; ``FactoredDense``).
+        The projections are linear, so each gets a rank-r product added (per head N x r x d,
+        r = 17 for a mask prompt) instead of its product over all C channels."""
+        first = self.layers[0]
+        t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+        f = features[0]
+
+        def changed(stored: torch.Tensor, attention: Attention, proj: nn.Linear, transposed: bool = False):
+            h, dt = attention.num_heads, stored.dtype
+            a = (proj.weight @ change).view(h, -1, change.shape[1]).to(dt)  # (h, d, r): each head's change
+            fh = f.to(dt).expand(h, -1, -1)  # (h, N, r)
+            if transposed:  # stored (h, d, N)
+                return torch.baddbmm(stored, a, fh.transpose(1, 2))
+            return torch.baddbmm(stored, fh, a.transpose(1, 2))
+
+        return PreparedImage(
+            torch.addmm(base.keys[0], f, change.T)[None],
+            base.key_pe,
+            base.key_pe_low,
+            changed(base.k, t2i, t2i.k_proj),
+            changed(base.v, t2i, t2i.v_proj),
+            changed(base.q, i2t, i2t.q_proj, transposed=True),
+        )
+
     def forward(
         self,
         image_embedding: torch.Tensor,
