@@ -42,6 +42,14 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] <= 32 and not torch.is_grad_enabled():
+            # few channels (the mask prompt's encoder: 4 and 16): passes along the
+            # channels-first planes, in float32, are about 4x faster than the fused norm
+            # on the channels-last view, whose rows are only C long
+            xf = x.float()
+            d = xf - xf.mean(1, keepdim=True)
+            s = (d * d).mean(1, keepdim=True).add_(self.eps).rsqrt_()
+            return d.mul_(s).mul_(self.weight.float()[:, None, None]).add_(self.bias.float()[:, None, None])
         # One fused pass over a channels-last view instead of eight elementwise passes;
         # the same statistics (mean and biased variance over channels).
         y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
