@@ -74,8 +74,9 @@ class MaskDecoder(nn.Module):
         single click (``Sam.decode_autocast_batch``); None keeps them float32. The norm
         between the two upscaling products takes their low-precision values, and so do the
         final mask product and the masks' reordering (the logits come out as float32
-        holding low-precision values); the image tokens' norms and residuals and softmax
-        stay float32."""
+        holding low-precision values), and so do the prompt tokens' MLPs (``MLPBlock``,
+        whose weights' read is their cost); the image tokens' norms and residuals and
+        softmax stay float32."""
         self.product_dtype = dtype
         for m in self.transformer.modules():
             if hasattr(m, "product_dtype"):
