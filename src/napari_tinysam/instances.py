@@ -524,6 +524,7 @@ def decode_objects(
     work then follows the object's size, not the image's; larger objects see the whole
     embedding."""
     model = predictor.model
+    single = model.mask_tokens(False)  # token 0 only: the others' masks are not computed
     emb = predictor._require_embedding()
     h, w = emb.original_size
     s = model.img_size
@@ -547,11 +548,11 @@ def decode_objects(
             pts = points[idx]
             bx = None if boxes is None else boxes[idx]
             if k is None:
-                low, iou = predict_batch(predictor, pts[:, None], np.ones((len(pts), 1)), bx)
+                low, iou = predict_batch(predictor, pts[:, None], np.ones((len(pts), 1)), bx, tokens=single)
             else:
                 p, b = _batch_prompts_to_model(predictor, pts[:, None], np.ones((len(pts), 1)), bx)
                 origins = torch.tensor([m[1:] for m in part], dtype=torch.long)
-                low, iou = model.decode_windows(emb.features, p, b, origins, k)
+                low, iou = model.decode_windows(emb.features, p, b, origins, k, tokens=single)
             low, iou = low[:, 0], iou[:, 0]
             side = low.shape[-1]
             for i, j in enumerate(idx):

@@ -399,6 +399,7 @@ def predict_batch(
     point_labels: np.ndarray | None = None,
     boxes: np.ndarray | None = None,
     mask_input: torch.Tensor | None = None,
+    tokens: slice = slice(None),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode B prompt sets at once on the predictor's current image, without upscaling.
 
@@ -406,11 +407,12 @@ def predict_batch(
     mask_input (B, 1, s/4, s/4). Inputs are trusted (no validation: this is the engine's
     bulk path, used by everything mode and evaluation).
     Returns low-resolution logits (B, 4, s/4, s/4) and IoU predictions (B, 4) of all four
-    mask tokens; use ``Sam.select_masks`` and ``upscale_logits`` on the result.
+    mask tokens, or of ``tokens`` only (``Sam.mask_tokens``); use ``Sam.select_masks`` and
+    ``upscale_logits`` on the result.
     """
     emb = predictor._require_embedding()
     pts, bx = _batch_prompts_to_model(predictor, point_coords, point_labels, boxes)
-    return predictor.model.decode(emb.features, pts, bx, mask_input)
+    return predictor.model.decode(emb.features, pts, bx, mask_input, tokens)
 
 
 def upscale_logits(predictor: SamPredictor, low: torch.Tensor) -> torch.Tensor:

@@ -357,6 +357,7 @@ class Sam(nn.Module):
         boxes: torch.Tensor | None,
         origins: torch.Tensor,
         size: int,
+        tokens: slice = slice(None),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Single-object decoding on a window of the image embedding: prompt i sees only
         the ``size`` x ``size`` image tokens whose top-left token is ``origins[i]`` (row,
@@ -365,7 +366,7 @@ class Sam(nn.Module):
         the whole image, as for :meth:`decode`.
 
         Returns low-resolution logits (B, 4, 4 size, 4 size) of the windows and IoU
-        predictions (B, 4).
+        predictions (B, 4), or of ``tokens`` only (``mask_tokens``).
         """
         corners = origins.tolist()
 
@@ -378,7 +379,7 @@ class Sam(nn.Module):
         with self.autocast(len(origins)):
             sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None, dense_size=(size, size))
             low, iou = self.mask_decoder(
-                windows(image_embeddings), windows(self.prompt_encoder.get_dense_pe()), sparse, dense
+                windows(image_embeddings), windows(self.prompt_encoder.get_dense_pe()), sparse, dense, tokens=tokens
             )
         return low.float(), iou.float()
 
