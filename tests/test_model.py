@@ -249,6 +249,9 @@ def test_clicks_on_one_embedding_reuse_its_first_block_image_side_and_decode_the
         cached = decode_all(features)
         assert len(prepares) == 1 and len(changes) == 1  # four clicks, one preparation
         assert_same(cached, uncached(features))
+        with monkeypatch.context() as mp:  # no prepared side: the factored mask prompt's full embedding
+            mp.setattr(MaskDecoder, "prepared_image", lambda *a: None)
+            assert_same([model.decode(features, clicks[0], mask_input=low_res)], uncached(features)[-1:])
         same_values = features.clone()
         model.decode(same_values, clicks[0], mask_input=low_res)
         assert len(prepares) == 2  # another tensor: its own entry, never another's
