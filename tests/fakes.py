@@ -54,7 +54,6 @@ class FakeSam(torch.nn.Module):
     def embed(self, x):
         return torch.zeros(1, 1, 1, 1)
 
-    select_masks = staticmethod(Sam.select_masks)
     postprocess_masks = Sam.postprocess_masks
 
     def decode_filtered(self, features, points, iou_thresh):

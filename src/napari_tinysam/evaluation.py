@@ -88,12 +88,10 @@ def _click_and_box(model: Sam, predictor: SamPredictor, pts: np.ndarray, boxes: 
     (N, H, W) bool."""
     n = len(pts)
     with model.interactive_decoding():
-        low, iou = predict_batch(predictor, pts, np.ones((n, 1)))
-        lowb, ioub = predict_batch(predictor, boxes=boxes)
-    low, iou = model.select_masks(low, iou, True)
+        low, iou = predict_batch(predictor, pts, np.ones((n, 1)), tokens=model.mask_tokens(True))
+        lowb, _ = predict_batch(predictor, boxes=boxes, tokens=model.mask_tokens(False))
     low_best = low[torch.arange(n, device=low.device), iou.argmax(1)][:, None]
     masks = (upscale_logits(predictor, low_best)[:, 0] > 0).cpu().numpy()
-    lowb, _ = model.select_masks(lowb, ioub, False)
     mb = (upscale_logits(predictor, lowb)[:, 0] > 0).cpu().numpy()
     return low_best, masks, mb
 
@@ -248,13 +246,13 @@ def _evaluate_prompts(
                         else:
                             point_lists[j].append(nxt[0])
                             label_lists[j].append(nxt[1])
-                    lowc, iouc = predict_batch(
+                    cur_low, _ = predict_batch(
                         predictor,
                         np.array(point_lists),
                         np.array(label_lists),
                         mask_input=cur_low if mask_feedback else None,
+                        tokens=model.mask_tokens(False),
                     )
-                    cur_low, _ = model.select_masks(lowc, iouc, False)
                     cur = (upscale_logits(predictor, cur_low)[:, 0] > 0).cpu().numpy()
                     chunk_curve[k] += [_iou(m, g) for m, g in zip(cur, gts)]
             if zoom is not None:

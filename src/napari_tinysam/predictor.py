@@ -407,8 +407,8 @@ def predict_batch(
     mask_input (B, 1, s/4, s/4). Inputs are trusted (no validation: this is the engine's
     bulk path, used by everything mode and evaluation).
     Returns low-resolution logits (B, 4, s/4, s/4) and IoU predictions (B, 4) of all four
-    mask tokens, or of ``tokens`` only (``Sam.mask_tokens``); use ``Sam.select_masks`` and
-    ``upscale_logits`` on the result.
+    mask tokens, or of ``tokens`` only (``Sam.mask_tokens``); ``upscale_logits`` gives them
+    at the image's size.
     """
     emb = predictor._require_embedding()
     pts, bx = _batch_prompts_to_model(predictor, point_coords, point_labels, boxes)

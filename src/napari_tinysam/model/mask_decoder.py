@@ -34,8 +34,7 @@ class MaskDecoder(nn.Module):
 
     Computes all ``num_multimask_outputs + 1`` mask tokens unless told which (``tokens``):
     token 0 is SAM's single-mask output, tokens 1..3 the multimask outputs (the only ones
-    TinySAM returns). Choosing among them is the caller's business (see ``Sam.select_masks``
-    and ``Sam.mask_tokens``).
+    TinySAM returns). Choosing among them is the caller's business (see ``Sam.mask_tokens``).
     """
 
     def __init__(

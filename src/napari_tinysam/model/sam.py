@@ -409,14 +409,6 @@ class Sam(nn.Module):
         """Tokens 1..3 when ``multimask_output`` (TinySAM's outputs), token 0 otherwise."""
         return slice(1, None) if multimask_output else slice(0, 1)
 
-    @staticmethod
-    def select_masks(
-        masks: torch.Tensor, iou: torch.Tensor, multimask_output: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The masks and IoU of ``mask_tokens(multimask_output)`` from all four tokens'."""
-        tokens = Sam.mask_tokens(multimask_output)
-        return masks[:, tokens], iou[:, tokens]
-
     def binarize(self, logits: torch.Tensor) -> np.ndarray:
         """Masks where ``logits`` exceed ``mask_threshold``, as a numpy bool array.
 
