@@ -281,6 +281,28 @@ def test_decoding_only_the_asked_mask_tokens_gives_their_masks(vit_t_model, prec
             torch.testing.assert_close(low, all_low, atol=1e-4 * float(all_low.abs().max()), rtol=0)
 
 
+def test_image_to_token_attention_adds_its_output_to_the_residual_in_the_product():
+    """``Attention.added_to`` (a bfloat16 click's image tokens, which stay bfloat16): the
+    residual plus the attention's output, bias included, at the residual's dtype."""
+    from napari_tinysam.model.transformer import Attention
+
+    g = torch.Generator().manual_seed(3)
+    att = Attention(64, 8, downsample_rate=2)
+    with torch.no_grad():
+        for p in att.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        images, prompt = torch.randn(1, 256, 64, generator=g), torch.randn(1, 7, 64, generator=g)
+        residual = torch.randn(1, 256, 64, generator=g)
+        want = residual + att(images, prompt, prompt)
+        torch.testing.assert_close(att.added_to(residual, images, prompt, prompt), want, atol=1e-5, rtol=1e-5)
+        att.product_dtype = torch.bfloat16
+        got = att.added_to(residual.bfloat16(), images.bfloat16(), prompt, prompt)
+        assert got.dtype == torch.bfloat16
+        assert (got.float() - want).abs().max() <= 0.03 * float(want.abs().max())
+        with pytest.raises(ValueError, match="few keys"):
+            att.added_to(prompt, prompt, images, images)
+
+
 def test_dense_positional_encoding_is_cached_until_the_weights_change(tiny_model):
     pe_enc = tiny_model.prompt_encoder
     with torch.no_grad():

@@ -74,8 +74,10 @@ class MaskDecoder(nn.Module):
         between the two upscaling products takes their low-precision values, and so do the
         final mask product and the masks' reordering (the logits come out as float32
         holding low-precision values), and so do the prompt tokens' MLPs (``MLPBlock``,
-        whose weights' read is their cost); the image tokens' norms and residuals and
-        softmax stay float32."""
+        whose weights' read is their cost). A batch's image tokens, their norms,
+        residuals and softmaxes stay float32; a single prompt's image tokens on a prepared
+        embedding stay at ``dtype`` (``TwoWayTransformer.forward``), their norms computed
+        in float32."""
         self.product_dtype = dtype
         for m in self.transformer.modules():
             if hasattr(m, "product_dtype"):
@@ -201,7 +203,7 @@ class MaskDecoder(nn.Module):
         b, h, w, c = src.shape
         conv1, norm, _, conv2, _ = self.output_upscaling
         c1, c2 = conv1.out_channels, conv2.out_channels
-        lp = self.product_dtype if src.dtype == torch.float32 else None
+        lp = self.product_dtype if src.dtype in (torch.float32, self.product_dtype) else None
         w1, b1, w2, b2 = conv1.weight, conv1.bias, conv2.weight, conv2.bias
         x = src.reshape(-1, c)
         if lp is not None:  # the two large products (and the norm between) at low precision

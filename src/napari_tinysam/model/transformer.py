@@ -106,7 +106,7 @@ class Attention(nn.Module):
         out = torch.matmul(av, wv.transpose(1, 2)) + self.v_proj.bias.view(1, h, 1, d)
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, h * d))
 
-    def _few_keys(self, q, k, v):
+    def _few_keys(self, q, k, v, residual=None):
         # scores_h = (q W_qh^T + b_qh) K_h^T = q (W_qh^T K_h^T) + b_qh K_h^T, and the
         # output projection is folded into the values: out = sum_h A_h (V_h W_oh^T) + b_o.
         b, nq, c = q.shape
@@ -128,17 +128,36 @@ class Attention(nn.Module):
         else:
             scores = torch.add(rows, bias, out=torch.empty((b, h * nk, nq), device=q.device))
         attn = _softmax_over_keys(scores.view(b, h, nk, nq)).view(b, h * nk, nq)
-        return self._folded_output(attn.transpose(1, 2), vh, lp)
+        return self._folded_output(attn.transpose(1, 2), vh, lp, residual)
 
-    def _folded_output(self, attn: torch.Tensor, vh: torch.Tensor, lp: torch.dtype | None = None) -> torch.Tensor:
+    def added_to(self, residual: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``residual + forward(q, k, v)`` for many queries q (B, Nq, C) and few keys, at
+        the dtype of ``residual`` (B, Nq, C): the sum is formed by the output product
+        itself instead of a pass of its own over the Nq rows."""
+        if not (self.reassociate and q.shape[1] >= 8 * k.shape[1]):
+            raise ValueError("added_to is for many queries and few keys (the image-to-token attention)")
+        return self._few_keys(q, k, v, residual)
+
+    def _folded_output(
+        self,
+        attn: torch.Tensor,
+        vh: torch.Tensor,
+        lp: torch.dtype | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """sum_h A_h (V_h W_oh^T) + b_o for few keys: attention weights (B, Nq, h*nk) of
         every head side by side and the values' heads vh (B, h, nk, d) -> (B, Nq, C); the
         output projection is folded into the few values instead of applied to Nq rows.
-        With ``lp`` the product over the Nq rows runs at that dtype."""
+        With ``lp`` the product over the Nq rows runs at that dtype; with ``residual``
+        (B, Nq, C) the product adds to it, at its dtype."""
         b, h, nk, d = vh.shape
         c = self.out_proj.out_features
         wo = self.out_proj.weight.view(c, h, d).permute(1, 2, 0)  # (h, d, C)
         vo = torch.matmul(vh, wo).reshape(b, h * nk, c)  # (B, h*nk, C)
+        if residual is not None:
+            # each head's weights sum to one: the bias over h on every value row adds it once
+            vo = vo + self.out_proj.bias / h
+            return torch.baddbmm(residual, attn.to(residual.dtype), vo.to(residual.dtype))
         if lp is not None:
             out = torch.baddbmm(cached_cast(self.out_proj.bias, lp).expand(b, attn.shape[1], c), attn.to(lp), vo.to(lp))
             return out.float()
@@ -186,10 +205,12 @@ class Attention(nn.Module):
         queries are the same q1 (1, Nq, C); returns (B, Nq, C)."""
         return self.prepared_queries(self.project_heads(q1, self.q_proj, transposed=True), k, v)
 
-    def prepared_queries(self, qt: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def prepared_queries(
+        self, qt: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``forward(q, k, v)`` for few keys and values k, v (B, Nk, C) from one image's
         projected queries, per head and transposed, qt (h, d, Nq), shared by every prompt;
-        returns (B, Nq, C)."""
+        returns (B, Nq, C), added to ``residual`` (B, Nq, C) at its dtype if given."""
         b, nk, _ = k.shape
         h, d, nq = qt.shape
         kh = self._heads(self.k_proj(k)) * d**-0.5  # (B, h, nk, d), with the softmax's scale
@@ -197,7 +218,8 @@ class Attention(nn.Module):
         ks = kh.transpose(0, 1).reshape(h, b * nk, d).to(qt.dtype)
         scores = torch.matmul(ks, qt).float().view(h, b, nk, nq)  # queries along the rows
         attn = _softmax_over_keys(scores).transpose(0, 1).reshape(b, h * nk, nq)
-        return self._folded_output(attn.transpose(1, 2), vh, None if qt.dtype == torch.float32 else qt.dtype)
+        lp = None if qt.dtype == torch.float32 else qt.dtype
+        return self._folded_output(attn.transpose(1, 2), vh, lp, residual=residual)
 
 
 class PreparedImage(NamedTuple):
@@ -208,6 +230,9 @@ class PreparedImage(NamedTuple):
     keys: torch.Tensor  #: (1, N, C) image tokens (embedding + dense prompt), float32
     key_pe: torch.Tensor  #: (1, N, C) their positional encoding, float32
     key_pe_low: torch.Tensor | None  #: key_pe at the product dtype (None: float32 products)
+    #: keys at the product dtype (None: float32 products): a single prompt's image tokens
+    #: then stay at that dtype through the decoder (``TwoWayTransformer.forward``)
+    keys_low: torch.Tensor | None
     k: torch.Tensor  #: (h, N, d) token-to-image keys, k_proj(keys + key_pe), per head
     v: torch.Tensor  #: (h, N, d) token-to-image values, v_proj(keys), per head
     q: torch.Tensor  #: (h, d, N) image-to-token queries, q_proj(keys + key_pe), per head, transposed
@@ -277,9 +302,16 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm3(queries + self.mlp(queries))
         q = queries + query_pe
         if prepared is not None:
+            if keys.dtype != torch.float32:  # low-precision image tokens: the residual in the product
+                return queries, self.norm4(
+                    self.cross_attn_image_to_token.prepared_queries(prepared.q, q, queries, keys)
+                )
             attn_out = self.cross_attn_image_to_token.prepared_queries(prepared.q, q, queries)
         elif shared:
             attn_out = self.cross_attn_image_to_token.shared_queries(k, q, queries)
+        elif lp is not None and keys.dtype == lp and keys.shape[0] == 1:
+            # one prompt's low-precision image tokens: the residual added by the product
+            return queries, self.norm4(self.cross_attn_image_to_token.added_to(keys, k, q, queries))
         else:
             attn_out = self.cross_attn_image_to_token(k.expand_as(keys), q, queries)
         keys = self.norm4(keys + attn_out)
@@ -324,6 +356,7 @@ class TwoWayTransformer(nn.Module):
             keys,
             key_pe,
             None if low is None else key_pe.to(low),
+            None if low is None else keys.to(low),
             t2i.project_heads(k, t2i.k_proj, dtype),
             t2i.project_heads(keys, t2i.v_proj, dtype),
             i2t.project_heads(k, i2t.q_proj, dtype, transposed=True),
@@ -347,10 +380,12 @@ class TwoWayTransformer(nn.Module):
                 return torch.baddbmm(stored, a, fh.transpose(1, 2))
             return torch.baddbmm(stored, fh, a.transpose(1, 2))
 
+        keys = torch.addmm(base.keys[0], f, change.T)[None]
         return PreparedImage(
-            torch.addmm(base.keys[0], f, change.T)[None],
+            keys,
             base.key_pe,
             base.key_pe_low,
+            None if base.keys_low is None else keys.to(base.keys_low.dtype),
             changed(base.k, t2i, t2i.k_proj),
             changed(base.v, t2i, t2i.v_proj),
             changed(base.q, i2t, i2t.q_proj, transposed=True),
@@ -365,11 +400,17 @@ class TwoWayTransformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """With ``prepared`` (from :meth:`prepare` for this image and positional encoding)
         the image side of the first block is not recomputed; image_embedding and image_pe
-        are then not read."""
+        are then not read. A single prompt on a prepared image with low-precision products
+        keeps the image tokens at that dtype throughout (their residuals added by the
+        image-to-token output products, their norms computed in float32 and stored at it):
+        every pass over the 4096 x 256 tokens moves half the bytes, and the products read
+        them at that dtype anyway. The image tokens returned are then at that dtype."""
         b = point_embedding.shape[0]
         if prepared is not None:
             keys = prepared.keys.expand(b, -1, -1)
             key_pe = prepared.key_pe if prepared.key_pe_low is None or b > 1 else prepared.key_pe_low
+            if prepared.keys_low is not None and b == 1:
+                keys = prepared.keys_low
         else:
             keys = image_embedding.flatten(2).permute(0, 2, 1)  # an expanded batch stays expanded
             key_pe = image_pe.flatten(2).permute(0, 2, 1)
