@@ -94,12 +94,12 @@ class Attention(nn.Module):
         qk = torch.matmul(qh, wk).reshape(b, h * nq, c)  # (B, h*nq, C)
         lp = self._low(k)
         if lp is not None:  # the two products over every image token at low precision
-            # image tokens on the left: the low-precision kernels are slow with a
-            # transposed right-hand side
-            scores = torch.matmul(k.to(lp), qk.to(lp).transpose(1, 2)).transpose(1, 2).float() * d**-0.5
-            av = torch.matmul(scores.softmax(-1).to(lp), v.to(lp)).float().view(b, h, nq, c)
+            # image tokens on the left (the low-precision kernels are slow with a
+            # transposed right-hand side); the softmax computes in float32 and writes lp
+            scores = torch.matmul(k.to(lp), (qk * d**-0.5).to(lp).transpose(1, 2)).transpose(1, 2).contiguous()
+            av = torch.matmul(scores.softmax(-1), v.to(lp)).float().view(b, h, nq, c)
         else:
-            scores = torch.matmul(qk, k.transpose(1, 2)) * d**-0.5  # (B, h*nq, nk)
+            scores = torch.matmul(qk * d**-0.5, k.transpose(1, 2))  # (B, h*nq, nk)
             attn = scores.softmax(-1)
             av = torch.matmul(attn, v).view(b, h, nq, c)  # rows of attn sum to 1
         wv = self.v_proj.weight.view(h, d, c)
