@@ -301,21 +301,19 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm2(queries + attn_out)
         queries = self.norm3(queries + self.mlp(queries))
         q = queries + query_pe
+        i2t = self.cross_attn_image_to_token
+        # one prompt's image tokens kept at the product dtype (TwoWayTransformer.forward):
+        # the image-to-token output product adds the residual itself, at that dtype
+        low_tokens = keys.dtype == i2t.product_dtype
         if prepared is not None:
-            if keys.dtype != torch.float32:  # low-precision image tokens: the residual in the product
-                return queries, self.norm4(
-                    self.cross_attn_image_to_token.prepared_queries(prepared.q, q, queries, keys)
-                )
-            attn_out = self.cross_attn_image_to_token.prepared_queries(prepared.q, q, queries)
+            out = i2t.prepared_queries(prepared.q, q, queries, residual=keys if low_tokens else None)
         elif shared:
-            attn_out = self.cross_attn_image_to_token.shared_queries(k, q, queries)
-        elif lp is not None and keys.dtype == lp and keys.shape[0] == 1:
-            # one prompt's low-precision image tokens: the residual added by the product
-            return queries, self.norm4(self.cross_attn_image_to_token.added_to(keys, k, q, queries))
+            out = i2t.shared_queries(k, q, queries)
+        elif low_tokens:
+            out = i2t.added_to(keys, k, q, queries)
         else:
-            attn_out = self.cross_attn_image_to_token(k.expand_as(keys), q, queries)
-        keys = self.norm4(keys + attn_out)
-        return queries, keys
+            out = i2t(k.expand_as(keys), q, queries)
+        return queries, self.norm4(out if low_tokens else keys + out)
 
 
 class TwoWayTransformer(nn.Module):
@@ -407,10 +405,9 @@ class TwoWayTransformer(nn.Module):
         them at that dtype anyway. The image tokens returned are then at that dtype."""
         b = point_embedding.shape[0]
         if prepared is not None:
-            keys = prepared.keys.expand(b, -1, -1)
+            one_low = prepared.keys_low is not None and b == 1
+            keys = prepared.keys_low if one_low else prepared.keys.expand(b, -1, -1)
             key_pe = prepared.key_pe if prepared.key_pe_low is None or b > 1 else prepared.key_pe_low
-            if prepared.keys_low is not None and b == 1:
-                keys = prepared.keys_low
         else:
             keys = image_embedding.flatten(2).permute(0, 2, 1)  # an expanded batch stays expanded
             key_pe = image_pe.flatten(2).permute(0, 2, 1)
